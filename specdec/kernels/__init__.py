@@ -1,0 +1,50 @@
+"""Kernel backends: the Triton kernels and the PyTorch reference behind one interface.
+
+``get_backend("torch")`` returns the reference path (kernels/reference.py), the CPU
+backend and test oracle. ``get_backend("triton")`` returns the Triton kernels; on a machine
+without CUDA they run through Triton's interpreter, which must be switched on before the
+kernel modules are imported — ``get_backend`` does that when it imports them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    write_kv: Callable
+    move_kv: Callable
+    verify_attention: Callable
+    rejection_sample: Callable
+
+
+def _reference_attention(*args, max_query_len=None, **kwargs):
+    return reference.verify_attention(*args, **kwargs)
+
+
+def get_backend(name: str) -> Backend:
+    if name == "torch":
+        return Backend("torch", reference.write_kv, reference.move_kv, _reference_attention,
+                       getattr(reference, "rejection_sample", None))
+    if name == "triton":
+        if not torch.cuda.is_available():
+            # Triton reads the flag when @triton.jit decorates a function, i.e. on import.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from . import rejection_sampling, verify_attention
+
+        return Backend("triton", verify_attention.write_kv, verify_attention.move_kv,
+                       verify_attention.verify_attention, rejection_sampling.rejection_sample)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "get_backend"]

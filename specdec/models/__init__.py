@@ -1,0 +1,15 @@
+"""Llama-family model runner: config, model, safetensors loader, llama2.c converter."""
+
+from .config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from .llama import ForwardBatch, LlamaForCausalLM
+from .loader import CheckpointError, load_model
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointError",
+    "ConfigError",
+    "ForwardBatch",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "load_model",
+]

@@ -1,0 +1,258 @@
+"""``LLM``: load a target and a drafter, then generate for many prompts at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .drafters.base import Drafter
+from .drafters.draft_model import ModelDrafter
+from .drafters.ngram import NgramDrafter
+from .engine import Engine
+from .kernels import BACKENDS, get_backend
+from .kv_cache import BlockManager, KVCache, cdiv
+from .models import load_model
+from .sampling_params import SamplingParams
+from .sequence import RequestMetrics, RequestOutput, Sequence
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+DRAFTER_NAMES = ("a model directory", "'ngram'", "'early-exit:N'")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(path: str | Path):
+    """transformers' AutoTokenizer for a model directory, or None when it has none."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLM:
+    """A target model, an optional drafter, a paged KV cache and the step loop.
+
+    target:           HF-style model directory (config.json + safetensors)
+    draft:            None (plain decoding), a draft model directory sharing the target's
+                      vocabulary, ``"ngram"`` (prompt lookup) or ``"early-exit:N"`` (the
+                      target's first N layers)
+    num_draft_tokens: draft tokens proposed per step (the chain length k)
+    device:           defaults to CUDA when present, else CPU
+    dtype:            defaults to bfloat16 on CUDA, float32 on CPU
+    backend:          "torch" (reference kernels), "triton", or "auto" (triton on CUDA)
+    kv_cache_memory:  bytes for the KV cache (target + draft model); default: 70% of free
+                      GPU memory on CUDA, up to 1 GiB on CPU, never more than
+                      ``max_num_seqs`` full-context sequences need
+    block_size:       tokens per KV block
+    max_num_seqs:     sequences decoded together (continuous batching admits more as
+                      others finish)
+
+    >>> llm = LLM("out/stories260K", draft="early-exit:4")           # doctest: +SKIP
+    >>> out = llm.generate("Once upon a time", SamplingParams(max_tokens=32, temperature=0))
+    >>> print(out[0].text, out[0].metrics.mean_accepted_length)
+    """
+
+    def __init__(self, target: str | Path, draft: str | Path | None = None, num_draft_tokens: int = 4,
+                 device=None, dtype: torch.dtype | None = None, backend: str = "auto", *,
+                 kv_cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
+                 seed: int | None = None):
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        if block_size < 1 or max_num_seqs < 1:
+            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.backend = backend
+        draft_kind = self._draft_kind(draft)  # validate the name before loading anything
+
+        self.target = load_model(target, self.device, self.dtype)
+        self.config = self.target.config
+        self.tokenizer = load_tokenizer(target)
+        self.ops = get_backend(backend)
+        draft_model = None
+        if draft_kind == "model":
+            draft_model = load_model(draft, self.device, self.dtype)
+            if draft_model.config.vocab_size != self.config.vocab_size:
+                raise ValueError(
+                    f"the draft model {draft} has a vocabulary of {draft_model.config.vocab_size} tokens "
+                    f"but the target {target} has {self.config.vocab_size}: a draft must share the "
+                    "target's vocabulary"
+                )
+        if draft_kind == "early-exit":
+            n = int(str(draft).split(":", 1)[1])
+            if not 1 <= n <= self.config.num_layers - 1:
+                raise ValueError(
+                    f"early-exit:{n} needs 1 <= N <= {self.config.num_layers - 1} (the target has "
+                    f"{self.config.num_layers} layers)"
+                )
+        k = num_draft_tokens if draft_kind != "none" else 0
+
+        # -- the paged KV cache, sized from the memory budget --
+        cfg = self.config
+        per_block = KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if draft_model is not None:
+            dc = draft_model.config
+            per_block += KVCache.bytes_per_block(dc.num_layers, block_size, dc.num_kv_heads, dc.head_dim, self.dtype)
+        budget = kv_cache_memory if kv_cache_memory is not None else self._default_budget()
+        full = max_num_seqs * cdiv(cfg.max_position_embeddings + k, block_size)
+        num_blocks = min(budget // per_block, full)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={budget} bytes holds no KV block of {per_block} bytes")
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                             self.dtype, self.device)
+
+        if draft_kind == "none":
+            drafter = Drafter()
+        elif draft_kind == "ngram":
+            drafter = NgramDrafter()
+        elif draft_kind == "early-exit":
+            drafter = ModelDrafter(self.target, self.cache, self.blocks, self.ops, num_layers=n,
+                                   shares_target_cache=True, name=f"early-exit:{n}")
+        else:
+            dc = draft_model.config
+            draft_cache = KVCache(dc.num_layers, num_blocks, block_size, dc.num_kv_heads, dc.head_dim,
+                                  self.dtype, self.device)
+            drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft))
+        self.drafter = drafter
+        self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
+                             eos_token_ids=cfg.eos_token_ids, max_num_seqs=max_num_seqs,
+                             tokenizer=self.tokenizer)
+        self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self._next_id = 0
+        self._totals = RequestMetrics()
+        self._busy_seconds = 0.0
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _draft_kind(draft) -> str:
+        if draft is None:
+            return "none"
+        if isinstance(draft, Path) or (isinstance(draft, str) and Path(draft).exists()):
+            return "model"
+        if draft == "ngram":
+            return "ngram"
+        if isinstance(draft, str) and draft.startswith("early-exit:"):
+            n = draft.split(":", 1)[1]
+            if not n.isdigit():
+                raise ValueError(f"early-exit drafter needs a layer count, e.g. 'early-exit:2'; got {draft!r}")
+            return "early-exit"
+        raise ValueError(
+            f"draft {draft!r} is not a known drafter nor an existing path; use one of {', '.join(DRAFTER_NAMES)}"
+        )
+
+    def _default_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.7)
+        return 1 << 30
+
+    # ------------------------------------------------------------------ requests
+    def _make_sequences(self, prompts, params) -> list[Sequence]:
+        """Validate every prompt and parameter set before any work starts."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
+                                        all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a str, a list of str, or a list of token-id lists (non-empty)")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
+        vocab, context = self.config.vocab_size, self.config.max_position_embeddings
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}, not SamplingParams")
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError(f"prompt {i} is empty")
+                if self.tokenizer is None:
+                    raise ValueError("this model directory has no tokenizer: pass prompts as token-id lists")
+                ids, text = self.tokenizer.encode(prompt), prompt
+            elif isinstance(prompt, (list, tuple)):
+                ids, text = list(prompt), None
+                if not ids:
+                    raise ValueError(f"prompt {i} is an empty token list")
+                bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+                if bad:
+                    raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+            else:
+                raise TypeError(f"prompt {i} is a {type(prompt).__name__}; expected str or list of int")
+            if len(ids) >= context and p.max_tokens > 0 or len(ids) > context:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens but the model's context is {context} tokens: "
+                    "shorten the prompt"
+                )
+            seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(self._next_id + i, ids, p, seed, prompt=text)
+            self.engine.check_fits(seq)
+            seqs.append(seq)
+        self._next_id += len(seqs)
+        return seqs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            cuts = [text.find(s) for s in seq.params.stop if s in text]
+            if cuts:
+                text = text[:min(cuts)]
+        return RequestOutput(seq.seq_id, seq.prompt, seq.tokens[:seq.num_prompt], seq.output_ids, text,
+                             seq.finish_reason, seq.metrics)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+
+        prompts: a str, a list of str, or a list of token-id lists
+        params:  one SamplingParams for all, or one per prompt (default SamplingParams())
+
+        >>> outs = llm.generate(["def add(a, b):", "import os"],            # doctest: +SKIP
+        ...                     SamplingParams(max_tokens=16, temperature=0))
+        >>> [o.finish_reason for o in outs]
+        ['length', 'length']
+        """
+        seqs = self._make_sequences(prompts, params)
+        start = time.perf_counter()
+        for seq in seqs:
+            if seq.params.max_tokens == 0:
+                seq.finish_reason = "length"
+            else:
+                self.engine.add(seq)
+        while self.engine.has_work():
+            self.engine.step()
+        self._busy_seconds += time.perf_counter() - start
+        for seq in seqs:
+            self._totals.merge(seq.metrics)
+        return [self._output(s) for s in seqs]
+
+    def metrics(self) -> dict:
+        """Totals over every request this instance served."""
+        t = self._totals
+        return {
+            "num_requests": self._next_id,
+            "num_steps": t.num_steps,
+            "num_generated_tokens": t.num_generated,
+            "num_draft_tokens": t.num_draft_tokens,
+            "num_accepted_tokens": t.num_accepted_tokens,
+            "acceptance_rate": t.acceptance_rate,
+            "mean_accepted_length": t.mean_accepted_length,
+            "acceptance_rate_by_position": [a / p if p else 0.0 for a, p in
+                                            zip(t.accepted_per_position, t.proposed_per_position)],
+            "tokens_per_second": t.num_generated / self._busy_seconds if self._busy_seconds else 0.0,
+        }

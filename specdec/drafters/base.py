@@ -1,0 +1,43 @@
+"""The drafter interface: propose draft tokens for a batch, then learn what was accepted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import SamplingTensors
+from ..sequence import Sequence
+
+
+@dataclass
+class DraftProposal:
+    """Draft tokens of one step, ragged over the batch.
+
+    tokens: [sum_b n_b] int64 on the device, sequence b's n_b tokens in order
+    probs:  [sum_b n_b, V] float32, the distribution each token was sampled from, or
+            None for a point-mass drafter (n-gram lookup)
+    counts: host list, n_b per sequence (0 allowed)
+    """
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None
+    counts: list[int]
+
+
+class Drafter:
+    """Base drafter: proposes nothing (plain decoding through the speculative engine)."""
+
+    name = "none"
+
+    def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
+                device) -> DraftProposal:
+        """Propose at most ``limits[b]`` tokens after each sequence's last token."""
+        return DraftProposal(torch.empty(0, dtype=torch.int64, device=device), None, [0] * len(seqs))
+
+    def commit(self, seq: Sequence, num_accepted: int) -> None:
+        """Called after verification, before the emitted tokens are appended."""
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Extra KV-cache bytes per block this drafter needs (a draft model's cache)."""
+        return 0

@@ -1,0 +1,213 @@
+"""The speculative step loop over a continuously batched set of requests.
+
+One ``step()`` for every running sequence at once:
+
+  1. schedule  grow running sequences' block tables (preempting the newest if the cache
+               is full), admit waiting requests while blocks last
+  2. draft     drafter.propose -> n_b draft tokens per sequence (ragged, n_b may be 0)
+  3. verify    one target forward over each sequence's uncached tokens + its drafts
+               -> logits of the last committed token and of every draft token
+  4. accept    rejection_sample -> accepted drafts + one sampled token per sequence
+  5. commit    the one device-to-host copy of the step; keep-path: the target cache
+               stays valid up to the accepted drafts, the rest of the blocks go back
+  6. emit      append tokens, stop on EOS / stop ids / stop strings / max_tokens /
+               context; finished sequences leave and free their blocks
+
+Prefill is not a separate phase: a new sequence's uncached tokens are its whole prompt,
+so its first verify forward is its prefill (chunk-free, ragged with the decodes).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .batch import SamplingTensors, build_forward_batch
+from .drafters.base import Drafter
+from .kv_cache import BlockManager, CacheCapacityError, KVCache, cdiv
+from .models.llama import LlamaForCausalLM
+from .sequence import Sequence, Status
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The target produced NaN or +inf logits for a request."""
+
+
+class Engine:
+    """Runs sequences to completion; ``LLM`` builds it, tests may drive it directly."""
+
+    def __init__(self, target: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
+                 drafter: Drafter, num_draft_tokens: int, eos_token_ids=(), max_num_seqs: int = 64,
+                 tokenizer=None):
+        self.target, self.cache, self.blocks, self.ops = target, cache, blocks, ops
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_num_seqs = max_num_seqs
+        self.tokenizer = tokenizer
+        self.max_context = target.config.max_position_embeddings
+        self.device = cache.k.device
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ------------------------------------------------------------------ requests
+    def max_tokens_held(self, seq: Sequence) -> int:
+        """The most cache slots ``seq`` can ever occupy (prompt, output, drafts)."""
+        total = min(seq.num_prompt + seq.params.max_tokens, self.max_context)
+        return total + self.num_draft_tokens
+
+    def check_fits(self, seq: Sequence) -> None:
+        need = cdiv(self.max_tokens_held(seq), self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise CacheCapacityError(
+                f"request of {seq.num_prompt} prompt tokens + max_tokens={seq.params.max_tokens} "
+                f"needs {need} KV blocks of {self.blocks.block_size} tokens but the cache has only "
+                f"{self.blocks.num_blocks}: raise the KV-cache budget or lower max_tokens"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every request and release its blocks (after an error, so the engine stays usable)."""
+        dropped = self.running + list(self.waiting)
+        for seq in dropped:
+            self.blocks.free(seq.seq_id)
+        self.running, self.waiting = [], deque()
+        return dropped
+
+    # ------------------------------------------------------------------ scheduling
+    def _slots_needed(self, seq: Sequence) -> int:
+        return len(seq.tokens) + self.num_draft_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        # recompute-style preemption: drop the cache, keep the tokens, re-queue first
+        self.blocks.free(seq.seq_id)
+        seq.reset_cache_state()
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _schedule(self) -> None:
+        for seq in list(self.running):  # oldest first
+            if seq not in self.running:
+                continue
+            while self.blocks.blocks_needed(seq.seq_id, self._slots_needed(seq)) > self.blocks.num_free_blocks:
+                self._preempt(self.running[-1])
+                if seq not in self.running:
+                    break
+            else:
+                self.blocks.allocate(seq.seq_id, self._slots_needed(seq))
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.blocks.blocks_needed(seq.seq_id, self._slots_needed(seq)) > self.blocks.num_free_blocks:
+                break
+            self.blocks.allocate(seq.seq_id, self._slots_needed(seq))
+            seq.status = Status.RUNNING
+            self.running.append(self.waiting.popleft())
+
+    def _draft_limit(self, seq: Sequence) -> int:
+        # no drafts past max_tokens (the step always adds one sampled token) or the context
+        left = min(seq.params.max_tokens - seq.num_generated, self.max_context - len(seq.tokens))
+        return max(0, min(self.num_draft_tokens, left - 1))
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Advance every running sequence by one speculative step; returns the finished."""
+        self._schedule()
+        seqs = list(self.running)
+        if not seqs:
+            return []
+        dev = self.device
+        sampling = SamplingTensors.of(seqs, dev)
+
+        # -- 2. draft --
+        draft = self.drafter.propose(seqs, [self._draft_limit(s) for s in seqs], sampling, dev)
+
+        # -- 3. verify: uncached tokens + drafts, one ragged forward --
+        tails = [s.tokens[s.target_len:] for s in seqs]
+        lengths = [len(t) + n for t, n in zip(tails, draft.counts)]
+        flat, draft_pos, offset = [], [], 0
+        for tail, n, length in zip(tails, draft.counts, lengths):
+            flat += tail + [0] * n
+            draft_pos += range(offset + len(tail), offset + length)
+            offset += length
+        tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
+        tokens[torch.tensor(draft_pos, dtype=torch.int64, device=dev)] = draft.tokens
+        batch = build_forward_batch(self.blocks, [s.seq_id for s in seqs], [s.target_len for s in seqs],
+                                    lengths, [n + 1 for n in draft.counts], tokens, dev)
+        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(n_b + 1), V]
+
+        # -- 4. accept --
+        cu = [0]
+        for n in draft.counts:
+            cu.append(cu[-1] + n)
+        out, n_acc = self.ops.rejection_sample(
+            logits, draft.tokens, draft.probs, torch.tensor(cu, dtype=torch.int32, device=dev),
+            max(draft.counts), sampling.temperature, sampling.top_k, sampling.top_p,
+            sampling.seeds, sampling.offsets, check_finite=False,
+        )
+
+        # -- 5. commit: the one device-to-host copy of the step --
+        host = torch.cat([n_acc.to(torch.int64)[:, None], out], dim=1).tolist()  # [B, 1 + k_max + 1]
+        bad = [s for s, row in zip(seqs, host) if row[0] < 0]
+        if bad:
+            self.abort_all()
+            names = ", ".join(f"request {s.seq_id} at step {s.step}" for s in bad)
+            raise NonFiniteLogitsError(
+                f"the target produced NaN or +inf logits for {names}; every request in flight "
+                "was aborted. Check the checkpoint and the dtype (fp16 overflows on some models)."
+            )
+        finished = []
+        for seq, row, n_draft in zip(seqs, host, draft.counts):
+            a = row[0]
+            emitted = row[1:a + 2]
+            self.drafter.commit(seq, a)
+            seq.target_len = len(seq.tokens) + a  # pending token + accepted drafts are cached
+            self.blocks.truncate(seq.seq_id, max(seq.target_len, seq.draft_len))
+            seq.step += 1
+            n_kept = self._append(seq, emitted)
+            seq.metrics.record_step(n_draft, min(a, n_kept), n_kept)
+            if seq.finished:
+                finished.append(seq)
+        for seq in finished:
+            self.running.remove(seq)
+            self.blocks.free(seq.seq_id)
+        return finished
+
+    # ------------------------------------------------------------------ emit
+    def _append(self, seq: Sequence, emitted: list[int]) -> int:
+        """Append tokens until a stop condition; returns how many were kept."""
+        p = seq.params
+        kept = 0
+        for tok in emitted:
+            seq.tokens.append(tok)
+            kept += 1
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                self._finish(seq, "stop")
+            elif p.stop and self._hits_stop_string(seq):
+                self._finish(seq, "stop")
+            elif seq.num_generated >= p.max_tokens or len(seq.tokens) >= self.max_context:
+                self._finish(seq, "length")
+            if seq.finished:
+                break
+        return kept
+
+    def _hits_stop_string(self, seq: Sequence) -> bool:
+        if self.tokenizer is None:
+            return False
+        # a window of recent tokens is enough: a stop string of m characters spans at most
+        # 4 m byte-level tokens (plus a few for a partial character at the window's start)
+        window = 4 * max(len(s) for s in seq.params.stop) + 4
+        tail = self.tokenizer.decode(seq.output_ids[-window:], skip_special_tokens=True)
+        return any(s in tail for s in seq.params.stop)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,163 @@
+"""ModelConfig: the part of an HF ``config.json`` a llama-family runner needs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+class ConfigError(ValueError):
+    """A config.json that specdec cannot run, with the reason and the file."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_scaling: dict = field(default_factory=dict)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    source: str = "<dict>"
+
+    def __post_init__(self):
+        where = f" (in {self.source})"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}{where}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}{where}"
+            )
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope type {self.rope_type!r} is not supported{where}; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}: is this a model directory?")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> "ModelConfig":
+        where = f" (in {source})"
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(raw.get("model_type", ""))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch or raw.get('model_type')!r}{where}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def need(key):
+            if key not in raw:
+                raise ConfigError(f"config is missing required field {key!r}{where}")
+            return raw[key]
+
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
+        max_pos = raw.get("max_position_embeddings", 2048)
+        if arch == "MistralForCausalLM":
+            window = raw.get("sliding_window")
+            if window is not None and window < max_pos:
+                raise ConfigError(
+                    f"sliding_window={window} is shorter than the context "
+                    f"max_position_embeddings={max_pos}{where}; specdec has no sliding-window "
+                    "attention: use a checkpoint without one, or set sliding_window to null "
+                    "and max_position_embeddings to at most the window"
+                )
+
+        # transformers >= 5 keeps theta and scaling in `rope_parameters`; older files use
+        # `rope_theta` + `rope_scaling`.
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        attention_bias = bool(raw.get("attention_bias", False))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_type=rope_type,
+            rope_scaling={k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "type")},
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            source=source,
+        )
+
+    # ------------------------------------------------------------------ rope
+    def rope_inv_freq(self) -> torch.Tensor:
+        """Inverse frequencies [head_dim // 2] float32, with the configured scaling."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        s = self.rope_scaling
+        if self.rope_type == "linear":
+            inv_freq = inv_freq / s["factor"]
+        elif self.rope_type == "llama3":
+            # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
+            factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            old_ctx = s["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            blended = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+            inv_freq = torch.where(medium, blended, scaled)
+        return inv_freq.float()  # float32 throughout, as transformers computes it
+
+
+_ARCH_OF_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}

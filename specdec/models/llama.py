@@ -1,0 +1,205 @@
+"""The llama-family model (llama, mistral, qwen2): RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Parameter names follow transformers' ``LlamaForCausalLM`` so a safetensors checkpoint
+loads by name. Two forwards:
+
+* ``model(input_ids)`` — ``[B, T]`` -> logits ``[B, T, V]``, no cache, causal. The plain
+  reference, matched against transformers in the tests.
+* ``model.forward_cached(batch, cache, ops)`` — a ragged batch of new tokens (prefill,
+  decode, chain or tree verification alike) that writes its K/V into the paged cache and
+  attends through it, returning logits only for the rows asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+@dataclass
+class ForwardBatch:
+    """A ragged batch of new tokens for ``forward_cached``; every tensor on the model's device.
+
+    tokens:        [T] int64   new tokens of all sequences, concatenated
+    positions:     [T] int64   absolute position of each token (RoPE)
+    slot_mapping:  [T] int64   cache slot each token's K/V is written to
+    block_table:   [B, max_blocks] int32
+    seq_lens:      [B] int32   cached tokens per sequence including the new ones
+    q_start:       [B + 1] int32  cumulative count of new tokens
+    tree_mask:     [T] int64 ancestor bits, or None for causal order among new tokens
+    logits_rows:   [R] int64   rows of ``tokens`` whose logits are wanted (None = all)
+    max_query_len: host int, max new tokens of one sequence (kernel grid size)
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    q_start: torch.Tensor
+    tree_mask: torch.Tensor | None
+    logits_rows: torch.Tensor | None
+    max_query_len: int
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 as transformers does
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """RoPE on the two halves of each head (transformers' layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", cfg.rope_inv_freq(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        # positions: [...]; returns cos, sin: [..., D] (the half-frequencies repeated)
+        freqs = positions.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [..., T, heads, D]; cos/sin: [..., T, D]
+    return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.o_bias)
+        self.scale = d**-0.5
+
+    def _qkv(self, x, cos, sin):
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin):
+        # x: [B, T, hidden] -> causal attention without a cache
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)  # [B, T, heads, D]
+        group = self.num_heads // self.num_kv_heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_cached(self, x, cos, sin, batch: ForwardBatch, k_cache, v_cache, ops):
+        # x: [T, hidden] ragged new tokens -> write K/V to the cache, attend through it
+        T = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)  # [T, heads, D]
+        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = ops.verify_attention(
+            q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.q_start,
+            batch.tree_mask, self.scale, max_query_len=batch.max_query_len,
+        )
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attend):
+        x = x + attend(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [B, T] int64 -> logits [B, T, V] float32, causal, no cache."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.model.rotary.cos_sin(pos, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, lambda h, a=layer.self_attn: a(h, cos, sin))
+        return self.lm_head(self.model.norm(x)).float()
+
+    @torch.no_grad()
+    def forward_cached(self, batch: ForwardBatch, cache, ops, num_layers: int | None = None) -> torch.Tensor:
+        """Ragged forward through the paged cache.
+
+        batch:      ForwardBatch (tokens [T], positions [T], cache metadata)
+        cache:      KVCache with at least ``num_layers`` layers
+        ops:        kernel backend (``specdec.kernels.get_backend``)
+        num_layers: run only the first N layers, then the final norm and LM head
+                    (the early-exit drafter); default all
+        returns:    logits [R, V] float32 for ``batch.logits_rows`` (all T rows if None)
+        """
+        n = self.num_layers if num_layers is None else num_layers
+        x = self.model.embed_tokens(batch.tokens)  # [T, hidden]
+        cos, sin = self.model.rotary.cos_sin(batch.positions, x.dtype)  # [T, D]
+        for i, layer in enumerate(self.model.layers[:n]):
+            k_cache, v_cache = cache.layer(i)
+            x = layer(x, lambda h, a=layer.self_attn: a.forward_cached(h, cos, sin, batch, k_cache, v_cache, ops))
+        if batch.logits_rows is not None:
+            x = x[batch.logits_rows]  # [R, hidden]
+        return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,131 @@
+"""Per-request state (Sequence) and what a finished request returns (RequestOutput)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    """Speculation counters of one request.
+
+    num_steps:           target forwards that emitted tokens for this request
+    num_draft_tokens:    draft tokens proposed to the target
+    num_accepted_tokens: draft tokens the target accepted
+    num_generated:       tokens emitted (accepted drafts + one sampled token per step)
+    accepted_per_position[i]: how often the draft token at position i was accepted
+    proposed_per_position[i]: how often a draft token at position i was proposed
+    """
+
+    num_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_generated: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    proposed_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 when nothing was proposed)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per target forward (1.0 for plain decoding)."""
+        return self.num_generated / self.num_steps if self.num_steps else 0.0
+
+    def record_step(self, num_draft: int, num_accepted: int, num_emitted: int) -> None:
+        self.num_steps += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        self.num_generated += num_emitted
+        grow = num_draft - len(self.proposed_per_position)
+        if grow > 0:
+            self.proposed_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        for i in range(num_draft):
+            self.proposed_per_position[i] += 1
+            self.accepted_per_position[i] += i < num_accepted
+
+    def merge(self, other: "RequestMetrics") -> None:
+        self.num_steps += other.num_steps
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        self.num_generated += other.num_generated
+        for mine, theirs in ((self.proposed_per_position, other.proposed_per_position),
+                             (self.accepted_per_position, other.accepted_per_position)):
+            mine += [0] * max(0, len(theirs) - len(mine))
+            for i, n in enumerate(theirs):
+                mine[i] += n
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request.
+
+    prompt_token_ids: the prompt as token ids
+    token_ids:        generated token ids (up to and including a stop token)
+    text:             generated text (cut before a stop string; '' without a tokenizer)
+    finish_reason:    'stop' (EOS, stop token or stop string) or 'length'
+    metrics:          RequestMetrics
+    """
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    metrics: RequestMetrics
+
+
+class Sequence:
+    """One request inside the engine.
+
+    tokens holds the prompt followed by every emitted token. ``target_len`` counts the
+    leading tokens whose K/V are in the target's cache (all but the last emitted one
+    after a step); ``draft_len`` the same for a draft model with a cache of its own.
+    ``step`` counts the steps taken: it is the offset of the request's random draws.
+    """
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, seed: int,
+                 prompt: str | None = None):
+        self.seq_id = seq_id
+        self.prompt = prompt
+        self.params = params
+        self.seed = seed
+        self.tokens: list[int] = list(prompt_ids)
+        self.num_prompt = len(prompt_ids)
+        self.status = Status.WAITING
+        self.target_len = 0
+        self.draft_len = 0
+        self.step = 0
+        self.finish_reason: str | None = None
+        self.stop_text_cut: int | None = None  # char index where a stop string starts
+        self.metrics = RequestMetrics()
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def reset_cache_state(self) -> None:
+        """Forget every cached K/V (after preemption): the next step recomputes them."""
+        self.target_len = 0
+        self.draft_len = 0
