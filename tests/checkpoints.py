@@ -1,0 +1,50 @@
+"""Tiny random checkpoints of every supported family, written with transformers' save_pretrained."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "qwen2")
+
+
+def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: int = 97,
+                    hidden_size: int = 32, num_layers: int = 3, num_heads: int = 4,
+                    num_kv_heads: int = 2, intermediate_size: int = 48,
+                    max_position_embeddings: int = 256, std: float = 0.3, seed: int = 0,
+                    **extra) -> pathlib.Path:
+    """Save a randomly initialised HF model of ``family`` to ``path``; returns ``path``.
+
+    Every parameter (biases and norms included) is drawn from N(0, std), so biases and
+    norm weights are exercised and the logits are far from uniform (greedy is stable).
+    """
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                  bos_token_id=1, eos_token_id=2)
+    common.update(extra)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "llama3-rope":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        model = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **common))
+    elif family == "llama-tied":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.eval()
+    model.save_pretrained(path)
+    return pathlib.Path(path)
