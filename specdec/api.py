@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
@@ -215,12 +218,17 @@ class LLM:
         return RequestOutput(seq.seq_id, seq.prompt, seq.tokens[:seq.num_prompt], seq.output_ids, text,
                              seq.finish_reason, seq.metrics)
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool | None = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
-        prompts: a str, a list of str, or a list of token-id lists
-        params:  one SamplingParams for all, or one per prompt (default SamplingParams())
+        prompts:  a str, a list of str, or a list of token-id lists
+        params:   one SamplingParams for all, or one per prompt (default SamplingParams())
+        progress: show a progress bar over finished requests; default: only when stderr
+                  is a terminal and there is more than one prompt
+
+        Every prompt and parameter set is checked before any work starts: one bad prompt
+        raises and nothing is generated.
 
         >>> outs = llm.generate(["def add(a, b):", "import os"],            # doctest: +SKIP
         ...                     SamplingParams(max_tokens=16, temperature=0))
@@ -228,18 +236,64 @@ class LLM:
         ['length', 'length']
         """
         seqs = self._make_sequences(prompts, params)
+        if progress is None:
+            progress = len(seqs) > 1 and sys.stderr.isatty()
+        bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
         start = time.perf_counter()
+        try:
+            for seq in seqs:
+                if seq.params.max_tokens == 0:
+                    seq.finish_reason = "length"
+                    bar.update(1)
+                else:
+                    self.engine.add(seq)
+            while self.engine.has_work():
+                bar.update(len(self.engine.step()))
+        finally:
+            bar.close()
+            self._busy_seconds += time.perf_counter() - start
         for seq in seqs:
+            self._totals.merge(seq.metrics)
+        return [self._output(s) for s in seqs]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the generated text of one prompt in increments, as tokens are accepted.
+
+        A character split across tokens is held back until it is complete, and text that
+        could be the start of a stop string is held back until it is known not to be.
+
+        >>> for piece in llm.stream("Once upon a time", SamplingParams(max_tokens=32)):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
+        if self.tokenizer is None:
+            raise ValueError("stream() yields text and this model directory has no tokenizer; use generate()")
+        if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt))):
+            raise TypeError("stream() takes one prompt: a str or a list of token ids")
+        (seq,) = self._make_sequences([prompt], params)
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        sent = 0
+        start = time.perf_counter()
+        try:
             if seq.params.max_tokens == 0:
                 seq.finish_reason = "length"
             else:
                 self.engine.add(seq)
-        while self.engine.has_work():
-            self.engine.step()
-        self._busy_seconds += time.perf_counter() - start
-        for seq in seqs:
+            while seq.finish_reason is None:
+                self.engine.step()
+                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+                if not seq.finished:
+                    text = text.rstrip("\ufffd")  # an incomplete multi-byte character
+                    text = text[:max(sent, len(text) - hold)]
+                else:
+                    text = self._output(seq).text
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+        finally:
+            if seq.finish_reason is None:  # the caller stopped early
+                self.engine.cancel(seq)
+            self._busy_seconds += time.perf_counter() - start
             self._totals.merge(seq.metrics)
-        return [self._output(s) for s in seqs]
 
     def metrics(self) -> dict:
         """Totals over every request this instance served."""

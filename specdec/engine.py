@@ -73,6 +73,15 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def cancel(self, seq: Sequence) -> None:
+        """Remove one request wherever it is and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        self._finish(seq, "abort")
+
     def abort_all(self) -> list[Sequence]:
         """Drop every request and release its blocks (after an error, so the engine stays usable)."""
         dropped = self.running + list(self.waiting)
