@@ -1,0 +1,715 @@
+"""Paged verification attention and the KV-cache writes around it, in Triton.
+
+One forward of the target model over a ragged batch does, per layer::
+
+    write_kv(k_new, v_new, k_cache, v_cache, slot_mapping)        # new tokens -> cache
+    out = verify_attention(q, k_cache, v_cache, block_table, seq_lens, q_start,
+                           tree_mask, scale, max_query_len=...)   # [T, H, D]
+
+and after the rejection sampler, ``move_kv`` compacts the accepted tree path.
+Semantics are those of :mod:`specdec.kernels.reference` (the test oracle); the paged
+layout is described there.
+
+Kernel design (``_verify_attention_kernel``):
+
+* grid = (query tiles x KV splits, H_kv, B); axis 0 varies fastest, so the programs
+  that stream the same sequence/KV head run side by side and share K/V through L2.
+* GQA fold: one program owns one KV head and all ``G = H / H_kv`` query heads on it.
+  Tile row ``r`` is query ``q0 + r // G`` of the sequence, head ``kvh * G + r % G``,
+  so each K/V tile is loaded once and multiplied against ``BLOCK_M = BLOCK_Q * G``
+  rows (the Q tile is [BLOCK_M, D], the score tile [BLOCK_M, BLOCK_N]).
+* Ragged queries without a host sync: the host knows an upper bound of the queries
+  per sequence (``max_query_len``), the grid has ``cdiv(max_query_len, BLOCK_Q)`` tiles
+  per sequence and a tile past its sequence's ``n_b`` queries returns at once.
+* KV positions are walked BLOCK_N at a time; every position's slot comes from the
+  block table (``block_table[b, pos // page] * page + pos % page``), so any page size
+  works and a tile may straddle pages. Offsets into the cache are int64.
+* Two loops: positions every row of the tile sees (the prefix; for causal also the new
+  tokens up to the tile's first query) run without masks, the rest with the causal or
+  tree-bit mask. Online softmax in base 2 with fp32 statistics (FlashAttention-2).
+* Split-KV (flash-decoding) when the grid is too small to fill the GPU (decode with
+  few sequences): each split handles a slice of the KV range and writes an fp32 partial
+  output and its log-sum-exp; ``_combine_splits_kernel`` merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["verify_attention", "write_kv", "move_kv"]
+
+_LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * _LOG2E)
+_MAX_TREE_NODES = 64  # one int64 ancestor bitmask per query
+_MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_kv_tile(ptr, row_off, d, pos_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] rows of K or V at int64 element offsets ``row_off``."""
+    ptrs = ptr + row_off[:, None] + d[None, :]
+    if MASKED:
+        x = tl.load(ptrs, mask=pos_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d[None, :] < HEAD_DIM, other=0.0)
+    if UPCAST:  # the interpreter computes bf16 wrongly
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attend_range(
+    acc, l_i, m_i, q, qi, tree_bits, lo, hi, prefix, n_new,
+    k_ptr, v_ptr, bt_row_ptr, scale_log2,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, HAS_TREE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation over KV positions [lo, hi) (lo a multiple of BLOCK_N).
+
+    acc [BLOCK_M, BLOCK_D] f32, l_i / m_i [BLOCK_M] f32 (row sum and max, base 2).
+    k_ptr / v_ptr already point at the program's KV head.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n  # [BLOCK_N] positions in the sequence
+        pos_ok = pos < hi
+        # -- paged addressing: slot = block_table[b, pos // page] * page + pos % page --
+        if MASKED:
+            blk = tl.load(bt_row_ptr + pos // PAGE_SIZE, mask=pos_ok, other=0)
+        else:
+            blk = tl.load(bt_row_ptr + pos // PAGE_SIZE)
+        blk = blk.to(tl.int64)
+        in_page = (pos % PAGE_SIZE).to(tl.int64)
+        k = _load_kv_tile(k_ptr, blk * stride_kb + in_page * stride_ks, d, pos_ok,
+                          HEAD_DIM, BLOCK_D, MASKED, UPCAST)
+        # -- compute qk: s = (q . k) * scale / ln 2, so that exp(x) becomes exp2(s) --
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            j = pos - prefix  # index among the new tokens; < 0 inside the prefix
+            if HAS_TREE:
+                # bit j of the query's ancestor mask (shift clamped to the 64 bits)
+                shift = tl.minimum(tl.maximum(j, 0), 63).to(tl.int64)
+                bit = (tree_bits[:, None] >> shift[None, :]) & 1
+                visible = (j[None, :] < 0) | ((j[None, :] < n_new) & (bit != 0))
+            else:
+                visible = j[None, :] <= qi[:, None]  # causal among the new tokens
+            visible = visible & pos_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        # -- online softmax: m_new = max(m, rowmax s); rescale acc and l by 2^(m - m_new) --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen nothing keeps m = -inf; subtract 0 instead (no inf - inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], masked -> 0
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(v_ptr, blk * stride_vb + in_page * stride_vs, d, pos_ok,
+                          HEAD_DIM, BLOCK_D, MASKED, UPCAST)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _verify_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr,
+    tree_mask_ptr, out_ptr, lse_ptr,
+    scale_log2, max_positions,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_TREE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % NUM_SPLITS
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+
+    q_begin = tl.load(q_start_ptr + b)
+    n_new = tl.load(q_start_ptr + b + 1) - q_begin  # n_b queries of this sequence
+    q0 = tile * BLOCK_Q
+    if q0 >= n_new:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - n_new  # committed positions, seen by every query
+
+    # -- rows of the tile: (query, head) pairs of the GQA group --
+    rows = tl.arange(0, BLOCK_M)
+    qi = q0 + rows // GROUP  # [BLOCK_M] query index within the sequence
+    head = kvh * GROUP + rows % GROUP  # [BLOCK_M] query head
+    row_ok = (rows < BLOCK_Q * GROUP) & (qi < n_new)
+    tok = (q_begin + qi).to(tl.int64)  # [BLOCK_M] row of q / out
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_off = tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if HAS_TREE:
+        tree_bits = tl.load(tree_mask_ptr + tok, mask=row_ok, other=0)  # [BLOCK_M] int64
+    else:
+        tree_bits = tok  # unused
+
+    # -- KV range: [0, dense_end) is seen by every row, [dense_end, kv_end) is masked --
+    if HAS_TREE:
+        kv_end = seq_len
+        dense_end = prefix
+    else:  # causal: query qi sees positions <= prefix + qi
+        kv_end = prefix + tl.minimum(q0 + BLOCK_Q, n_new)
+        dense_end = prefix + q0 + 1
+    kv_end = tl.minimum(kv_end, max_positions)  # never read past the block table row
+    lo = 0
+    hi = kv_end
+    if NUM_SPLITS > 1:  # this split's slice, a whole number of KV tiles
+        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, kv_end)
+    dense_stop = tl.maximum(lo, (tl.minimum(dense_end, hi) // BLOCK_N) * BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    k_ptr = k_cache_ptr + kvh.to(tl.int64) * stride_kh
+    v_ptr = v_cache_ptr + kvh.to(tl.int64) * stride_vh
+    bt_row_ptr = block_table_ptr + b.to(tl.int64) * stride_bt
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, qi, tree_bits, lo, dense_stop, prefix, n_new,
+        k_ptr, v_ptr, bt_row_ptr, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, HAS_TREE, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, qi, tree_bits, dense_stop, hi, prefix, n_new,
+        k_ptr, v_ptr, bt_row_ptr, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, HAS_TREE, UPCAST, DOT_PRECISION)
+
+    # -- epilogue: out = acc / l; a row that saw nothing (l == 0) gets zeros --
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_off = tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + d[None, :]
+    o_off += split.to(tl.int64) * stride_os
+    tl.store(out_ptr + o_off, out, mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS > 1:  # log2-sum-exp2 of the split's scores, -inf when it saw nothing
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        l_off = split.to(tl.int64) * stride_ls + tok * stride_lt + head
+        tl.store(lse_ptr + l_off, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_ptr, lse_ptr, out_ptr,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """out[t, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + s * stride_ls + t * stride_lt + h, mask=s < NUM_SPLITS,
+                  other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [BLOCK_S]
+    den = tl.sum(w, 0)
+    part = tl.load(part_ptr + s[:, None] * stride_ps + t * stride_pt + h * stride_ph + d[None, :],
+                   mask=(s[:, None] < NUM_SPLITS) & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out, mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _copy_slots_kernel(
+    src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, src_slot_ptr, dst_slot_ptr, num_slots, h_kv,
+    stride_sk0, stride_sk1, stride_skh, stride_sv0, stride_sv1, stride_svh,
+    stride_dk0, stride_dk1, stride_dkh, stride_dv0, stride_dv1, stride_dvh,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, SRC_PAGED: tl.constexpr, DST_PAGED: tl.constexpr,
+):
+    """Copy row ``i`` ([H_kv, D] of K and of V) from source to destination.
+
+    A paged side is addressed by its slot (``[num_blocks, page, H_kv, D]`` strides
+    ``stride_*0`` / ``stride_*1`` for block / in-page offset); a dense side
+    (``[N, H_kv, D]``) by ``i`` with ``stride_*0``. Rows whose src or dst slot lies
+    outside [0, num_slots) are skipped.
+    """
+    i = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    src_slot = tl.load(src_slot_ptr + i).to(tl.int64)
+    dst_slot = tl.load(dst_slot_ptr + i).to(tl.int64)
+    ok = (src_slot >= 0) & (src_slot < num_slots) & (dst_slot >= 0) & (dst_slot < num_slots)
+    if SRC_PAGED:
+        src_k_row = (src_slot // PAGE_SIZE) * stride_sk0 + (src_slot % PAGE_SIZE) * stride_sk1
+        src_v_row = (src_slot // PAGE_SIZE) * stride_sv0 + (src_slot % PAGE_SIZE) * stride_sv1
+    else:
+        src_k_row = i * stride_sk0
+        src_v_row = i * stride_sv0
+    if DST_PAGED:
+        dst_k_row = (dst_slot // PAGE_SIZE) * stride_dk0 + (dst_slot % PAGE_SIZE) * stride_dk1
+        dst_v_row = (dst_slot // PAGE_SIZE) * stride_dv0 + (dst_slot % PAGE_SIZE) * stride_dv1
+    else:
+        dst_k_row = i * stride_dk0
+        dst_v_row = i * stride_dv0
+    h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None]  # [BLOCK_H, 1]
+    d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    rows_here = tl.where(ok, h_kv, 0)  # a skipped row copies no head
+    mask = (h < rows_here) & (d < HEAD_DIM)
+    k = tl.load(src_k_ptr + src_k_row + h * stride_skh + d, mask=mask)
+    tl.store(dst_k_ptr + dst_k_row + h * stride_dkh + d, k, mask=mask)
+    v = tl.load(src_v_ptr + src_v_row + h * stride_svh + d, mask=mask)
+    tl.store(dst_v_ptr + dst_v_row + h * stride_dvh + d, v, mask=mask)
+
+
+# --------------------------------------------------------------------------- launch config
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_m: int  # tile rows = BLOCK_Q queries x GROUP heads (a power of two >= 16)
+    block_n: int  # KV positions per step
+    num_warps: int
+    num_stages: int
+    num_splits: int = 1  # KV splits (flash-decoding); > 1 adds a combine launch
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _pick_config(num_seqs: int, h_kv: int, group: int, head_dim: int, max_query_len: int,
+                 max_seq_len: int | None, dtype: torch.dtype, device: torch.device) -> _Config:
+    """Tile sizes from host-known sizes only (no device read)."""
+    rows = max_query_len * group  # tile rows one (sequence, KV head) needs
+    if _interpreting():  # few, large programs: the interpreter pays per program and op
+        block_m = min(128, max(16, _next_pow2(rows), _next_pow2(group)))
+        return _Config(block_m, 128, 1, 1)
+    wide = head_dim > 128 or dtype == torch.float32  # registers / shared memory bound
+    sms = _sm_count(device)
+
+    def programs(block_m: int) -> int:  # grid size before KV splits
+        return num_seqs * h_kv * triton.cdiv(max_query_len, max(1, block_m // group))
+
+    block_m = max(min(64 if wide else 128, max(16, _next_pow2(rows))), _next_pow2(group))
+    if block_m == 128 and group <= 64 and programs(128) < 2 * sms:
+        block_m = 64  # more, smaller programs when 128-row tiles would not fill the GPU
+    # K and V tiles of BLOCK_N x D per pipeline stage: 64 x 128 x 2 B x 2 x 3 = 96 KiB
+    block_n = 32 if wide else 64
+    num_warps = 8 if block_m >= 128 or head_dim > 128 else 4
+    num_stages = 2 if wide else 3
+    num_splits = 1
+    if max_seq_len is not None and programs(block_m) < sms:
+        # flash-decoding: fill ~2 waves, each split still streams >= 4 KV tiles
+        num_splits = min(triton.cdiv(2 * sms, programs(block_m)),
+                         max_seq_len // (4 * block_n), 32)
+        num_splits = max(1, num_splits)
+    return _Config(block_m, block_n, num_warps, num_stages, num_splits)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _require_unit_stride(name: str, t: torch.Tensor) -> None:
+    _require(t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1,
+             f"{name} must have stride 1 in its last dimension, got strides {t.stride()}")
+
+
+def _require_same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        _require(t.device == ref.device,
+                 f"{name} is on {t.device} but q is on {ref.device}; all must share a device")
+
+
+def _check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _require_tensor("k_cache", k_cache)
+    _require_tensor("v_cache", v_cache)
+    _require(k_cache.dim() == 4,
+             f"k_cache must be [num_blocks, block_size, H_kv, D], got shape {_shape(k_cache)}")
+    _require(k_cache.shape == v_cache.shape,
+             f"k_cache has shape {_shape(k_cache)} but v_cache has {_shape(v_cache)}")
+    _require(k_cache.dtype == v_cache.dtype,
+             f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    _require(k_cache.dtype in _DTYPES,
+             f"k_cache dtype must be float16, bfloat16 or float32, got {k_cache.dtype}")
+    _require(k_cache.device == v_cache.device,
+             f"k_cache is on {k_cache.device} but v_cache is on {v_cache.device}")
+    _require_unit_stride("k_cache", k_cache)
+    _require_unit_stride("v_cache", v_cache)
+
+
+def _check_index(name: str, t: torch.Tensor, length: int, dtype: torch.dtype,
+                 what: str) -> None:
+    _require_tensor(name, t)
+    _require(t.dim() == 1 and t.shape[0] == length,
+             f"{name} must have shape ({length},) ({what}), got {_shape(t)}")
+    _require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
+    _require_unit_stride(name, t)
+
+
+def _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
+                          scale) -> None:
+    _require_tensor("q", q)
+    _require(q.dim() == 3, f"q must be [T, H, D], got shape {_shape(q)}")
+    _check_kv_cache(k_cache, v_cache)
+    T, H, D = q.shape
+    h_kv, d_cache = k_cache.shape[2], k_cache.shape[3]
+    _require(q.dtype == k_cache.dtype,
+             f"q is {q.dtype} but k_cache/v_cache are {k_cache.dtype}; use one dtype")
+    _require(D == d_cache, f"q has head_dim {D} (shape {_shape(q)}) but k_cache has "
+             f"{d_cache} (shape {_shape(k_cache)})")
+    _require(1 <= D <= _MAX_HEAD_DIM, f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {D}")
+    _require(h_kv >= 1 and H >= h_kv and H % h_kv == 0,
+             f"q has {H} heads, which is not a multiple of k_cache's {h_kv} KV heads")
+    _require_unit_stride("q", q)
+    _require_tensor("block_table", block_table)
+    _require(block_table.dim() == 2,
+             f"block_table must be [B, max_blocks], got shape {_shape(block_table)}")
+    _require(block_table.dtype == torch.int32,
+             f"block_table must be torch.int32, got {block_table.dtype}")
+    _require_unit_stride("block_table", block_table)
+    B = block_table.shape[0]
+    _require(B <= 65535, f"block_table has {B} rows; at most 65535 sequences per launch")
+    _check_index("seq_lens", seq_lens, B, torch.int32, f"B = {B} from block_table")
+    _check_index("q_start", q_start, B + 1, torch.int32, f"B + 1, B = {B} from block_table")
+    devices = dict(k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                   seq_lens=seq_lens, q_start=q_start)
+    if tree_mask is not None:
+        _check_index("tree_mask", tree_mask, T, torch.int64, f"T = {T} from q")
+        devices["tree_mask"] = tree_mask
+    _require_same_device(q, **devices)
+    _require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
+             and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
+
+
+def _check_host_int(name: str, value) -> None:
+    _require(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 0),
+             f"{name} must be None or an int >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def verify_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_start: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Attention of ragged query tokens over the paged KV cache (Triton).
+
+    q:            [T, H, D] float16 / bfloat16 / float32, stride 1 in D
+    k_cache:      [num_blocks, block_size, H_kv, D], q's dtype, stride 1 in D; H % H_kv == 0
+    v_cache:      [num_blocks, block_size, H_kv, D], same shape and dtype as k_cache
+    block_table:  [B, max_blocks] int32, row stride free, stride 1 along a row
+    seq_lens:     [B] int32, cached positions of each sequence *including* its n_b new ones
+    q_start:      [B + 1] int32, q_start[0] = 0, non-decreasing, q_start[B] = T;
+                  n_b = q_start[b + 1] - q_start[b]
+    tree_mask:    [T] int64 or None. Bit j of tree_mask[t] lets query t see the j-th new
+                  token of its own sequence. None means causal among the new tokens
+                  (prefill, decode, chain), with no limit on n_b.
+    scale:        softmax scale, usually D ** -0.5
+    max_query_len (host int, keyword): an upper bound of max_b n_b. It sizes the grid
+                  without reading the device; a larger bound only adds programs that
+                  exit at once. None reads q_start once (a device sync).
+    max_seq_len   (host int, keyword): a hint, an upper bound of max_b seq_lens. With it
+                  a small grid (decode with few sequences) is split along the KV range
+                  to fill the GPU; without it the KV range is not split. Results do not
+                  depend on it.
+    returns:      [T, H, D] in q's dtype
+
+    Query i of sequence b sees cached positions < seq_lens[b] - n_b and the new
+    positions that its mask allows; a query that sees nothing yields zeros. A tree mask
+    holds 64 nodes, so ``tree_mask`` with ``max_query_len > 64`` raises ValueError
+    (use None for longer chains). Device values are not checked (that would sync):
+    seq_lens[b] >= n_b and block_table[b, :cdiv(seq_lens[b], block_size)] valid block ids
+    are the caller's contract; positions past the block table row are never read.
+
+    Example::
+
+        >>> import torch
+        >>> from specdec.kernels.verify_attention import verify_attention
+        >>> kc = torch.randn(4, 16, 2, 64); vc = torch.randn(4, 16, 2, 64)
+        >>> q = torch.randn(3, 4, 64)                     # one sequence, 3 new tokens
+        >>> bt = torch.tensor([[2, 0]], dtype=torch.int32)  # 20 positions: 17 + 3
+        >>> out = verify_attention(q, kc, vc, bt, torch.tensor([20], dtype=torch.int32),
+        ...                        torch.tensor([0, 3], dtype=torch.int32), None, 64 ** -0.5,
+        ...                        max_query_len=3)
+        >>> out.shape
+        torch.Size([3, 4, 64])
+    """
+    _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale)
+    _check_host_int("max_query_len", max_query_len)
+    _check_host_int("max_seq_len", max_seq_len)
+    T, H, D = q.shape
+    B = block_table.shape[0]
+    if max_query_len is None:  # the one device read; pass max_query_len to avoid it
+        max_query_len = int((q_start[1:] - q_start[:-1]).max()) if B > 0 else 0
+    max_query_len = min(max_query_len, T)
+    if tree_mask is not None and max_query_len > _MAX_TREE_NODES:
+        raise ValueError(f"tree_mask holds {_MAX_TREE_NODES} nodes per sequence, but "
+                         f"max_query_len is {max_query_len}; pass tree_mask=None for a chain")
+    _require(T == 0 or (B > 0 and max_query_len > 0),
+             f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
+    h_kv = k_cache.shape[2]
+    cfg = _pick_config(B, h_kv, H // h_kv, D, max_query_len, max_seq_len, q.dtype, q.device)
+    return _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
+                             scale, max_query_len, cfg)
+
+
+def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale,
+                      max_query_len: int, cfg: _Config) -> torch.Tensor:
+    """Launch with an explicit config (inputs already validated)."""
+    T, H, D = q.shape
+    B = block_table.shape[0]
+    page, h_kv = k_cache.shape[1], k_cache.shape[2]
+    group = H // h_kv
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+    block_m = max(cfg.block_m, _next_pow2(group), 16)
+    block_q = block_m // group  # queries per tile
+    splits = cfg.num_splits
+    if splits > 1:  # fp32 partial outputs [S, T, H, D] and their log2-sum-exp2 [S, T, H]
+        part = torch.empty(splits, T, H, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, T, H, dtype=torch.float32, device=q.device)
+        dst, stride_os, stride_ls, stride_lt = part, part.stride(0), lse.stride(0), lse.stride(1)
+        dst_t, dst_h = part.stride(1), part.stride(2)
+    else:
+        lse = out  # unused
+        dst, stride_os, stride_ls, stride_lt = out, 0, 0, 0
+        dst_t, dst_h = out.stride(0), out.stride(1)
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(max_query_len, block_q) * splits, h_kv, B)
+    _verify_attention_kernel[grid](
+        q, k_cache, v_cache, block_table, seq_lens, q_start,
+        tree_mask if tree_mask is not None else seq_lens, dst, lse,
+        float(scale) * _LOG2E, block_table.shape[1] * page,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        stride_os, dst_t, dst_h,
+        stride_ls, stride_lt,
+        HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)), PAGE_SIZE=page, GROUP=group,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        HAS_TREE=tree_mask is not None, UPCAST=upcast,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _combine_splits_kernel[(T, H)](
+            part, lse, out,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=_next_pow2(D), NUM_SPLITS=splits,
+            BLOCK_S=max(2, _next_pow2(splits)), num_warps=4 if D >= 128 else 2,
+        )
+    return out
+
+
+def _check_kv_rows(name: str, x: torch.Tensor, k_cache: torch.Tensor, rows: int) -> None:
+    _require_tensor(name, x)
+    want = (rows, k_cache.shape[2], k_cache.shape[3])
+    _require(x.dim() == 3 and tuple(x.shape) == want,
+             f"{name} must have shape {want} ([T, H_kv, D] of k_cache "
+             f"{_shape(k_cache)}), got {_shape(x)}")
+    _require(x.device == k_cache.device, f"{name} is on {x.device} but k_cache is on "
+             f"{k_cache.device}")
+    _require(x.dtype.is_floating_point, f"{name} must be a float tensor, got {x.dtype}")
+    _require_unit_stride(name, x)
+
+
+def _check_slots(name: str, slots: torch.Tensor, k_cache: torch.Tensor) -> None:
+    _require_tensor(name, slots)
+    _require(slots.dim() == 1, f"{name} must be 1-D [N], got shape {_shape(slots)}")
+    _require(slots.dtype in (torch.int32, torch.int64),
+             f"{name} must be int32 or int64, got {slots.dtype}")
+    _require(slots.device == k_cache.device, f"{name} is on {slots.device} but k_cache is on "
+             f"{k_cache.device}")
+    _require_unit_stride(name, slots)
+
+
+def _copy_slots(src_k, src_v, dst_k, dst_v, src_slots, dst_slots, page: int, num_slots: int,
+                src_paged: bool, dst_paged: bool) -> None:
+    """One launch copying K and V rows; see ``_copy_slots_kernel``."""
+    n = src_slots.shape[0]
+    h_kv, d = dst_k.shape[-2], dst_k.shape[-1]
+    block_d = _next_pow2(d)
+    block_h = min(_next_pow2(h_kv), max(1, 4096 // block_d))
+    grid = (n, triton.cdiv(h_kv, block_h))
+    _copy_slots_kernel[grid](
+        src_k, src_v, dst_k, dst_v, src_slots, dst_slots, num_slots, h_kv,
+        src_k.stride(0), src_k.stride(1) if src_paged else 0, src_k.stride(-2),
+        src_v.stride(0), src_v.stride(1) if src_paged else 0, src_v.stride(-2),
+        dst_k.stride(0), dst_k.stride(1) if dst_paged else 0, dst_k.stride(-2),
+        dst_v.stride(0), dst_v.stride(1) if dst_paged else 0, dst_v.stride(-2),
+        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=page,
+        SRC_PAGED=src_paged, DST_PAGED=dst_paged, num_warps=4,
+    )
+
+
+def _flat_slots(cache: torch.Tensor) -> torch.Tensor | None:
+    """[num_blocks * block_size, H_kv, D] view of a cache, None when not viewable."""
+    nb, bs, h, d = cache.shape
+    try:
+        return cache.view(nb * bs, h, d)
+    except RuntimeError:
+        return None
+
+
+def _slot_index(cache: torch.Tensor, slots: torch.Tensor):
+    """Index for ``cache[...]`` selecting ``slots``: flat view or (block, offset) pair."""
+    flat = _flat_slots(cache)
+    slots = slots.long()
+    if flat is not None:
+        return flat, (slots,)
+    bs = cache.shape[1]
+    return cache, (slots // bs, slots % bs)
+
+
+def _check_impl(impl: str) -> None:
+    _require(impl in ("triton", "torch"), f"impl must be 'triton' or 'torch', got {impl!r}")
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, *, impl: str = "triton") -> None:
+    """Scatter new keys and values into the paged cache, in place.
+
+    k, v:            [T, H_kv, D] any float dtype (cast to the cache's), stride 1 in D
+    k_cache/v_cache: [num_blocks, block_size, H_kv, D] float16/bfloat16/float32
+    slot_mapping:    [T] int32 or int64, slot = block * block_size + offset, each in
+                     [0, num_blocks * block_size); the Triton path skips a slot outside
+                     that range (e.g. -1 padding), the torch path does not (it wraps or
+                     raises). Duplicate slots: one of the writes wins.
+    impl:            "triton" (one launch for K and V) or "torch" (index_put_)
+
+    Example::
+
+        >>> kc = torch.zeros(2, 16, 1, 8); vc = torch.zeros(2, 16, 1, 8)
+        >>> write_kv(torch.ones(2, 1, 8), torch.ones(2, 1, 8), kc, vc,
+        ...          torch.tensor([17, 3]))
+        >>> float(kc[1, 1].sum()), float(kc[0, 3].sum())
+        (8.0, 8.0)
+    """
+    _check_impl(impl)
+    _check_kv_cache(k_cache, v_cache)
+    _require_tensor("k", k)
+    _require(k.dim() == 3, f"k must be [T, H_kv, D], got shape {_shape(k)}")
+    _check_kv_rows("k", k, k_cache, k.shape[0])
+    _check_kv_rows("v", v, k_cache, k.shape[0])
+    _check_slots("slot_mapping", slot_mapping, k_cache)
+    _require(slot_mapping.shape[0] == k.shape[0], f"slot_mapping has shape "
+             f"{_shape(slot_mapping)} but k has {k.shape[0]} rows (shape {_shape(k)})")
+    if k.shape[0] == 0:
+        return
+    if impl == "torch":
+        for x, cache in ((k, k_cache), (v, v_cache)):
+            target, index = _slot_index(cache, slot_mapping)
+            target[index] = x.to(cache.dtype)
+        return
+    # cast on the host (torch rounds to nearest even, like the reference); the kernel copies
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    nb, page = k_cache.shape[0], k_cache.shape[1]
+    _copy_slots(k, v, k_cache, v_cache, slot_mapping, slot_mapping, page, nb * page,
+                src_paged=False, dst_paged=True)
+
+
+def move_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tensor,
+            dst_slots: torch.Tensor, *, impl: str = "triton") -> None:
+    """Copy cache entries ``src_slots[i] -> dst_slots[i]`` in place (keep-path compaction).
+
+    k_cache/v_cache:      [num_blocks, block_size, H_kv, D]
+    src_slots, dst_slots: [N] int32 or int64 slots in [0, num_blocks * block_size)
+                          (the Triton path skips a pair with a slot outside that range)
+    impl:                 "triton" or "torch"
+
+    Every source is read before any destination is written (a gather into a temporary
+    [N, H_kv, D] and a scatter, two launches), so any overlap between sources and
+    destinations is safe, e.g. a tree path shifting down onto its own earlier slots.
+
+    Example::
+
+        >>> kc = torch.arange(4.0).view(1, 4, 1, 1); vc = kc.clone()
+        >>> move_kv(kc, vc, torch.tensor([2, 3]), torch.tensor([1, 2]))
+        >>> kc.flatten().tolist()
+        [0.0, 2.0, 3.0, 3.0]
+    """
+    _check_impl(impl)
+    _check_kv_cache(k_cache, v_cache)
+    _check_slots("src_slots", src_slots, k_cache)
+    _check_slots("dst_slots", dst_slots, k_cache)
+    _require(src_slots.shape == dst_slots.shape, f"src_slots has shape {_shape(src_slots)} "
+             f"but dst_slots has {_shape(dst_slots)}")
+    n = src_slots.shape[0]
+    if n == 0:
+        return
+    if impl == "torch":
+        for cache in (k_cache, v_cache):
+            src, src_index = _slot_index(cache, src_slots)
+            dst, dst_index = _slot_index(cache, dst_slots)
+            dst[dst_index] = src[src_index]  # advanced indexing reads into a new tensor
+        return
+    nb, page, h_kv, d = k_cache.shape
+    tmp_k = torch.empty(n, h_kv, d, dtype=k_cache.dtype, device=k_cache.device)
+    tmp_v = torch.empty_like(tmp_k)
+    # read every source first (gather) ...
+    _copy_slots(k_cache, v_cache, tmp_k, tmp_v, src_slots, dst_slots, page, nb * page,
+                src_paged=True, dst_paged=False)
+    # ... then write every destination (scatter); the launches run in stream order
+    _copy_slots(tmp_k, tmp_v, k_cache, v_cache, src_slots, dst_slots, page, nb * page,
+                src_paged=False, dst_paged=True)

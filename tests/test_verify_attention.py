@@ -1,0 +1,415 @@
+"""verify_attention / write_kv / move_kv (Triton) against the PyTorch reference.
+
+On CPU the kernels run through Triton's interpreter, so every case keeps its grid tiny
+(a few programs). Cache slots that no sequence owns are filled with NaN: a kernel that
+reads a position it should not (past seq_len, another sequence's block, an unused block
+table entry) turns its output into NaN and the comparison fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+
+import pytest
+import torch
+
+from specdec.kernels import reference as ref
+
+# the module, not the function of the same name that specdec.kernels may re-export
+va = importlib.import_module("specdec.kernels.verify_attention")
+
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """[n] int64: bit j of entry i set when node j is i or an ancestor of i.
+
+    ``parents[i] < i`` (or -1 for a root), i.e. nodes are in topological order.
+    """
+    bits = []
+    for i, p in enumerate(parents):
+        if not (p == -1 or 0 <= p < i):
+            raise ValueError(f"parent of node {i} is {p}; need -1 or an earlier node")
+        bits.append((1 << i) | (bits[p] if p >= 0 else 0))
+    # bit 63 makes the int64 negative (two's complement)
+    return torch.tensor([b - (1 << 64) if b >= 1 << 63 else b for b in bits],
+                        dtype=torch.int64)
+
+
+def chain(n):
+    return [i - 1 for i in range(n)]
+
+
+def star(n):
+    return [-1] + [0] * (n - 1)
+
+
+def deep(n):  # a long spine with short side branches
+    return [-1] + [i - 1 if i % 3 else max(0, i - 2) for i in range(1, n)]
+
+
+def wide(n):  # 4-ary tree in level order
+    return [-1] + [(i - 1) // 4 for i in range(1, n)]
+
+
+def random_tree(n, seed):
+    rng = random.Random(seed)
+    return [-1] + [rng.randrange(i) for i in range(1, n)]
+
+
+def random_forest(n, seed):  # several roots: node 0 is not everybody's ancestor
+    rng = random.Random(seed)
+    return [-1] + [rng.randrange(-1, i) for i in range(1, n)]
+
+
+def make_case(prefixes, trees, *, h=4, h_kv=2, d=64, page=16, dtype=torch.float32,
+              causal=False, seed=0):
+    """A ragged batch over a paged cache with shuffled blocks.
+
+    prefixes: committed lengths per sequence; trees: parent lists (or ints: a chain of
+    that many tokens, used with causal=True). Returns the verify_attention arguments.
+    """
+    g = torch.Generator().manual_seed(seed)
+    parents = [chain(t) if isinstance(t, int) else t for t in trees]
+    ns = [len(p) for p in parents]
+    lens = [p + n for p, n in zip(prefixes, ns)]
+    nblk = [math.ceil(length / page) for length in lens]
+    max_blocks = max(nblk + [1])
+    num_blocks = sum(nblk) + 3  # spare blocks nobody owns
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    poison = int(perm[-1])  # unused table entries point at a NaN block
+    block_table = torch.full((len(lens), max_blocks), poison, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, page, h_kv, d), float("nan"))
+    v_cache = torch.full((num_blocks, page, h_kv, d), float("nan"))
+    used = 0
+    for b, length in enumerate(lens):
+        block_table[b, : nblk[b]] = perm[used : used + nblk[b]]
+        used += nblk[b]
+        for pos in range(length):
+            blk, off = int(block_table[b, pos // page]), pos % page
+            k_cache[blk, off] = torch.randn(h_kv, d, generator=g)
+            v_cache[blk, off] = torch.randn(h_kv, d, generator=g)
+    T = sum(ns)
+    q = torch.randn(T, h, d, generator=g)
+    q_start = torch.tensor([0] + list(torch.tensor(ns).cumsum(0).tolist()), dtype=torch.int32)
+    tree_mask = None if causal else torch.cat([ancestor_mask(p) for p in parents])
+    return dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype),
+                block_table=block_table, seq_lens=torch.tensor(lens, dtype=torch.int32),
+                q_start=q_start, tree_mask=tree_mask, scale=d ** -0.5)
+
+
+def check(case, **kwargs):
+    out = va.verify_attention(**case, **kwargs)
+    want = ref.verify_attention(**case)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, **TOL[case["q"].dtype])
+    return out
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["tree", "causal"])
+@pytest.mark.parametrize("prefix", [0, 1, 15, 16, 17, 126, 127, 300])
+def test_prefix_lengths_around_block_boundaries(prefix, causal):
+    check(make_case([prefix], [random_tree(7, prefix) if not causal else 7],
+                    causal=causal, seed=prefix))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["tree", "causal"])
+def test_ragged_batch(causal):
+    prefixes = [0, 1, 15, 16, 17, 45, 260]
+    trees = [random_tree(n, n) for n in (3, 1, 9, 16, 5, 12, 8)]
+    out = check(make_case(prefixes, trees, causal=causal, seed=1), max_query_len=16)
+    # an overestimated bound only adds programs that exit at once
+    again = va.verify_attention(**make_case(prefixes, trees, causal=causal, seed=1),
+                                max_query_len=40)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", ["chain", "star", "deep", "wide", "random", "forest"])
+def test_tree_shapes(shape):
+    make = dict(chain=chain, star=star, deep=deep, wide=wide,
+                random=lambda n: random_tree(n, 7), forest=lambda n: random_forest(n, 7))[shape]
+    check(make_case([5, 40], [make(13), make(30)], seed=2))
+
+
+def test_64_node_tree_uses_bit_63():
+    parents = random_tree(64, 3)
+    parents[63] = 62  # the last node has every earlier spine node
+    case = make_case([20], [parents], seed=3)
+    assert (case["tree_mask"] < 0).any()  # bit 63 set
+    check(case, max_query_len=64)
+
+
+@pytest.mark.parametrize("d", [8, 64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_gqa_groups_and_head_dims(group, d):
+    h_kv = 2
+    check(make_case([0, 17, 33], [random_tree(5, group), chain(8), star(6)],
+                    h=h_kv * group, h_kv=h_kv, d=d, seed=group * d))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["tree", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda t: str(t).split(".")[-1])
+def test_dtypes(dtype, causal):
+    check(make_case([0, 31, 70], [random_tree(9, 4), chain(4), wide(11)],
+                    dtype=dtype, h=8, h_kv=2, d=64, causal=causal, seed=4))
+
+
+@pytest.mark.parametrize("page", [1, 8, 32])
+def test_page_sizes(page):
+    check(make_case([3, 41], [random_tree(6, 5), chain(3)], page=page, seed=5))
+
+
+def test_prefill_long_causal_chain():
+    # > 64 new tokens: only the causal mask (tree_mask=None) can describe it
+    check(make_case([0, 37], [200, 150], h=4, h_kv=2, d=64, causal=True, seed=6),
+          max_query_len=200)
+
+
+def test_prefill_thousands_of_tokens():
+    check(make_case([0, 5], [2048, 700], h=1, h_kv=1, d=16, page=64, causal=True, seed=16),
+          max_query_len=2048)
+
+
+def test_decode_one_token_per_sequence():
+    check(make_case([0, 16, 33, 150], [1, 1, 1, 1], h=8, h_kv=2, causal=True, seed=7),
+          max_query_len=1)
+
+
+def test_sequence_without_new_tokens_and_max_query_len_from_device():
+    check(make_case([10, 20, 0], [chain(4), [], chain(3)], seed=8))  # reads q_start
+
+
+def test_query_that_sees_nothing_gives_zeros():
+    # no prefix; node 1 does not see itself (nor anything), node 2 only node 0
+    case = make_case([0], [[-1, 0, 0]], seed=9)
+    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b001], dtype=torch.int64)
+    out = check(case)
+    assert torch.count_nonzero(out[1]) == 0
+    assert torch.count_nonzero(out[0]) > 0
+
+
+def test_strided_inputs():
+    base = make_case([9, 30], [random_tree(7, 1), chain(5)], h=4, h_kv=2, d=64, seed=10)
+    # q is a head slice of a wider tensor, K and V interleave in one buffer, the block
+    # table is a column slice of a wider table
+    T, h, d = base["q"].shape
+    wide_q = torch.randn(T, 2 * h, d)
+    wide_q[:, 1::2] = base["q"]
+    kv = torch.stack([base["k_cache"], base["v_cache"]], dim=2)  # [nb, page, 2, H_kv, D]
+    bt = torch.zeros(base["block_table"].shape[0], base["block_table"].shape[1] + 3,
+                     dtype=torch.int32)
+    bt[:, : base["block_table"].shape[1]] = base["block_table"]
+    case = dict(base, q=wide_q[:, 1::2], k_cache=kv[:, :, 0], v_cache=kv[:, :, 1],
+                block_table=bt[:, : base["block_table"].shape[1]])
+    assert not case["q"].is_contiguous() and not case["k_cache"].is_contiguous()
+    assert not case["block_table"].is_contiguous()
+    torch.testing.assert_close(va.verify_attention(**case), ref.verify_attention(**base),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["tree", "causal"])
+def test_split_kv_and_small_tiles(causal):
+    # several KV splits (one empty for the short sequence), 16-wide KV tiles that
+    # straddle 8-slot pages, two query tiles per sequence
+    case = make_case([0, 3, 130], [random_tree(10, 11), chain(2), wide(9)], page=8,
+                     causal=causal, seed=11)
+    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=3)
+    out = va._launch_attention(**case, max_query_len=10, cfg=cfg)
+    torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["forest", "causal"])
+def test_unmasked_region_ends_at_tile_boundaries(causal):
+    # 16-query tiles over 16-wide KV tiles, prefix + q0 + 1 at or next to a KV tile edge:
+    # the unmasked loop must stop exactly where the tile's first query (causal) or the
+    # prefix (tree) ends
+    n = 40 if causal else 30
+    trees = [n] * 5 if causal else [random_forest(n, s) for s in range(5)]
+    case = make_case([14, 15, 16, 0, 30], trees, h=2, h_kv=2, causal=causal, seed=15)
+    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    out = va._launch_attention(**case, max_query_len=n, cfg=cfg)
+    torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
+
+
+def test_split_kv_row_that_sees_nothing():
+    case = make_case([0], [[-1, 0, 0]], seed=12)
+    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b011], dtype=torch.int64)
+    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=2)
+    out = va._launch_attention(**case, max_query_len=3, cfg=cfg)
+    assert not out.isnan().any() and torch.count_nonzero(out[1]) == 0
+    torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
+
+
+def test_gpu_config_choice(monkeypatch):
+    # the GPU branch of the tile heuristic, on a pretend 132-SM device
+    monkeypatch.setattr(va, "_interpreting", lambda: False)
+    monkeypatch.setattr(va, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
+    assert head.num_splits == 1 and head.block_m in (64, 128)
+    decode = va._pick_config(4, 8, 4, 128, 1, 16384, torch.bfloat16, cuda)
+    assert decode.block_m == 16 and decode.num_splits > 1
+    assert va._pick_config(4, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
+    mqa = va._pick_config(2, 1, 64, 64, 1, None, torch.float16, cuda)
+    assert mqa.block_m >= 64  # a tile holds at least one query's whole GQA group
+
+
+# --------------------------------------------------------------------------- KV writes
+
+
+def _cache(num_blocks=5, page=16, h_kv=2, d=64, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_blocks, page, h_kv, d, generator=g).to(dtype),
+            torch.randn(num_blocks, page, h_kv, d, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("src_dtype,cache_dtype,d", [
+    (torch.float32, torch.float32, 64), (torch.float32, torch.bfloat16, 8),
+    (torch.float16, torch.float16, 128), (torch.bfloat16, torch.bfloat16, 64)])
+def test_write_kv_matches_reference(impl, src_dtype, cache_dtype, d):
+    k_cache, v_cache = _cache(d=d, dtype=cache_dtype)
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(9, 2, d, generator=g).to(src_dtype)
+    v = torch.randn(9, 2, d, generator=g).to(src_dtype)
+    slots = torch.randperm(80, generator=g)[:9].to(torch.int32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    ref.write_kv(k, v, want_k, want_v, slots.long())
+    va.write_kv(k, v, k_cache, v_cache, slots, impl=impl)
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_write_kv_into_strided_cache(impl):
+    kv = torch.zeros(4, 8, 2, 3, 16)  # K and V interleaved: [nb, page, 2, H_kv, D]
+    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    k, v = torch.randn(5, 3, 16), torch.randn(5, 3, 16)
+    slots = torch.tensor([31, 0, 9, 17, 8])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    ref.write_kv(k, v, want_k, want_v, slots)
+    va.write_kv(k, v, k_cache, v_cache, slots, impl=impl)
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+
+
+def test_write_kv_triton_skips_padding_slots():
+    k_cache, v_cache = _cache()
+    before = k_cache.clone()
+    k, v = torch.ones(3, 2, 64), torch.ones(3, 2, 64)
+    va.write_kv(k, v, k_cache, v_cache, torch.tensor([-1, 4, 10**6]))
+    assert torch.equal(k_cache.view(-1, 2, 64)[4], k[1])
+    k_cache.view(-1, 2, 64)[4] = before.view(-1, 2, 64)[4]
+    assert torch.equal(k_cache, before)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("moves", [
+    "shift_down", "shift_up", "keep_path", "swap", "disjoint"])
+def test_move_kv_matches_reference(impl, moves):
+    # shift_up and swap read slots that other moves write: correct only when every
+    # source is read before any destination is written
+    src, dst = {
+        "shift_down": (list(range(10, 40)), list(range(9, 39))),
+        "shift_up": (list(range(9, 39)), list(range(10, 40))),
+        "keep_path": ([35, 36, 40, 47], [33, 34, 35, 36]),
+        "swap": ([1, 2, 70], [2, 1, 3]),
+        "disjoint": ([0, 5, 63], [64, 65, 79]),
+    }[moves]
+    k_cache, v_cache = _cache(d=8, seed=3)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    ref.move_kv(want_k, want_v, torch.tensor(src), torch.tensor(dst))
+    va.move_kv(k_cache, v_cache, torch.tensor(src, dtype=torch.int32),
+               torch.tensor(dst, dtype=torch.int32), impl=impl)
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _valid():
+    return make_case([3], [chain(2)], h=4, h_kv=2, d=16, seed=13)
+
+
+def _bad(**changes):
+    case = _valid()
+    for key, fn in changes.items():
+        case[key] = fn(case)
+    return case
+
+
+@pytest.mark.parametrize("case,kwargs,match", [
+    (_bad(q=lambda c: c["q"][0]), {}, r"q must be \[T, H, D\], got shape \(4, 16\)"),
+    (_bad(v_cache=lambda c: c["v_cache"][:, :8]), {},
+     r"k_cache has shape \(4, 16, 2, 16\) but v_cache has \(4, 8, 2, 16\)"),
+    (_bad(q=lambda c: c["q"][:, :3]), {}, r"q has 3 heads.*not a multiple.*2 KV heads"),
+    (_bad(q=lambda c: c["q"][..., :8]), {}, r"q has head_dim 8.*k_cache has 16"),
+    (_bad(q_start=lambda c: c["q_start"][:1]), {}, r"q_start must have shape \(2,\)"),
+    (_bad(seq_lens=lambda c: c["seq_lens"].repeat(2)), {}, r"seq_lens must have shape \(1,\)"),
+    (_bad(tree_mask=lambda c: c["tree_mask"].int()), {}, r"tree_mask must be torch.int64"),
+    (_bad(tree_mask=lambda c: c["tree_mask"][:1]), {}, r"tree_mask must have shape \(2,\)"),
+    (_bad(block_table=lambda c: c["block_table"].long()), {},
+     r"block_table must be torch.int32"),
+    (_bad(q=lambda c: c["q"].half()), {}, r"q is torch.float16 but k_cache"),
+    (_bad(v_cache=lambda c: c["v_cache"].half()), {},
+     r"k_cache is torch.float32 but v_cache is torch.float16"),
+    (_bad(q=lambda c: torch.randn(2, 4, 32)[..., ::2]), {}, r"q must have stride 1"),
+    (_bad(k_cache=lambda c: torch.randn(4, 16, 2, 32)[..., ::2],
+          v_cache=lambda c: torch.randn(4, 16, 2, 32)[..., ::2]), {},
+     r"k_cache must have stride 1"),
+    (_bad(q=lambda c: torch.empty(2, 4, 16, device="meta")), {},
+     r"k_cache is on cpu but q is on meta"),
+    (_bad(scale=lambda c: float("nan")), {}, r"scale must be a finite float"),
+    (_valid(), dict(max_query_len=-1), r"max_query_len must be None or an int >= 0"),
+    (_valid(), dict(max_query_len=0), r"q has 2 rows but max_query_len is 0"),
+])
+def test_attention_validation(case, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        va.verify_attention(**case, **kwargs)
+
+
+def test_tree_too_large_but_causal_is_fine():
+    case = make_case([0], [70], causal=True, seed=14)
+    check(case, max_query_len=70)
+    case["tree_mask"] = torch.zeros(70, dtype=torch.int64)
+    with pytest.raises(ValueError, match="tree_mask holds 64 nodes"):
+        va.verify_attention(**case)
+
+
+def test_kv_write_validation():
+    k_cache, v_cache = _cache(d=8)
+    k = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match=r"k_cache has shape \(5, 16, 2, 8\) but v_cache"):
+        va.write_kv(k, k, k_cache, v_cache[:, :, :1], torch.arange(3))
+    with pytest.raises(ValueError, match=r"v must have shape \(3, 2, 8\)"):
+        va.write_kv(k, k[:2], k_cache, v_cache, torch.arange(3))
+    with pytest.raises(ValueError, match=r"slot_mapping has shape \(2,\) but k has 3 rows"):
+        va.write_kv(k, k, k_cache, v_cache, torch.arange(2))
+    with pytest.raises(ValueError, match=r"slot_mapping must be int32 or int64"):
+        va.write_kv(k, k, k_cache, v_cache, torch.arange(3.0))
+    with pytest.raises(ValueError, match=r"src_slots has shape \(3,\) but dst_slots has \(2,\)"):
+        va.move_kv(k_cache, v_cache, torch.arange(3), torch.arange(2))
+    with pytest.raises(ValueError, match=r"impl must be 'triton' or 'torch'"):
+        va.move_kv(k_cache, v_cache, torch.arange(3), torch.arange(3), impl="cuda")
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(va, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
