@@ -5,11 +5,22 @@
 >>> llm.generate("Once upon a time", SamplingParams(max_tokens=32))[0].text
 """
 
-from .api import LLM
-from .engine import NonFiniteLogitsError
-from .kv_cache import CacheCapacityError
-from .sampling_params import SamplingParams
-from .sequence import RequestMetrics, RequestOutput
+import os as _os
+import sys as _sys
+
+import torch as _torch
+
+# Without CUDA the Triton kernels can only run through Triton's interpreter, and Triton reads
+# this flag when it is imported. Set it before anything imports triton; it changes nothing
+# else on such a machine, where Triton has no driver to compile for.
+if "triton" not in _sys.modules and not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .api import LLM  # noqa: E402
+from .engine import NonFiniteLogitsError  # noqa: E402
+from .kv_cache import CacheCapacityError  # noqa: E402
+from .sampling_params import SamplingParams  # noqa: E402
+from .sequence import RequestMetrics, RequestOutput  # noqa: E402
 
 __all__ = [
     "LLM",

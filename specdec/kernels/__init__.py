@@ -32,15 +32,35 @@ def _reference_attention(*args, max_query_len=None, **kwargs):
     return reference.verify_attention(*args, **kwargs)
 
 
+def _require_interpreter() -> None:
+    """On a machine without CUDA, Triton kernels run only through its interpreter.
+
+    Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a function, i.e. when
+    triton and the kernel modules are imported; set here, it only helps if triton has not
+    been imported yet (``import specdec`` sets it early for that reason).
+    """
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton.language as tl
+
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "backend='triton' on a machine without CUDA needs Triton's interpreter, but triton was "
+            "imported before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment, "
+            "or import specdec before anything that imports triton (transformers' models do)."
+        )
+
+
 def get_backend(name: str) -> Backend:
     if name == "torch":
         return Backend("torch", reference.write_kv, reference.move_kv, _reference_attention,
-                       getattr(reference, "rejection_sample", None))
+                       reference.rejection_sample)
     if name == "triton":
         if not torch.cuda.is_available():
-            # Triton reads the flag when @triton.jit decorates a function, i.e. on import.
-            os.environ.setdefault("TRITON_INTERPRET", "1")
-        from . import rejection_sampling, verify_attention
+            _require_interpreter()
+        import importlib
+
+        rejection_sampling = importlib.import_module(f"{__name__}.rejection_sampling")
+        verify_attention = importlib.import_module(f"{__name__}.verify_attention")
 
         return Backend("triton", verify_attention.write_kv, verify_attention.move_kv,
                        verify_attention.verify_attention, rejection_sampling.rejection_sample)
