@@ -1,0 +1,482 @@
+"""End-to-end distribution tests: the speculative engine samples exactly the target's law.
+
+Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) is exact: whatever the
+drafter proposes, accepting draft x with probability min(1, p(x) / q(x)) and otherwise
+sampling the residual max(p - q, 0) normalised emits tokens distributed as the target
+p alone would. These tests check that claim through the whole engine (drafting, ragged
+verify forward through the paged cache, rejection sampling, commit/truncate, emit):
+
+* the target's exact joint law of the first ``N_TOKENS`` generated tokens is enumerated
+  with the no-cache forward ``model(input_ids)`` and ``reference.sampling_probs`` (the
+  definition of the distribution a request samples from), V ** N_TOKENS outcomes;
+* ``N_SAMPLES`` seeded requests go through ``LLM.generate`` in one call, and Pearson's
+  chi-square test (tests/stats.py) compares their counts with the exact law;
+* the share of requests whose first draft is accepted is compared (binomial test) with
+  its exact value sum_x min(p(x), q(x)): exact but needlessly timid samplers fail too;
+* the same harness, with the engine's rejection sampler swapped for a wrong one, must
+  reject at p < ``POWER_ALPHA``: the tests have the power to see a broken sampler;
+* a seeded request gives the same tokens alone, in a batch, joining a running batch and
+  across preemption; the triton backend gives the torch backend's tokens.
+
+The vocabulary is tiny (V = 8) and the random models are far from peaked (std 0.5: the
+most likely token has ~0.3 of the mass), and the separate draft model overlaps the
+target by only ~0.5, so rejections, residual samples and bonus tokens are all frequent.
+Every seed is fixed, so every test is deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from safetensors.torch import load_file, save_file
+from stats import binomial_two_sided_p, chi2_sf, chi_square_test
+
+from specdec import LLM, SamplingParams
+from specdec.drafters.ngram import ngram_propose
+from specdec.kernels import reference
+from specdec.kernels.philox import SAMPLER_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
+from specdec.kv_cache import KVCache
+from specdec.models import load_model
+
+V = 8  # vocabulary size
+N_TOKENS = 3  # generated tokens whose joint law is tested: V ** 3 = 512 outcomes
+N_SAMPLES = 4096  # requests per distribution test
+ALPHA = 1e-3  # the engine passes when p > ALPHA
+POWER_ALPHA = 1e-6  # a wrong sampler must give p < POWER_ALPHA with the same draws
+# A prompt with repeats, so the n-gram drafter proposes tokens (acceptance ~0.2); 14
+# tokens with block_size 4 puts the drafts across KV block boundaries.
+PROMPT = [3, 1, 2, 0, 5, 2, 0, 4, 3, 1, 2, 0, 5, 2]
+BLOCK_SIZE = 4
+_ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24,
+             max_position_embeddings=64, std=0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # thousands of tiny ops: with 2 threads on a loaded 2-core machine every op pays for
+    # thread hand-offs (measured ~15x slower), so this module runs single-threaded
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _perturbed_copy(src, dst, noise: float, seed: int):
+    """A checkpoint with ``src``'s config and its weights plus N(0, noise) noise."""
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    weights = load_file(dst / "model.safetensors")
+    weights = {k: w + noise * torch.randn(w.shape, generator=gen) for k, w in weights.items()}
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distribution")
+    target = make_checkpoint(root / "target", num_layers=2, seed=1, **_ARCH)
+    # "model": an unrelated 1-layer model, overlap sum min(p, q) ~0.5 with the target
+    draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **_ARCH)
+    # "near": the target plus noise; under top-k/top-p an unrelated draft rarely keeps
+    # the target's tokens (acceptance ~5%), this one does (~20%)
+    near = _perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
+
+
+def make_llm(ckpts, draft: str | None, k: int = 2, backend: str = "torch",
+             max_num_seqs: int = 512, device: str = "cpu", num_blocks: int | None = None) -> LLM:
+    """``draft``: None, "model" / "near" (draft checkpoints), "ngram", "early-exit:N";
+    ``num_blocks``: size the KV cache to that many blocks (default: plenty).
+    fp32 everywhere, so the engine's logits match the no-cache oracle to a few ulps."""
+    memory = None
+    if num_blocks is not None:
+        cfg = ckpts.model.config
+        layers = cfg.num_layers + (1 if draft == "model" else 0)  # the draft model has 1 layer
+        memory = num_blocks * KVCache.bytes_per_block(layers, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim,
+                                                      torch.float32)
+    draft = str(ckpts.dirs[draft]) if draft in ckpts.dirs else draft
+    return LLM(ckpts.target, draft=draft, num_draft_tokens=k, device=device, dtype=torch.float32,
+               backend=backend, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs, seed=0,
+               kv_cache_memory=memory)
+
+
+# ---------------------------------------------------------------------------------------
+# The exact law of the target and the sampled one
+# ---------------------------------------------------------------------------------------
+
+def _check_filter_margins(logits: torch.Tensor, params: SamplingParams, margin: float = 1e-3) -> None:
+    """The top-k / top-p cut of every row must sit far from a tie, so the few-ulp
+    difference between the engine's cached forward and the no-cache one cannot move it."""
+    x = logits.double() / params.temperature
+    srt = torch.sort(x, dim=-1, descending=True).values  # [M, V]
+    k = params.top_k if 0 < params.top_k < V else V
+    if k < V:
+        gap = (srt[:, k - 1] - srt[:, k]).min()
+        assert gap > margin, f"top_k={k} cuts within {float(gap):.2g} of a tie; pick another"
+        srt = srt[:, :k]
+    if params.top_p < 1:
+        p = torch.softmax(srt, dim=-1)
+        above = torch.cumsum(p, dim=-1) - p  # mass strictly above each kept token
+        gap = (above - params.top_p).abs().min()
+        assert gap > margin, f"top_p={params.top_p} cuts within {float(gap):.2g} of a token; pick another"
+
+
+def next_token_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """prefixes [M, L] int64 -> [M, V] float64, the law a request samples its next token from."""
+    logits = model(prefixes)[:, -1]  # [M, V]
+    _check_filter_margins(logits, params)
+    m = prefixes.shape[0]
+    return reference.sampling_probs(
+        logits, torch.full((m,), params.temperature), torch.full((m,), params.top_k, dtype=torch.int32),
+        torch.full((m,), params.top_p),
+    ).double()
+
+
+def exact_joint(model, prompt: list[int], params: SamplingParams, n: int = N_TOKENS):
+    """The target's joint law of the next ``n`` tokens after ``prompt``.
+
+    returns: joint [V ** n] float64, outcome (t_0, .., t_{n-1}) at index sum t_i V^(n-1-i);
+             kept [V ** 0 + .. + V ** (n-1)] int64, tokens left by top-k/top-p per prefix
+    """
+    prefixes = torch.tensor([prompt], dtype=torch.int64)  # [M, P + i], M = V ** i
+    joint = torch.ones(1, dtype=torch.float64)
+    kept = []
+    for _ in range(n):
+        m = prefixes.shape[0]
+        p = next_token_probs(model, prefixes, params)  # [M, V]
+        kept.append((p > 0).sum(-1))
+        joint = (joint[:, None] * p).reshape(-1)  # [M * V]
+        prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(m)[:, None]], 1)
+    return joint / joint.sum(), torch.cat(kept)
+
+
+def sample_outcomes(llm: LLM, params: SamplingParams, num: int = N_SAMPLES, n: int = N_TOKENS,
+                    seed0: int = 0):
+    """``num`` requests of ``PROMPT`` with seeds seed0, seed0 + 1, ..; returns (counts
+    [V ** n] int64 over outcomes, the RequestOutputs)."""
+    reqs = [dataclasses.replace(params, max_tokens=n, seed=seed0 + i, ignore_eos=True) for i in range(num)]
+    outs = llm.generate([PROMPT] * num, reqs)
+    toks = torch.tensor([o.token_ids for o in outs], dtype=torch.int64)  # [num, n]
+    assert toks.shape == (num, n) and all(o.finish_reason == "length" for o in outs)
+    index = (toks * V ** torch.arange(n - 1, -1, -1)).sum(1)  # [num]
+    return torch.bincount(index, minlength=V ** n), outs
+
+
+def first_draft_acceptance(ckpts, draft: str, params: SamplingParams) -> float:
+    """The exact probability that the first draft token of a request's first step is
+    accepted: sum_x min(p(x), q(x)) for a sampled draft (Leviathan et al., Thm 3.5),
+    p(d) for the n-gram drafter's fixed proposal d."""
+    prompt = torch.tensor([PROMPT])
+    p = next_token_probs(ckpts.model, prompt, params)[0]  # [V]
+    if draft == "ngram":
+        return float(p[ngram_propose(PROMPT, 1)[0]])
+    if draft.startswith("early-exit:"):
+        drafter = copy.deepcopy(ckpts.model)
+        drafter.model.layers = drafter.model.layers[:int(draft.split(":")[1])]
+    else:
+        drafter = load_model(ckpts.dirs[draft])
+    q = next_token_probs(drafter, prompt, params)[0]  # [V]
+    return float(torch.minimum(p, q).sum())
+
+
+def first_draft_accepted(outs) -> int:
+    """Requests whose first step accepted its first draft. With max_tokens=3 a position-0
+    draft is proposed again in step 2 only after a rejection in step 1, so that happened
+    iff position 0 was proposed once and accepted once."""
+    return sum(o.metrics.proposed_per_position[0] == 1 and o.metrics.accepted_per_position[0] == 1
+               for o in outs)
+
+
+def assert_paths_exercised(llm: LLM, outs) -> None:
+    """Acceptances, rejections (residual samples) and all-accepted steps (bonus tokens)
+    each occur in at least 2% of the requests."""
+    m = llm.metrics()
+    assert 0.05 < m["acceptance_rate"] < 0.95, m
+    drafted = [o.metrics for o in outs if o.metrics.num_draft_tokens]
+    rejected = sum(r.num_accepted_tokens < r.num_draft_tokens for r in drafted)
+    bonus = sum(r.num_accepted_tokens == r.num_draft_tokens for r in drafted)  # last step all accepted
+    assert len(drafted) == len(outs), "every request should have been proposed drafts"
+    assert rejected > 0.02 * len(outs) and bonus > 0.02 * len(outs), (rejected, bonus, len(outs))
+
+
+# ---------------------------------------------------------------------------------------
+# The statistics helper itself
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stat, df, expected", [
+    (3.841458820694124, 1, 0.05),  # textbook chi-square quantiles
+    (18.307038053275146, 10, 0.05),
+    (6.634896601021214, 1, 0.01),
+    (2.0, 2, 0.36787944117144233),  # df = 2: exp(-stat / 2)
+])
+def test_chi2_sf_matches_known_quantiles(stat, df, expected):
+    assert chi2_sf(stat, df) == pytest.approx(expected, rel=1e-9)
+
+
+def test_chi_square_test_accepts_exact_draws_and_rejects_a_shift():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, generator=gen, dtype=torch.float64) * 2, 0)
+    draws = torch.multinomial(probs, 4096, replacement=True, generator=gen)
+    good = chi_square_test(torch.bincount(draws, minlength=64), probs)
+    assert good.p_value > ALPHA and good.num_cells < 64, good  # small cells were pooled
+    shifted = torch.softmax(probs.log() + 0.3 * torch.randn(64, generator=gen, dtype=torch.float64), 0)
+    draws = torch.multinomial(shifted, 4096, replacement=True, generator=gen)
+    assert chi_square_test(torch.bincount(draws, minlength=64), probs).p_value < POWER_ALPHA
+    # a draw of a zero-probability outcome rejects outright
+    counts = torch.bincount(draws, minlength=64)
+    counts[0] += 1
+    zeroed = probs.clone()
+    zeroed[0] = 0
+    res = chi_square_test(counts, zeroed / zeroed.sum())
+    assert res.p_value == 0 and res.impossible == counts[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The engine samples the target's law
+# ---------------------------------------------------------------------------------------
+
+CASES = {
+    # name: (drafter, num_draft_tokens, SamplingParams)
+    "plain": (None, 2, SamplingParams(temperature=1.0)),  # control: no speculation
+    "model-t1": ("model", 2, SamplingParams(temperature=1.0)),
+    # k = 3 > the 2 drafts max_tokens=3 allows on the first step: clipped draft counts
+    "ngram-t1": ("ngram", 3, SamplingParams(temperature=1.0)),
+    "early-exit-t1": ("early-exit:1", 2, SamplingParams(temperature=1.0)),
+    # temperature, then top-k (keeps 3 of 8), then top-p (keeps 2 where 3 hold > 0.9)
+    "near-t0.7-topk-topp": ("near", 2, SamplingParams(temperature=0.7, top_k=3, top_p=0.9)),
+}
+
+
+# The torch backend runs on the CPU everywhere. On a CUDA machine the same cases also
+# run on the triton backend at full size; without CUDA the interpreter is far too slow
+# for that, and test_triton_backend_draws_the_torch_backends_tokens covers it instead.
+DISTRIBUTION_RUNS = [pytest.param(case, "torch", id=case) for case in CASES] + [
+    pytest.param(case, "triton", id=f"{case}-triton", marks=pytest.mark.gpu)
+    for case in ("model-t1", "ngram-t1", "near-t0.7-topk-topp")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, backend", DISTRIBUTION_RUNS)
+def test_engine_samples_target_distribution(ckpts, case, backend):
+    draft, k, params = CASES[case]
+    joint, kept = exact_joint(ckpts.model, PROMPT, params)
+    llm = make_llm(ckpts, draft, k, backend=backend, device="cpu" if backend == "torch" else "cuda")
+    counts, outs = sample_outcomes(llm, params)
+    res = chi_square_test(counts, joint)
+    assert res.impossible == 0, f"{case}: drew outcomes the target cannot produce: {res}"
+    assert res.p_value > ALPHA, f"{case}: the engine's samples do not follow the target: {res}"
+    if draft is not None:
+        assert_paths_exercised(llm, outs)
+        # the acceptance rate is the optimal one, not merely some rate that keeps p exact
+        expected = first_draft_acceptance(ckpts, draft, params)
+        got = first_draft_accepted(outs)
+        p_acc = binomial_two_sided_p(got, len(outs), expected)
+        assert p_acc > ALPHA, f"{case}: first drafts accepted {got}/{len(outs)}, expected {expected:.3f}"
+    if params.top_k or params.top_p < 1:
+        # both filters really cut: top-k binds after some prefixes, top-p after others
+        assert kept.max() == params.top_k and kept.min() < params.top_k, kept
+
+
+# ---------------------------------------------------------------------------------------
+# ... and the same harness rejects a wrong rejection sampler
+# ---------------------------------------------------------------------------------------
+
+def _accept_all(target_logits, draft_token_ids, draft_probs, *args, **kwargs):
+    """Wrong: accepts every draft token. Passing q = 0 makes the ratio test
+    u * q(x) < p(x) pass wherever p(x) > 0 (always, at temperature 1); then the bonus
+    token is sampled from the last row, so the output follows the draft model."""
+    return reference.rejection_sample(target_logits, draft_token_ids, torch.zeros_like(draft_probs),
+                                      *args, **kwargs)
+
+
+def _residual_from_p(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+                     temperature, top_k, top_p, seeds, offsets, check_finite=True):
+    """Wrong: the right acceptance test, but after a rejection it samples p instead of the
+    residual max(p - q, 0) / sum: tokens the draft favours come out too often."""
+    out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+                                            max_num_draft, temperature, top_k, top_p, seeds, offsets,
+                                            check_finite)
+    b = torch.arange(out.shape[0])
+    a = n_acc.long()
+    rejected = a < (cu_num_draft[1:] - cu_num_draft[:-1]).long()
+    row = cu_num_draft[:-1].long() + b + a  # target row of the emitted token
+    p = reference.sampling_probs(target_logits[row], temperature, top_k, top_p)  # [B, V]
+    u = philox_uniform(seeds, offsets, max_num_draft + 1, SAMPLER_SAMPLE_STREAM).gather(1, a[:, None])[:, 0]
+    out[b, a] = torch.where(rejected, sample_inverse_cdf(p, u), out[b, a])
+    return out, n_acc
+
+
+def _unfiltered(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+                temperature, top_k, top_p, *args, **kwargs):
+    """Wrong: forgets the request's top-k and top-p on the target side (temperature only)."""
+    return reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+                                      max_num_draft, temperature, torch.zeros_like(top_k),
+                                      torch.ones_like(top_p), *args, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, wrong, num", [
+    ("model-t1", _accept_all, N_SAMPLES),
+    ("model-t1", _residual_from_p, N_SAMPLES),
+    # draws outside the filtered support: a quarter of the draws is plenty
+    ("near-t0.7-topk-topp", _unfiltered, N_SAMPLES // 4),
+], ids=["accept-all", "residual-from-p", "unfiltered"])
+def test_wrong_sampler_is_rejected(ckpts, case, wrong, num):
+    draft, k, params = CASES[case]
+    joint, _ = exact_joint(ckpts.model, PROMPT, params)
+    llm = make_llm(ckpts, draft, k)
+    llm.engine.ops = dataclasses.replace(llm.engine.ops, rejection_sample=wrong)
+    counts, _ = sample_outcomes(llm, params, num=num)  # the seeds of the passing test
+    res = chi_square_test(counts, joint)
+    assert res.p_value < POWER_ALPHA, f"a wrong sampler passed the distribution test: {res}"
+
+
+def _timid(c: float):
+    """Exact but wasteful: keeps each draft the correct sampler accepts only with
+    probability ``c``, and at the first draft not kept samples the residual
+    r = p - c min(p, q) (normalised), so that position still emits
+    c min(p, q) + (1 - c sum min(p, q)) r / sum r = p. The law is right; the acceptance
+    rate is c times the optimal one."""
+    def sample(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+               temperature, top_k, top_p, seeds, offsets, check_finite=True):
+        out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+                                                max_num_draft, temperature, top_k, top_p, seeds, offsets,
+                                                check_finite)
+        if draft_token_ids.numel() == 0:  # a step without drafts (the last one): nothing to do
+            return out, n_acc
+        b = torch.arange(out.shape[0])
+        start, end = cu_num_draft[:-1].long(), cu_num_draft[1:].long()
+        coin = philox_uniform(seeds, offsets, max_num_draft, stream=2) < c  # [B, K]
+        a = torch.minimum(n_acc.long(), torch.cumprod(coin.long(), 1).sum(1))  # [B] kept drafts
+        stopped = a < end - start
+        p = reference.sampling_probs(target_logits[start + b + a], temperature, top_k, top_p)  # [B, V]
+        q = draft_probs[(start + a).clamp(max=draft_probs.shape[0] - 1)]  # [B, V]
+        u = philox_uniform(seeds, offsets, max_num_draft + 1, stream=3).gather(1, a[:, None])[:, 0]
+        emitted = torch.where(stopped, sample_inverse_cdf(p - c * torch.minimum(p, q), u), out[b, a])
+        out = torch.where(torch.arange(max_num_draft + 1) < a[:, None], out, -1)
+        out[b, a] = emitted
+        return out, a.to(torch.int32)
+    return sample
+
+
+@pytest.mark.slow
+def test_timid_exact_sampler_fails_the_acceptance_check(ckpts):
+    """The acceptance check has power too: a sampler whose law is exact (the chi-square
+    test passes) but which accepts 0.8x the optimal rate is caught by it."""
+    draft, k, params = CASES["model-t1"]
+    joint, _ = exact_joint(ckpts.model, PROMPT, params)
+    llm = make_llm(ckpts, draft, k)
+    llm.engine.ops = dataclasses.replace(llm.engine.ops, rejection_sample=_timid(0.8))
+    counts, outs = sample_outcomes(llm, params)
+    res = chi_square_test(counts, joint)
+    assert res.p_value > ALPHA, f"the timid sampler is exact, yet: {res}"
+    expected = first_draft_acceptance(ckpts, draft, params)
+    got = first_draft_accepted(outs)
+    assert binomial_two_sided_p(got, len(outs), expected) < POWER_ALPHA, (got, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Batch invariance: a seeded request's tokens do not depend on what runs beside it
+# ---------------------------------------------------------------------------------------
+
+def _mixed_requests():
+    """Nine requests with different prompts and sampling parameters; index 4 is the probe."""
+    prompts = [[1, 2], [7] * 9, PROMPT[:5], [0, 6, 0, 6, 0, 6, 0], PROMPT, [5] * 3 + [4] * 3,
+               PROMPT[::-1], [2, 2, 7, 1, 3, 3, 7, 1, 3], list(range(V)) * 3]
+    params = [
+        SamplingParams(max_tokens=9, temperature=0.0, seed=11),
+        SamplingParams(max_tokens=14, temperature=1.3, top_p=0.8, seed=12),
+        SamplingParams(max_tokens=5, temperature=0.7, top_k=3, seed=13),
+        SamplingParams(max_tokens=11, temperature=1.0, seed=14),
+        SamplingParams(max_tokens=12, temperature=1.0, seed=1234),  # the probe
+        SamplingParams(max_tokens=7, temperature=0.5, top_k=4, top_p=0.9, seed=15),
+        SamplingParams(max_tokens=16, temperature=1.0, seed=16),
+        SamplingParams(max_tokens=3, temperature=2.0, seed=17),
+        SamplingParams(max_tokens=10, temperature=0.9, top_p=0.5, seed=18),
+    ]
+    return prompts, [dataclasses.replace(p, ignore_eos=True) for p in params]
+
+
+def _alone_and_together(llm: LLM):
+    """Each mixed request generated alone, then all nine in one generate call."""
+    prompts, params = _mixed_requests()
+    alone = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    together = llm.generate(prompts, params)
+    for out, sp in zip(alone + together, params + params):
+        assert len(out.token_ids) == sp.max_tokens
+    return alone, together
+
+
+@pytest.mark.parametrize("max_num_seqs, num_blocks", [(16, None), (3, None), (16, 16)],
+                         ids=["one-batch", "continuous", "preempting"])
+@pytest.mark.parametrize("draft", ["model", "ngram", "early-exit:1"])
+def test_seeded_request_is_batch_invariant(ckpts, draft, max_num_seqs, num_blocks):
+    # continuous: the probe waits, then joins a running batch; preempting: 16 KV blocks
+    # hold the largest request (10 blocks) but not all nine, so sequences are preempted
+    # and recomputed mid-generation
+    llm = make_llm(ckpts, draft, k=3, max_num_seqs=max_num_seqs, num_blocks=num_blocks)
+    preempted = []
+    preempt = llm.engine._preempt
+    llm.engine._preempt = lambda seq: (preempted.append(seq.seq_id), preempt(seq))
+    alone, together = _alone_and_together(llm)
+    for i, (a, t) in enumerate(zip(alone, together)):
+        assert t.token_ids == a.token_ids, f"request {i} changed inside the batch"
+    assert bool(preempted) == (num_blocks is not None), preempted
+    # the probe went through rejections and acceptances, not only one path
+    probe = alone[4].metrics
+    assert 0 < probe.num_accepted_tokens < probe.num_draft_tokens, probe
+    # and the seed matters: another seed gives other tokens
+    prompts, params = _mixed_requests()
+    other = llm.generate([prompts[4]], dataclasses.replace(params[4], seed=4321))[0]
+    assert other.token_ids != alone[4].token_ids
+
+
+def _slot_keyed(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+                temperature, top_k, top_p, seeds, offsets, check_finite=True):
+    """Wrong: keys the sampler's draws on the request's slot in the batch, not its seed."""
+    slots = torch.arange(seeds.shape[0], dtype=torch.int64, device=seeds.device)
+    return reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+                                      max_num_draft, temperature, top_k, top_p, slots, offsets,
+                                      check_finite)
+
+
+def test_batch_invariance_check_catches_slot_keyed_draws(ckpts):
+    llm = make_llm(ckpts, "model", k=3, max_num_seqs=16)
+    llm.engine.ops = dataclasses.replace(llm.engine.ops, rejection_sample=_slot_keyed)
+    alone, together = _alone_and_together(llm)
+    changed = [i for i, (a, t) in enumerate(zip(alone, together)) if a.token_ids != t.token_ids]
+    assert len(changed) >= 3, changed
+
+
+# ---------------------------------------------------------------------------------------
+# The triton backend (under the interpreter on CPU), at reduced size
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_triton_backend_draws_the_torch_backends_tokens(ckpts, device, draft):
+    """Every random draw is Philox keyed on (seed, step, stream) in both backends, so the
+    Triton kernels (verify attention, KV writes, rejection sampling) must emit exactly the
+    torch backend's tokens for every seed: equality carries the chi-square verdicts on the
+    torch backend over to the triton one. The interpreter is ~100x too slow for a
+    chi-square test of its own (on CUDA that runs too, in the distribution test above)."""
+    n = 12
+    t1 = SamplingParams(max_tokens=N_TOKENS, temperature=1.0, ignore_eos=True)
+    filtered = dataclasses.replace(t1, temperature=0.7, top_k=3, top_p=0.9)
+    exact_joint(ckpts.model, PROMPT, filtered)  # asserts the cuts sit far from ties
+    params = [dataclasses.replace(sp, seed=i) for sp in (t1, filtered) for i in range(n)]
+    ref = make_llm(ckpts, draft, k=2)
+    tri = make_llm(ckpts, draft, k=2, backend="triton", device=device)
+    want = ref.generate([PROMPT] * len(params), params)
+    got = tri.generate([PROMPT] * len(params), params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.metrics.num_accepted_tokens for o in got] == [o.metrics.num_accepted_tokens for o in want]
+    assert 0 < tri.metrics()["acceptance_rate"] < 1, tri.metrics()  # both paths were taken
