@@ -57,16 +57,6 @@ _ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermed
              max_position_embeddings=64, std=0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # thousands of tiny ops: with 2 threads on a loaded 2-core machine every op pays for
-    # thread hand-offs (measured ~15x slower), so this module runs single-threaded
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _perturbed_copy(src, dst, noise: float, seed: int):
     """A checkpoint with ``src``'s config and its weights plus N(0, noise) noise."""
     shutil.copytree(src, dst)
