@@ -20,6 +20,9 @@ Bandwidth counts each byte the op must move once:
     bytes = sum_b seq_lens[b] * H_kv * D * 2 (K and V) * elem  +  2 * T * H * D * elem (q, out)
     GB/s  = bytes / time
 and FLOPs the visible (query, key) pairs: 4 * D * H * sum_t visible_keys(t) (QK^T and PV).
+
+The KV copies (``test_kv_copy``) time specdec.kernels.kv_cache_ops.write_kv and move_kv,
+torch path vs Triton path.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.kernels import reference as ref
+from specdec.kernels.kv_cache_ops import move_kv, write_kv
 
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
@@ -199,12 +203,12 @@ def test_kv_copy(benchmark, op, impl):
     slots = torch.randperm(num_slots, device=DEVICE)[:T]
     if op == "write_kv":
         k = torch.randn(T, h_kv, d, dtype=dtype, device=DEVICE)
-        rows, fn = T, lambda: va.write_kv(k, k, k_cache, v_cache, slots, impl=impl)
+        rows, fn = T, lambda: write_kv(k, k, k_cache, v_cache, slots, impl=impl)
     else:  # compaction: every sequence moves ~1/8 of its tree down by a few slots
         rows = T // 8
         src = torch.sort(slots[:rows]).values
         dst = (src - 3).clamp(min=0)
-        fn = lambda: va.move_kv(k_cache, v_cache, src, dst, impl=impl)  # noqa: E731
+        fn = lambda: move_kv(k_cache, v_cache, src, dst, impl=impl)  # noqa: E731
 
     def timed():
         fn()
@@ -302,12 +306,12 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
     for rows in kv_rows:
         slots = torch.randperm(nb * PAGE, device=DEVICE)[:rows]
         k = torch.randn(rows, H_kv, D, device=DEVICE).to(shape["dtype"])
-        t = [_time_us(lambda: va.write_kv(k, k, k_cache, v_cache, slots, impl=i))
+        t = [_time_us(lambda: write_kv(k, k, k_cache, v_cache, slots, impl=i))
              for i in ("torch", "triton")]
         print(f"| write_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
         src = torch.sort(slots).values
         dst = (src - 3).clamp(min=0)
-        t = [_time_us(lambda: va.move_kv(k_cache, v_cache, src, dst, impl=i))
+        t = [_time_us(lambda: move_kv(k_cache, v_cache, src, dst, impl=i))
              for i in ("torch", "triton")]
         print(f"| move_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
 

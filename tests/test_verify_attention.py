@@ -1,4 +1,4 @@
-"""verify_attention / write_kv / move_kv (Triton) against the PyTorch reference.
+"""verify_attention (Triton) against the PyTorch reference.
 
 On CPU the kernels run through Triton's interpreter, so every case keeps its grid tiny
 (a few programs). Cache slots that no sequence owns are filled with NaN: a kernel that
@@ -268,77 +268,6 @@ def test_gpu_config_choice(monkeypatch):
     assert mqa.block_m >= 64  # a tile holds at least one query's whole GQA group
 
 
-# --------------------------------------------------------------------------- KV writes
-
-
-def _cache(num_blocks=5, page=16, h_kv=2, d=64, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_blocks, page, h_kv, d, generator=g).to(dtype),
-            torch.randn(num_blocks, page, h_kv, d, generator=g).to(dtype))
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("src_dtype,cache_dtype,d", [
-    (torch.float32, torch.float32, 64), (torch.float32, torch.bfloat16, 8),
-    (torch.float16, torch.float16, 128), (torch.bfloat16, torch.bfloat16, 64)])
-def test_write_kv_matches_reference(impl, src_dtype, cache_dtype, d):
-    k_cache, v_cache = _cache(d=d, dtype=cache_dtype)
-    g = torch.Generator().manual_seed(1)
-    k = torch.randn(9, 2, d, generator=g).to(src_dtype)
-    v = torch.randn(9, 2, d, generator=g).to(src_dtype)
-    slots = torch.randperm(80, generator=g)[:9].to(torch.int32)
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    ref.write_kv(k, v, want_k, want_v, slots.long())
-    va.write_kv(k, v, k_cache, v_cache, slots, impl=impl)
-    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
-    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_write_kv_into_strided_cache(impl):
-    kv = torch.zeros(4, 8, 2, 3, 16)  # K and V interleaved: [nb, page, 2, H_kv, D]
-    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
-    k, v = torch.randn(5, 3, 16), torch.randn(5, 3, 16)
-    slots = torch.tensor([31, 0, 9, 17, 8])
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    ref.write_kv(k, v, want_k, want_v, slots)
-    va.write_kv(k, v, k_cache, v_cache, slots, impl=impl)
-    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
-    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
-
-
-def test_write_kv_triton_skips_padding_slots():
-    k_cache, v_cache = _cache()
-    before = k_cache.clone()
-    k, v = torch.ones(3, 2, 64), torch.ones(3, 2, 64)
-    va.write_kv(k, v, k_cache, v_cache, torch.tensor([-1, 4, 10**6]))
-    assert torch.equal(k_cache.view(-1, 2, 64)[4], k[1])
-    k_cache.view(-1, 2, 64)[4] = before.view(-1, 2, 64)[4]
-    assert torch.equal(k_cache, before)
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("moves", [
-    "shift_down", "shift_up", "keep_path", "swap", "disjoint"])
-def test_move_kv_matches_reference(impl, moves):
-    # shift_up and swap read slots that other moves write: correct only when every
-    # source is read before any destination is written
-    src, dst = {
-        "shift_down": (list(range(10, 40)), list(range(9, 39))),
-        "shift_up": (list(range(9, 39)), list(range(10, 40))),
-        "keep_path": ([35, 36, 40, 47], [33, 34, 35, 36]),
-        "swap": ([1, 2, 70], [2, 1, 3]),
-        "disjoint": ([0, 5, 63], [64, 65, 79]),
-    }[moves]
-    k_cache, v_cache = _cache(d=8, seed=3)
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    ref.move_kv(want_k, want_v, torch.tensor(src), torch.tensor(dst))
-    va.move_kv(k_cache, v_cache, torch.tensor(src, dtype=torch.int32),
-               torch.tensor(dst, dtype=torch.int32), impl=impl)
-    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
-    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -389,23 +318,6 @@ def test_tree_too_large_but_causal_is_fine():
     case["tree_mask"] = torch.zeros(70, dtype=torch.int64)
     with pytest.raises(ValueError, match="tree_mask holds 64 nodes"):
         va.verify_attention(**case)
-
-
-def test_kv_write_validation():
-    k_cache, v_cache = _cache(d=8)
-    k = torch.randn(3, 2, 8)
-    with pytest.raises(ValueError, match=r"k_cache has shape \(5, 16, 2, 8\) but v_cache"):
-        va.write_kv(k, k, k_cache, v_cache[:, :, :1], torch.arange(3))
-    with pytest.raises(ValueError, match=r"v must have shape \(3, 2, 8\)"):
-        va.write_kv(k, k[:2], k_cache, v_cache, torch.arange(3))
-    with pytest.raises(ValueError, match=r"slot_mapping has shape \(2,\) but k has 3 rows"):
-        va.write_kv(k, k, k_cache, v_cache, torch.arange(2))
-    with pytest.raises(ValueError, match=r"slot_mapping must be int32 or int64"):
-        va.write_kv(k, k, k_cache, v_cache, torch.arange(3.0))
-    with pytest.raises(ValueError, match=r"src_slots has shape \(3,\) but dst_slots has \(2,\)"):
-        va.move_kv(k_cache, v_cache, torch.arange(3), torch.arange(2))
-    with pytest.raises(ValueError, match=r"impl must be 'triton' or 'torch'"):
-        va.move_kv(k_cache, v_cache, torch.arange(3), torch.arange(3), impl="cuda")
 
 
 def test_docstring_examples():

@@ -59,10 +59,11 @@ def get_backend(name: str) -> Backend:
             _require_interpreter()
         import importlib
 
+        kv_cache_ops = importlib.import_module(f"{__name__}.kv_cache_ops")
         rejection_sampling = importlib.import_module(f"{__name__}.rejection_sampling")
         verify_attention = importlib.import_module(f"{__name__}.verify_attention")
 
-        return Backend("triton", verify_attention.write_kv, verify_attention.move_kv,
+        return Backend("triton", kv_cache_ops.write_kv, kv_cache_ops.move_kv,
                        verify_attention.verify_attention, rejection_sampling.rejection_sample)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 

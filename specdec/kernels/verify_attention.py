@@ -1,4 +1,4 @@
-"""Paged verification attention and the KV-cache writes around it, in Triton.
+"""Paged verification attention, in Triton.
 
 One forward of the target model over a ragged batch does, per layer::
 
@@ -6,9 +6,9 @@ One forward of the target model over a ragged batch does, per layer::
     out = verify_attention(q, k_cache, v_cache, block_table, seq_lens, q_start,
                            tree_mask, scale, max_query_len=...)   # [T, H, D]
 
-and after the rejection sampler, ``move_kv`` compacts the accepted tree path.
-Semantics are those of :mod:`specdec.kernels.reference` (the test oracle); the paged
-layout is described there.
+and after the rejection sampler, ``move_kv`` compacts the accepted tree path; the two
+cache ops live in :mod:`specdec.kernels.kv_cache_ops`. Semantics are those of
+:mod:`specdec.kernels.reference` (the test oracle); the paged layout is described there.
 
 Kernel design (``_verify_attention_kernel``):
 
@@ -43,12 +43,22 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["verify_attention", "write_kv", "move_kv"]
+from ._validation import (
+    check_host_int,
+    check_index,
+    check_kv_cache,
+    require,
+    require_same_device,
+    require_tensor,
+    require_unit_stride,
+    shape_of,
+)
+
+__all__ = ["verify_attention"]
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * _LOG2E)
 _MAX_TREE_NODES = 64  # one int64 ancestor bitmask per query
 _MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
@@ -241,48 +251,6 @@ def _combine_splits_kernel(
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out, mask=d < HEAD_DIM)
 
 
-@triton.jit
-def _copy_slots_kernel(
-    src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, src_slot_ptr, dst_slot_ptr, num_slots, h_kv,
-    stride_sk0, stride_sk1, stride_skh, stride_sv0, stride_sv1, stride_svh,
-    stride_dk0, stride_dk1, stride_dkh, stride_dv0, stride_dv1, stride_dvh,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, SRC_PAGED: tl.constexpr, DST_PAGED: tl.constexpr,
-):
-    """Copy row ``i`` ([H_kv, D] of K and of V) from source to destination.
-
-    A paged side is addressed by its slot (``[num_blocks, page, H_kv, D]`` strides
-    ``stride_*0`` / ``stride_*1`` for block / in-page offset); a dense side
-    (``[N, H_kv, D]``) by ``i`` with ``stride_*0``. Rows whose src or dst slot lies
-    outside [0, num_slots) are skipped.
-    """
-    i = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    src_slot = tl.load(src_slot_ptr + i).to(tl.int64)
-    dst_slot = tl.load(dst_slot_ptr + i).to(tl.int64)
-    ok = (src_slot >= 0) & (src_slot < num_slots) & (dst_slot >= 0) & (dst_slot < num_slots)
-    if SRC_PAGED:
-        src_k_row = (src_slot // PAGE_SIZE) * stride_sk0 + (src_slot % PAGE_SIZE) * stride_sk1
-        src_v_row = (src_slot // PAGE_SIZE) * stride_sv0 + (src_slot % PAGE_SIZE) * stride_sv1
-    else:
-        src_k_row = i * stride_sk0
-        src_v_row = i * stride_sv0
-    if DST_PAGED:
-        dst_k_row = (dst_slot // PAGE_SIZE) * stride_dk0 + (dst_slot % PAGE_SIZE) * stride_dk1
-        dst_v_row = (dst_slot // PAGE_SIZE) * stride_dv0 + (dst_slot % PAGE_SIZE) * stride_dv1
-    else:
-        dst_k_row = i * stride_dk0
-        dst_v_row = i * stride_dv0
-    h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None]  # [BLOCK_H, 1]
-    d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
-    rows_here = tl.where(ok, h_kv, 0)  # a skipped row copies no head
-    mask = (h < rows_here) & (d < HEAD_DIM)
-    k = tl.load(src_k_ptr + src_k_row + h * stride_skh + d, mask=mask)
-    tl.store(dst_k_ptr + dst_k_row + h * stride_dkh + d, k, mask=mask)
-    v = tl.load(src_v_ptr + src_v_row + h * stride_svh + d, mask=mask)
-    tl.store(dst_v_ptr + dst_v_row + h * stride_dvh + d, v, mask=mask)
-
-
 # --------------------------------------------------------------------------- launch config
 
 
@@ -342,96 +310,39 @@ def _pick_config(num_seqs: int, h_kv: int, group: int, head_dim: int, max_query_
 # --------------------------------------------------------------------------- validation
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _require_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _require_unit_stride(name: str, t: torch.Tensor) -> None:
-    _require(t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1,
-             f"{name} must have stride 1 in its last dimension, got strides {t.stride()}")
-
-
-def _require_same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        _require(t.device == ref.device,
-                 f"{name} is on {t.device} but q is on {ref.device}; all must share a device")
-
-
-def _check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require_tensor("k_cache", k_cache)
-    _require_tensor("v_cache", v_cache)
-    _require(k_cache.dim() == 4,
-             f"k_cache must be [num_blocks, block_size, H_kv, D], got shape {_shape(k_cache)}")
-    _require(k_cache.shape == v_cache.shape,
-             f"k_cache has shape {_shape(k_cache)} but v_cache has {_shape(v_cache)}")
-    _require(k_cache.dtype == v_cache.dtype,
-             f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
-    _require(k_cache.dtype in _DTYPES,
-             f"k_cache dtype must be float16, bfloat16 or float32, got {k_cache.dtype}")
-    _require(k_cache.device == v_cache.device,
-             f"k_cache is on {k_cache.device} but v_cache is on {v_cache.device}")
-    _require_unit_stride("k_cache", k_cache)
-    _require_unit_stride("v_cache", v_cache)
-
-
-def _check_index(name: str, t: torch.Tensor, length: int, dtype: torch.dtype,
-                 what: str) -> None:
-    _require_tensor(name, t)
-    _require(t.dim() == 1 and t.shape[0] == length,
-             f"{name} must have shape ({length},) ({what}), got {_shape(t)}")
-    _require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
-    _require_unit_stride(name, t)
-
-
 def _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
                           scale) -> None:
-    _require_tensor("q", q)
-    _require(q.dim() == 3, f"q must be [T, H, D], got shape {_shape(q)}")
-    _check_kv_cache(k_cache, v_cache)
+    require_tensor("q", q)
+    require(q.dim() == 3, f"q must be [T, H, D], got shape {shape_of(q)}")
+    check_kv_cache(k_cache, v_cache)
     T, H, D = q.shape
     h_kv, d_cache = k_cache.shape[2], k_cache.shape[3]
-    _require(q.dtype == k_cache.dtype,
-             f"q is {q.dtype} but k_cache/v_cache are {k_cache.dtype}; use one dtype")
-    _require(D == d_cache, f"q has head_dim {D} (shape {_shape(q)}) but k_cache has "
-             f"{d_cache} (shape {_shape(k_cache)})")
-    _require(1 <= D <= _MAX_HEAD_DIM, f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {D}")
-    _require(h_kv >= 1 and H >= h_kv and H % h_kv == 0,
-             f"q has {H} heads, which is not a multiple of k_cache's {h_kv} KV heads")
-    _require_unit_stride("q", q)
-    _require_tensor("block_table", block_table)
-    _require(block_table.dim() == 2,
-             f"block_table must be [B, max_blocks], got shape {_shape(block_table)}")
-    _require(block_table.dtype == torch.int32,
-             f"block_table must be torch.int32, got {block_table.dtype}")
-    _require_unit_stride("block_table", block_table)
+    require(q.dtype == k_cache.dtype,
+            f"q is {q.dtype} but k_cache/v_cache are {k_cache.dtype}; use one dtype")
+    require(D == d_cache, f"q has head_dim {D} (shape {shape_of(q)}) but k_cache has "
+            f"{d_cache} (shape {shape_of(k_cache)})")
+    require(1 <= D <= _MAX_HEAD_DIM, f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {D}")
+    require(h_kv >= 1 and H >= h_kv and H % h_kv == 0,
+            f"q has {H} heads, which is not a multiple of k_cache's {h_kv} KV heads")
+    require_unit_stride("q", q)
+    require_tensor("block_table", block_table)
+    require(block_table.dim() == 2,
+            f"block_table must be [B, max_blocks], got shape {shape_of(block_table)}")
+    require(block_table.dtype == torch.int32,
+            f"block_table must be torch.int32, got {block_table.dtype}")
+    require_unit_stride("block_table", block_table)
     B = block_table.shape[0]
-    _require(B <= 65535, f"block_table has {B} rows; at most 65535 sequences per launch")
-    _check_index("seq_lens", seq_lens, B, torch.int32, f"B = {B} from block_table")
-    _check_index("q_start", q_start, B + 1, torch.int32, f"B + 1, B = {B} from block_table")
+    require(B <= 65535, f"block_table has {B} rows; at most 65535 sequences per launch")
+    check_index("seq_lens", seq_lens, B, torch.int32, f"B = {B} from block_table")
+    check_index("q_start", q_start, B + 1, torch.int32, f"B + 1, B = {B} from block_table")
     devices = dict(k_cache=k_cache, v_cache=v_cache, block_table=block_table,
                    seq_lens=seq_lens, q_start=q_start)
     if tree_mask is not None:
-        _check_index("tree_mask", tree_mask, T, torch.int64, f"T = {T} from q")
+        check_index("tree_mask", tree_mask, T, torch.int64, f"T = {T} from q")
         devices["tree_mask"] = tree_mask
-    _require_same_device(q, **devices)
-    _require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
-             and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
-
-
-def _check_host_int(name: str, value) -> None:
-    _require(value is None or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= 0),
-             f"{name} must be None or an int >= 0, got {value!r}")
+    require_same_device("q", q, **devices)
+    require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
+            and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
 
 
 # --------------------------------------------------------------------------- launchers
@@ -493,8 +404,8 @@ def verify_attention(
         torch.Size([3, 4, 64])
     """
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale)
-    _check_host_int("max_query_len", max_query_len)
-    _check_host_int("max_seq_len", max_seq_len)
+    check_host_int("max_query_len", max_query_len)
+    check_host_int("max_seq_len", max_seq_len)
     T, H, D = q.shape
     B = block_table.shape[0]
     if max_query_len is None:  # the one device read; pass max_query_len to avoid it
@@ -503,8 +414,8 @@ def verify_attention(
     if tree_mask is not None and max_query_len > _MAX_TREE_NODES:
         raise ValueError(f"tree_mask holds {_MAX_TREE_NODES} nodes per sequence, but "
                          f"max_query_len is {max_query_len}; pass tree_mask=None for a chain")
-    _require(T == 0 or (B > 0 and max_query_len > 0),
-             f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
+    require(T == 0 or (B > 0 and max_query_len > 0),
+            f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
     h_kv = k_cache.shape[2]
     cfg = _pick_config(B, h_kv, H // h_kv, D, max_query_len, max_seq_len, q.dtype, q.device)
     return _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
@@ -560,156 +471,3 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
             BLOCK_S=max(2, _next_pow2(splits)), num_warps=4 if D >= 128 else 2,
         )
     return out
-
-
-def _check_kv_rows(name: str, x: torch.Tensor, k_cache: torch.Tensor, rows: int) -> None:
-    _require_tensor(name, x)
-    want = (rows, k_cache.shape[2], k_cache.shape[3])
-    _require(x.dim() == 3 and tuple(x.shape) == want,
-             f"{name} must have shape {want} ([T, H_kv, D] of k_cache "
-             f"{_shape(k_cache)}), got {_shape(x)}")
-    _require(x.device == k_cache.device, f"{name} is on {x.device} but k_cache is on "
-             f"{k_cache.device}")
-    _require(x.dtype.is_floating_point, f"{name} must be a float tensor, got {x.dtype}")
-    _require_unit_stride(name, x)
-
-
-def _check_slots(name: str, slots: torch.Tensor, k_cache: torch.Tensor) -> None:
-    _require_tensor(name, slots)
-    _require(slots.dim() == 1, f"{name} must be 1-D [N], got shape {_shape(slots)}")
-    _require(slots.dtype in (torch.int32, torch.int64),
-             f"{name} must be int32 or int64, got {slots.dtype}")
-    _require(slots.device == k_cache.device, f"{name} is on {slots.device} but k_cache is on "
-             f"{k_cache.device}")
-    _require_unit_stride(name, slots)
-
-
-def _copy_slots(src_k, src_v, dst_k, dst_v, src_slots, dst_slots, page: int, num_slots: int,
-                src_paged: bool, dst_paged: bool) -> None:
-    """One launch copying K and V rows; see ``_copy_slots_kernel``."""
-    n = src_slots.shape[0]
-    h_kv, d = dst_k.shape[-2], dst_k.shape[-1]
-    block_d = _next_pow2(d)
-    block_h = min(_next_pow2(h_kv), max(1, 4096 // block_d))
-    grid = (n, triton.cdiv(h_kv, block_h))
-    _copy_slots_kernel[grid](
-        src_k, src_v, dst_k, dst_v, src_slots, dst_slots, num_slots, h_kv,
-        src_k.stride(0), src_k.stride(1) if src_paged else 0, src_k.stride(-2),
-        src_v.stride(0), src_v.stride(1) if src_paged else 0, src_v.stride(-2),
-        dst_k.stride(0), dst_k.stride(1) if dst_paged else 0, dst_k.stride(-2),
-        dst_v.stride(0), dst_v.stride(1) if dst_paged else 0, dst_v.stride(-2),
-        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=page,
-        SRC_PAGED=src_paged, DST_PAGED=dst_paged, num_warps=4,
-    )
-
-
-def _flat_slots(cache: torch.Tensor) -> torch.Tensor | None:
-    """[num_blocks * block_size, H_kv, D] view of a cache, None when not viewable."""
-    nb, bs, h, d = cache.shape
-    try:
-        return cache.view(nb * bs, h, d)
-    except RuntimeError:
-        return None
-
-
-def _slot_index(cache: torch.Tensor, slots: torch.Tensor):
-    """Index for ``cache[...]`` selecting ``slots``: flat view or (block, offset) pair."""
-    flat = _flat_slots(cache)
-    slots = slots.long()
-    if flat is not None:
-        return flat, (slots,)
-    bs = cache.shape[1]
-    return cache, (slots // bs, slots % bs)
-
-
-def _check_impl(impl: str) -> None:
-    _require(impl in ("triton", "torch"), f"impl must be 'triton' or 'torch', got {impl!r}")
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, *, impl: str = "triton") -> None:
-    """Scatter new keys and values into the paged cache, in place.
-
-    k, v:            [T, H_kv, D] any float dtype (cast to the cache's), stride 1 in D
-    k_cache/v_cache: [num_blocks, block_size, H_kv, D] float16/bfloat16/float32
-    slot_mapping:    [T] int32 or int64, slot = block * block_size + offset, each in
-                     [0, num_blocks * block_size); the Triton path skips a slot outside
-                     that range (e.g. -1 padding), the torch path does not (it wraps or
-                     raises). Duplicate slots: one of the writes wins.
-    impl:            "triton" (one launch for K and V) or "torch" (index_put_)
-
-    Example::
-
-        >>> kc = torch.zeros(2, 16, 1, 8); vc = torch.zeros(2, 16, 1, 8)
-        >>> write_kv(torch.ones(2, 1, 8), torch.ones(2, 1, 8), kc, vc,
-        ...          torch.tensor([17, 3]))
-        >>> float(kc[1, 1].sum()), float(kc[0, 3].sum())
-        (8.0, 8.0)
-    """
-    _check_impl(impl)
-    _check_kv_cache(k_cache, v_cache)
-    _require_tensor("k", k)
-    _require(k.dim() == 3, f"k must be [T, H_kv, D], got shape {_shape(k)}")
-    _check_kv_rows("k", k, k_cache, k.shape[0])
-    _check_kv_rows("v", v, k_cache, k.shape[0])
-    _check_slots("slot_mapping", slot_mapping, k_cache)
-    _require(slot_mapping.shape[0] == k.shape[0], f"slot_mapping has shape "
-             f"{_shape(slot_mapping)} but k has {k.shape[0]} rows (shape {_shape(k)})")
-    if k.shape[0] == 0:
-        return
-    if impl == "torch":
-        for x, cache in ((k, k_cache), (v, v_cache)):
-            target, index = _slot_index(cache, slot_mapping)
-            target[index] = x.to(cache.dtype)
-        return
-    # cast on the host (torch rounds to nearest even, like the reference); the kernel copies
-    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    nb, page = k_cache.shape[0], k_cache.shape[1]
-    _copy_slots(k, v, k_cache, v_cache, slot_mapping, slot_mapping, page, nb * page,
-                src_paged=False, dst_paged=True)
-
-
-def move_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tensor,
-            dst_slots: torch.Tensor, *, impl: str = "triton") -> None:
-    """Copy cache entries ``src_slots[i] -> dst_slots[i]`` in place (keep-path compaction).
-
-    k_cache/v_cache:      [num_blocks, block_size, H_kv, D]
-    src_slots, dst_slots: [N] int32 or int64 slots in [0, num_blocks * block_size)
-                          (the Triton path skips a pair with a slot outside that range)
-    impl:                 "triton" or "torch"
-
-    Every source is read before any destination is written (a gather into a temporary
-    [N, H_kv, D] and a scatter, two launches), so any overlap between sources and
-    destinations is safe, e.g. a tree path shifting down onto its own earlier slots.
-
-    Example::
-
-        >>> kc = torch.arange(4.0).view(1, 4, 1, 1); vc = kc.clone()
-        >>> move_kv(kc, vc, torch.tensor([2, 3]), torch.tensor([1, 2]))
-        >>> kc.flatten().tolist()
-        [0.0, 2.0, 3.0, 3.0]
-    """
-    _check_impl(impl)
-    _check_kv_cache(k_cache, v_cache)
-    _check_slots("src_slots", src_slots, k_cache)
-    _check_slots("dst_slots", dst_slots, k_cache)
-    _require(src_slots.shape == dst_slots.shape, f"src_slots has shape {_shape(src_slots)} "
-             f"but dst_slots has {_shape(dst_slots)}")
-    n = src_slots.shape[0]
-    if n == 0:
-        return
-    if impl == "torch":
-        for cache in (k_cache, v_cache):
-            src, src_index = _slot_index(cache, src_slots)
-            dst, dst_index = _slot_index(cache, dst_slots)
-            dst[dst_index] = src[src_index]  # advanced indexing reads into a new tensor
-        return
-    nb, page, h_kv, d = k_cache.shape
-    tmp_k = torch.empty(n, h_kv, d, dtype=k_cache.dtype, device=k_cache.device)
-    tmp_v = torch.empty_like(tmp_k)
-    # read every source first (gather) ...
-    _copy_slots(k_cache, v_cache, tmp_k, tmp_v, src_slots, dst_slots, page, nb * page,
-                src_paged=True, dst_paged=False)
-    # ... then write every destination (scatter); the launches run in stream order
-    _copy_slots(tmp_k, tmp_v, k_cache, v_cache, src_slots, dst_slots, page, nb * page,
-                src_paged=False, dst_paged=True)
