@@ -21,6 +21,7 @@ from .kv_cache import BlockManager, KVCache, cdiv
 from .models import load_model
 from .sampling_params import SamplingParams
 from .sequence import RequestMetrics, RequestOutput, Sequence
+from .tree import TreeShape
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DRAFTER_NAMES = ("a model directory", "'ngram'", "'early-exit:N'")
@@ -57,6 +58,9 @@ class LLM:
     block_size:       tokens per KV block
     max_num_seqs:     sequences decoded together (continuous batching admits more as
                       others finish)
+    seed:             seeds the per-request seeds of requests that give none
+    draft_tree:       a static draft tree instead of a chain: every node at depth d gets
+                      ``draft_tree[d]`` children, e.g. (3, 2, 1, 1); at most 63 nodes
 
     >>> llm = LLM("out/stories260K", draft="early-exit:4")           # doctest: +SKIP
     >>> out = llm.generate("Once upon a time", SamplingParams(max_tokens=32, temperature=0))
@@ -66,7 +70,7 @@ class LLM:
     def __init__(self, target: str | Path, draft: str | Path | None = None, num_draft_tokens: int = 4,
                  device=None, dtype: torch.dtype | None = None, backend: str = "auto", *,
                  kv_cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
-                 seed: int | None = None):
+                 seed: int | None = None, draft_tree: tuple[int, ...] | None = None):
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
         if backend not in BACKENDS + ("auto",):
@@ -79,6 +83,9 @@ class LLM:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend = backend
         draft_kind = self._draft_kind(draft)  # validate the name before loading anything
+        tree = TreeShape.of(draft_tree) if draft_tree is not None else None
+        if tree is not None and draft_kind == "none":
+            raise ValueError("draft_tree needs a drafter: pass draft='ngram', 'early-exit:N' or a model directory")
 
         self.target = load_model(target, self.device, self.dtype)
         self.config = self.target.config
@@ -100,7 +107,7 @@ class LLM:
                     f"early-exit:{n} needs 1 <= N <= {self.config.num_layers - 1} (the target has "
                     f"{self.config.num_layers} layers)"
                 )
-        k = num_draft_tokens if draft_kind != "none" else 0
+        k = 0 if draft_kind == "none" else (tree.num_nodes if tree is not None else num_draft_tokens)
 
         # -- the paged KV cache, sized from the memory budget --
         cfg = self.config
@@ -120,19 +127,19 @@ class LLM:
         if draft_kind == "none":
             drafter = Drafter()
         elif draft_kind == "ngram":
-            drafter = NgramDrafter()
+            drafter = NgramDrafter(tree=tree)
         elif draft_kind == "early-exit":
             drafter = ModelDrafter(self.target, self.cache, self.blocks, self.ops, num_layers=n,
-                                   shares_target_cache=True, name=f"early-exit:{n}")
+                                   shares_target_cache=True, name=f"early-exit:{n}", tree=tree)
         else:
             dc = draft_model.config
             draft_cache = KVCache(dc.num_layers, num_blocks, block_size, dc.num_kv_heads, dc.head_dim,
                                   self.dtype, self.device)
-            drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft))
+            drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft), tree=tree)
         self.drafter = drafter
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
                              eos_token_ids=cfg.eos_token_ids, max_num_seqs=max_num_seqs,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None)
         self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._next_id = 0
         self._totals = RequestMetrics()

@@ -14,6 +14,7 @@ import torch
 from .kv_cache import BlockManager
 from .models.llama import ForwardBatch
 from .sequence import Sequence
+from .tree import depths_of, tree_masks
 
 
 @dataclass
@@ -75,3 +76,57 @@ def build_forward_batch(
         logits_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         max_query_len=max(lengths, default=0),
     )
+
+
+def build_tree_batch(
+    blocks: BlockManager,
+    seq_ids: list[int],
+    roots: list[int],
+    parents: list[list[int]],
+    tokens: torch.Tensor,
+    device,
+) -> ForwardBatch:
+    """A tree forward: sequence b adds ``[root, node 0, ..., node N_b - 1]``.
+
+    roots[b]:   position of the root (the last committed token), L_b - 1
+    parents[b]: the tree (see specdec/tree.py); node i is written to cache position
+                roots[b] + 1 + i and rotated as position roots[b] + depth(i)
+    tokens:     [sum(1 + N_b)] int64 on ``device``
+    Logits are returned for every new token (the root's and each node's).
+    """
+    positions, slots, masks, q_start = [], [], [], [0]
+    for seq_id, root, ps in zip(seq_ids, roots, parents):
+        n = 1 + len(ps)
+        positions += [root] + [root + d for d in depths_of(ps)]
+        slots += blocks.slots(seq_id, list(range(root, root + n)))
+        masks += tree_masks(ps)
+        q_start.append(q_start[-1] + n)
+    return ForwardBatch(
+        tokens=tokens,
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_table=blocks.block_table_tensor(seq_ids, device=device),
+        seq_lens=torch.tensor([r + 1 + len(p) for r, p in zip(roots, parents)], dtype=torch.int32, device=device),
+        q_start=torch.tensor(q_start, dtype=torch.int32, device=device),
+        tree_mask=torch.tensor(masks, dtype=torch.int64, device=device),
+        logits_rows=None,
+        max_query_len=max(1 + len(p) for p in parents),
+    )
+
+
+def prefill_tails(model, cache, ops, blocks: BlockManager, seqs: list[Sequence], cached: list[int], device,
+                  num_layers: int | None = None) -> None:
+    """Write the K/V of every uncached token but the last (the root of a tree step).
+
+    cached[b]: tokens of sequence b already in ``cache``. A tree forward carries at most
+    64 new tokens per sequence, so a prompt (or a sequence back from preemption) is first
+    run as a causal chain here; sequences with nothing to prefill are left out.
+    """
+    todo = [(s, c) for s, c in zip(seqs, cached) if c < len(s.tokens) - 1]
+    if not todo:
+        return
+    tails = [s.tokens[c:-1] for s, c in todo]
+    tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
+    batch = build_forward_batch(blocks, [s.seq_id for s, _ in todo], [c for _, c in todo],
+                                [len(t) for t in tails], [0] * len(todo), tokens, device)
+    model.forward_cached(batch, cache, ops, num_layers)

@@ -23,11 +23,20 @@ from collections import deque
 
 import torch
 
-from .batch import SamplingTensors, build_forward_batch
+from .batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
 from .drafters.base import Drafter
 from .kv_cache import BlockManager, CacheCapacityError, KVCache, cdiv
 from .models.llama import LlamaForCausalLM
 from .sequence import Sequence, Status
+from .tree import depths_of
+
+
+def _cumsum(counts: list[int], device) -> torch.Tensor:
+    """[B + 1] int32 cumulative counts, built on the host."""
+    cu = [0]
+    for n in counts:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -39,10 +48,11 @@ class Engine:
 
     def __init__(self, target: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  drafter: Drafter, num_draft_tokens: int, eos_token_ids=(), max_num_seqs: int = 64,
-                 tokenizer=None):
+                 tokenizer=None, draft_depth: int | None = None):
         self.target, self.cache, self.blocks, self.ops = target, cache, blocks, ops
         self.drafter = drafter
-        self.num_draft_tokens = num_draft_tokens
+        self.num_draft_tokens = num_draft_tokens  # cache slots a step's drafts use (tree nodes)
+        self.draft_depth = num_draft_tokens if draft_depth is None else draft_depth  # drafts on one path
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.tokenizer = tokenizer
@@ -123,7 +133,7 @@ class Engine:
     def _draft_limit(self, seq: Sequence) -> int:
         # no drafts past max_tokens (the step always adds one sampled token) or the context
         left = min(seq.params.max_tokens - seq.num_generated, self.max_context - len(seq.tokens))
-        return max(0, min(self.num_draft_tokens, left - 1))
+        return max(0, min(self.draft_depth, left - 1))
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -133,38 +143,17 @@ class Engine:
         seqs = list(self.running)
         if not seqs:
             return []
-        dev = self.device
-        sampling = SamplingTensors.of(seqs, dev)
+        sampling = SamplingTensors.of(seqs, self.device)
+        draft = self.drafter.propose(seqs, [self._draft_limit(s) for s in seqs], sampling, self.device)
+        if draft.parents is None:
+            out, n_acc, nodes = self._verify_chain(seqs, draft, sampling)
+        else:
+            out, n_acc, nodes = self._verify_tree(seqs, draft, sampling)
 
-        # -- 2. draft --
-        draft = self.drafter.propose(seqs, [self._draft_limit(s) for s in seqs], sampling, dev)
-
-        # -- 3. verify: uncached tokens + drafts, one ragged forward --
-        tails = [s.tokens[s.target_len:] for s in seqs]
-        lengths = [len(t) + n for t, n in zip(tails, draft.counts)]
-        flat, draft_pos, offset = [], [], 0
-        for tail, n, length in zip(tails, draft.counts, lengths):
-            flat += tail + [0] * n
-            draft_pos += range(offset + len(tail), offset + length)
-            offset += length
-        tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
-        tokens[torch.tensor(draft_pos, dtype=torch.int64, device=dev)] = draft.tokens
-        batch = build_forward_batch(self.blocks, [s.seq_id for s in seqs], [s.target_len for s in seqs],
-                                    lengths, [n + 1 for n in draft.counts], tokens, dev)
-        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(n_b + 1), V]
-
-        # -- 4. accept --
-        cu = [0]
-        for n in draft.counts:
-            cu.append(cu[-1] + n)
-        out, n_acc = self.ops.rejection_sample(
-            logits, draft.tokens, draft.probs, torch.tensor(cu, dtype=torch.int32, device=dev),
-            max(draft.counts), sampling.temperature, sampling.top_k, sampling.top_p,
-            sampling.seeds, sampling.offsets, check_finite=False,
-        )
-
-        # -- 5. commit: the one device-to-host copy of the step --
-        host = torch.cat([n_acc.to(torch.int64)[:, None], out], dim=1).tolist()  # [B, 1 + k_max + 1]
+        # -- commit: the one device-to-host copy of the step --
+        host = torch.cat([n_acc.to(torch.int64)[:, None], out] + ([nodes.to(torch.int64)] if nodes is not None else []),
+                         dim=1).tolist()  # [B, 1 + (D + 1) (+ D)]
+        width = out.shape[1]
         bad = [s for s, row in zip(seqs, host) if row[0] < 0]
         if bad:
             self.abort_all()
@@ -173,6 +162,8 @@ class Engine:
                 f"the target produced NaN or +inf logits for {names}; every request in flight "
                 "was aborted. Check the checkpoint and the dtype (fp16 overflows on some models)."
             )
+        if nodes is not None:
+            self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
         finished = []
         for seq, row, n_draft in zip(seqs, host, draft.counts):
             a = row[0]
@@ -189,6 +180,64 @@ class Engine:
             self.running.remove(seq)
             self.blocks.free(seq.seq_id)
         return finished
+
+    def _verify_chain(self, seqs, draft, sampling):
+        """Uncached tokens + a chain of drafts per sequence, one causal forward."""
+        dev = self.device
+        tails = [s.tokens[s.target_len:] for s in seqs]
+        lengths = [len(t) + n for t, n in zip(tails, draft.counts)]
+        flat, draft_pos, offset = [], [], 0
+        for tail, n, length in zip(tails, draft.counts, lengths):
+            flat += tail + [0] * n
+            draft_pos += range(offset + len(tail), offset + length)
+            offset += length
+        tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
+        tokens[torch.tensor(draft_pos, dtype=torch.int64, device=dev)] = draft.tokens
+        batch = build_forward_batch(self.blocks, [s.seq_id for s in seqs], [s.target_len for s in seqs],
+                                    lengths, [n + 1 for n in draft.counts], tokens, dev)
+        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(n_b + 1), V]
+        out, n_acc = self.ops.rejection_sample(
+            logits, draft.tokens, draft.probs, _cumsum(draft.counts, dev), max(draft.counts),
+            sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
+            check_finite=False,
+        )
+        return out, n_acc, None
+
+    def _verify_tree(self, seqs, draft, sampling):
+        """Prefill long tails causally, then one tree forward over [root, nodes...]."""
+        dev = self.device
+        prefill_tails(self.target, self.cache, self.ops, self.blocks, seqs, [s.target_len for s in seqs], dev)
+        roots = [len(s.tokens) - 1 for s in seqs]
+        flat, node_pos = [], []
+        for seq, n in zip(seqs, draft.counts):
+            node_pos += range(len(flat) + 1, len(flat) + 1 + n)
+            flat += [seq.tokens[-1]] + [0] * n
+        tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
+        tokens[torch.tensor(node_pos, dtype=torch.int64, device=dev)] = draft.tokens
+        batch = build_tree_batch(self.blocks, [s.seq_id for s in seqs], roots, draft.parents, tokens, dev)
+        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(1 + N_b), V]
+        parents = torch.tensor([p for ps in draft.parents for p in ps], dtype=torch.int32, device=dev)
+        max_depth = max((max(depths_of(ps)) for ps in draft.parents if ps), default=0)
+        return self.ops.tree_rejection_sample(
+            logits, draft.tokens, parents, draft.probs, _cumsum(draft.counts, dev), max_depth,
+            sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
+            check_finite=False,
+        )
+
+    def _keep_path(self, seqs, accepted: list[int], paths: list[list[int]]) -> None:
+        """Move each accepted path's K/V from its node slots to consecutive positions."""
+        src, dst = [], []
+        for seq, a, path in zip(seqs, accepted, paths):
+            base = len(seq.tokens)  # node i sits at position base + i, path step k goes to base + k
+            moved = [(base + node, base + k) for k, node in enumerate(path[:a]) if node != k]
+            if moved:
+                src += self.blocks.slots(seq.seq_id, [m[0] for m in moved])
+                dst += self.blocks.slots(seq.seq_id, [m[1] for m in moved])
+        if src:
+            src_t = torch.tensor(src, dtype=torch.int64, device=self.device)
+            dst_t = torch.tensor(dst, dtype=torch.int64, device=self.device)
+            self.cache.keep_path(src_t, dst_t)
+            self.drafter.keep_path(src_t, dst_t)
 
     # ------------------------------------------------------------------ emit
     def _append(self, seq: Sequence, emitted: list[int]) -> int:

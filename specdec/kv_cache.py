@@ -106,5 +106,15 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
+    def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Copy K/V ``src_slots[i] -> dst_slots[i]`` in every layer at once (one index op).
+
+        Used after tree verification to move the accepted path into consecutive slots;
+        the sources are gathered before anything is written, so overlaps are safe.
+        """
+        for t in (self.k, self.v):
+            flat = t.view(t.shape[0], -1, *t.shape[3:])  # [layers, blocks * block_size, H_kv, D]
+            flat[:, dst_slots] = flat[:, src_slots]
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]

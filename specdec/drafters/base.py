@@ -14,15 +14,19 @@ from ..sequence import Sequence
 class DraftProposal:
     """Draft tokens of one step, ragged over the batch.
 
-    tokens: [sum_b n_b] int64 on the device, sequence b's n_b tokens in order
-    probs:  [sum_b n_b, V] float32, the distribution each token was sampled from, or
-            None for a point-mass drafter (n-gram lookup)
-    counts: host list, n_b per sequence (0 allowed)
+    tokens:  [sum_b n_b] int64 on the device, sequence b's n_b tokens in order
+    probs:   chain: [sum_b n_b, V] float32, the distribution each token was sampled from;
+             tree: [sum_b (n_b + 1), V], the draft distribution at the root and at each
+             node (what that position's children were drawn from);
+             None for a point-mass drafter (n-gram lookup, deterministic candidates)
+    counts:  host list, n_b per sequence (0 allowed)
+    parents: None for chains, else the host tree of each sequence (specdec/tree.py)
     """
 
     tokens: torch.Tensor
     probs: torch.Tensor | None
     counts: list[int]
+    parents: list[list[int]] | None = None
 
 
 class Drafter:
@@ -37,6 +41,9 @@ class Drafter:
 
     def commit(self, seq: Sequence, num_accepted: int) -> None:
         """Called after verification, before the emitted tokens are appended."""
+
+    def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Mirror the target's keep-path move in a draft cache of the drafter's own."""
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Extra KV-cache bytes per block this drafter needs (a draft model's cache)."""

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from ..batch import SamplingTensors, build_forward_batch
+from ..batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
 from ..kernels.philox import philox_uniform, sample_inverse_cdf
 from ..kernels.reference import sampling_probs
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
 from ..sequence import Sequence
+from ..tree import TreeShape
 from .base import DraftProposal, Drafter
 
 # Philox stream of the draft token at position j (0-based): DRAFT_STREAM + j.
@@ -34,11 +35,12 @@ DRAFT_STREAM = 16
 class ModelDrafter(Drafter):
     def __init__(self, model: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  num_layers: int | None = None, shares_target_cache: bool = False,
-                 name: str = "model"):
+                 name: str = "model", tree: TreeShape | None = None):
         self.model, self.cache, self.blocks, self.ops = model, cache, blocks, ops
         self.num_layers = num_layers
         self.shares_target_cache = shares_target_cache
         self.name = name
+        self.tree = tree
 
     def _start(self, seq: Sequence) -> int:
         return seq.target_len if self.shares_target_cache else seq.draft_len
@@ -48,6 +50,8 @@ class ModelDrafter(Drafter):
         k = max(limits, default=0)
         if k == 0:
             return super().propose(seqs, limits, sampling, device)
+        if self.tree is not None:
+            return self._propose_tree(seqs, limits, sampling, device)
         ids = [s.seq_id for s in seqs]
         starts = [self._start(s) for s in seqs]
         tails = [s.tokens[st:] for s, st in zip(seqs, starts)]
@@ -73,6 +77,59 @@ class ModelDrafter(Drafter):
             s.draft_len = len(s.tokens) + k - 1  # the draft cache now holds d_1..d_{k-1}
         return DraftProposal(all_tokens[keep], all_probs[keep], list(limits))
 
+    def _propose_tree(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
+                      device) -> DraftProposal:
+        """Grow the static tree level by level: level d feeds [root, nodes of depth < d]
+        with the tree mask and expands the nodes of depth d - 1.
+
+        Children of a position are drawn from the draft distribution q there: top-b of
+        the draft logits for greedy requests, otherwise sampled (see ``_children``).
+        """
+        shape, B = self.tree, len(seqs)
+        depth = max(limits)
+        prefill_tails(self.model, self.cache, self.ops, self.blocks, seqs,
+                      [self._start(s) for s in seqs], device, self.num_layers)
+        ids = [s.seq_id for s in seqs]
+        roots = [len(s.tokens) - 1 for s in seqs]
+        root_tokens = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=device)
+        n_all = shape.nodes_up_to(depth)
+        nodes = torch.zeros(B, n_all, dtype=torch.int64, device=device)  # [B, N]
+        q_rows = None  # [B, 1 + N, V]: q at the root and at each node
+        greedy = (sampling.temperature <= 0)[:, None]  # [B, 1]
+        for d in range(1, depth + 1):
+            fed = shape.nodes_up_to(d - 1)
+            tokens = torch.cat([root_tokens[:, None], nodes[:, :fed]], dim=1).reshape(-1)
+            batch = build_tree_batch(self.blocks, ids, roots, [list(shape.parents[:fed])] * B, tokens, device)
+            logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)
+            frontier = [0] if d == 1 else [1 + i for i in range(fed) if shape.depths[i] == d - 1]
+            f = len(frontier)
+            lf = logits.view(B, 1 + fed, -1)[:, frontier]  # [B, F, V]
+            rep = lambda t: t.repeat_interleave(f)  # noqa: E731  per-row sampling params
+            q = sampling_probs(lf.flatten(0, 1), rep(sampling.temperature), rep(sampling.top_k),
+                               rep(sampling.top_p)).view(B, f, -1)  # [B, F, V]
+            if q_rows is None:
+                q_rows = torch.zeros(B, 1 + n_all, q.shape[-1], dtype=q.dtype, device=device)
+            q_rows[:, frontier] = q
+            b = shape.branching[d - 1]
+            first = shape.nodes_up_to(d - 1)  # children of level d occupy [first, first + f * b)
+            u = philox_uniform(sampling.seeds, sampling.offsets, f * b, stream=DRAFT_STREAM + d)  # [B, F*b]
+            nodes[:, first:first + f * b] = torch.where(
+                greedy, lf.topk(b, dim=-1).indices.reshape(B, -1), _children(q, u.view(B, f, b)))
+        counts = [shape.nodes_up_to(lim) for lim in limits]
+        keep_tok = torch.tensor([b * n_all + i for b, n in enumerate(counts) for i in range(n)],
+                                dtype=torch.int64, device=device)
+        keep_q = torch.tensor([b * (1 + n_all) + r for b, n in enumerate(counts) for r in range(1 + n)],
+                              dtype=torch.int64, device=device)
+        for s in seqs:
+            # the draft cache holds the prefix, the root, and (in node order) the nodes of depth < `depth`
+            s.draft_len = len(s.tokens) + depth - 1
+        return DraftProposal(nodes.reshape(-1)[keep_tok], q_rows.flatten(0, 1)[keep_q], counts,
+                             parents=[list(shape.parents[:n]) for n in counts])
+
+    def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        if not self.shares_target_cache:
+            self.cache.keep_path(src_slots, dst_slots)
+
     def commit(self, seq: Sequence, num_accepted: int) -> None:
         # still valid: the committed prefix and the accepted drafts among d_1..d_{k-1}
         seq.draft_len = min(seq.draft_len, len(seq.tokens) + num_accepted)
@@ -83,3 +140,13 @@ class ModelDrafter(Drafter):
         cfg = self.model.config
         return KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
                                        cfg.head_dim, self.cache.k.dtype)
+
+
+def _children(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample b children at each of F positions, i.i.d. from q (one uniform each).
+
+    q: [B, F, V] float32; u: [B, F, b] float32 -> [B, F * b] int64
+    """
+    B, f, b = u.shape
+    flat_q = q.repeat_interleave(b, dim=1).flatten(0, 1)  # [B * F * b, V]
+    return sample_inverse_cdf(flat_q, u.reshape(-1)).view(B, f * b)

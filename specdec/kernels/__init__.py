@@ -23,9 +23,9 @@ BACKENDS = ("torch", "triton")
 class Backend:
     name: str
     write_kv: Callable
-    move_kv: Callable
     verify_attention: Callable
     rejection_sample: Callable
+    tree_rejection_sample: Callable
 
 
 def _reference_attention(*args, max_query_len=None, **kwargs):
@@ -52,8 +52,8 @@ def _require_interpreter() -> None:
 
 def get_backend(name: str) -> Backend:
     if name == "torch":
-        return Backend("torch", reference.write_kv, reference.move_kv, _reference_attention,
-                       reference.rejection_sample)
+        return Backend("torch", reference.write_kv, _reference_attention, reference.rejection_sample,
+                       reference.tree_rejection_sample)
     if name == "triton":
         if not torch.cuda.is_available():
             _require_interpreter()
@@ -61,10 +61,11 @@ def get_backend(name: str) -> Backend:
 
         kv_cache_ops = importlib.import_module(f"{__name__}.kv_cache_ops")
         rejection_sampling = importlib.import_module(f"{__name__}.rejection_sampling")
+        tree_sampling = importlib.import_module(f"{__name__}.tree_sampling")
         verify_attention = importlib.import_module(f"{__name__}.verify_attention")
 
-        return Backend("triton", kv_cache_ops.write_kv, kv_cache_ops.move_kv,
-                       verify_attention.verify_attention, rejection_sampling.rejection_sample)
+        return Backend("triton", kv_cache_ops.write_kv, verify_attention.verify_attention,
+                       rejection_sampling.rejection_sample, tree_sampling.tree_rejection_sample)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -96,7 +96,9 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
         for name, param in model.named_parameters(remove_duplicate=True):
             if name in tensors:
                 param.copy_(tensors[name].to(dtype))
-        model.model.rotary.inv_freq = cfg.rope_inv_freq().to(device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
+    # RoPE frequencies stay fp32 whatever the weights' dtype, as transformers keeps them
+    model.model.rotary.inv_freq = cfg.rope_inv_freq().to(device)
+    return model
