@@ -82,6 +82,8 @@ def test_rejection_sample(benchmark, batch, k, vocab, dtype, impl):
     _call(fn, args)  # compile / warm up outside the timing
     rounds = 20 if GPU else 2
     benchmark.pedantic(_call, args=(fn, args), rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = bytes_moved(batch, k, vocab, dtype) / seconds / 1e9
 
@@ -95,6 +97,8 @@ def test_rejection_sample_top_k_top_p(benchmark, impl):
     _call(fn, args)
     benchmark.pedantic(_call, args=(fn, args), rounds=10 if GPU else 2, iterations=1,
                        warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = bytes_moved(batch, k, vocab, torch.float32) / seconds / 1e9
 
