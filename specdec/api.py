@@ -172,7 +172,7 @@ class LLM:
     # ------------------------------------------------------------------ requests
     def _make_sequences(self, prompts, params) -> list[Sequence]:
         """Validate every prompt and parameter set before any work starts."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
                                         all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -188,6 +188,9 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not SamplingParams")
+            if p.stop and self.tokenizer is None:
+                raise ValueError(f"params[{i}] has stop strings {p.stop}, but stop strings need a tokenizer "
+                                 "and this model directory has none: use stop_token_ids")
             if isinstance(prompt, str):
                 if not prompt:
                     raise ValueError(f"prompt {i} is empty")
