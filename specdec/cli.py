@@ -1,4 +1,4 @@
-"""``specdec`` command line: generate, convert."""
+"""``specdec`` command line: generate, demo, convert."""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ def _generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     llm = LLM(args.target, draft=args.draft, num_draft_tokens=args.num_draft_tokens, device=args.device,
-              backend=args.backend)
-    out = llm.generate(args.prompt, params)[0]
-    print(args.prompt + out.text)
-    m = out.metrics
-    drafter = args.draft or "none (plain decoding)"
-    print(f"\n[drafter {drafter}] {len(out.token_ids)} tokens in {m.num_steps} target forwards, "
-          f"finish={out.finish_reason}", file=sys.stderr)
-    print(f"acceptance rate {m.acceptance_rate:.3f} ({m.num_accepted_tokens}/{m.num_draft_tokens} draft tokens), "
-          f"mean accepted length {m.mean_accepted_length:.2f} tokens per target forward", file=sys.stderr)
+              backend=args.backend, draft_tree=args.draft_tree)
+    print(args.prompt, end="", flush=True)
+    for piece in llm.stream(args.prompt, params):
+        print(piece, end="", flush=True)
+    print()
+    m = llm.metrics()
+    by_pos = ", ".join(f"{r:.2f}" for r in m["acceptance_rate_by_position"]) or "-"
+    print(f"\n[drafter {args.draft or 'none (plain decoding)'}] {m['num_generated_tokens']} tokens in "
+          f"{m['num_steps']} target forwards, {m['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
+    print(f"acceptance rate {m['acceptance_rate']:.3f} ({m['num_accepted_tokens']}/{m['num_draft_tokens']} draft "
+          f"tokens; by position: {by_pos}), mean accepted length {m['mean_accepted_length']:.2f} tokens per "
+          "target forward", file=sys.stderr)
     return 0
 
 
@@ -33,6 +36,21 @@ def _convert(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens, device=args.device,
+             backend=args.backend)
+    return 0
+
+
+def _branching(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,2,1,1, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding for llama-style models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", default=None, help="draft model directory, 'ngram', or 'early-exit:N'")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--num-draft-tokens", type=int, default=4)
+    gen.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...",
+                     help="draft a static tree instead of a chain, e.g. 3,2,1,1")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -52,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     gen.set_defaults(func=_generate)
+
+    demo = sub.add_parser("demo", help="speculative decoding on the embedded demo pair, against plain decoding")
+    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--num-draft-tokens", type=int, default=4)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    demo.set_defaults(func=_demo)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an HF-style directory")
     conv_sub = conv.add_subparsers(dest="format", required=True)

@@ -164,8 +164,9 @@ class Engine:
             )
         if nodes is not None:
             self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
+        depths = draft.counts if draft.parents is None else [max(depths_of(p), default=0) for p in draft.parents]
         finished = []
-        for seq, row, n_draft in zip(seqs, host, draft.counts):
+        for seq, row, n_draft, depth in zip(seqs, host, draft.counts, depths):
             a = row[0]
             emitted = row[1:a + 2]
             self.drafter.commit(seq, a)
@@ -173,7 +174,7 @@ class Engine:
             self.blocks.truncate(seq.seq_id, max(seq.target_len, seq.draft_len))
             seq.step += 1
             n_kept = self._append(seq, emitted)
-            seq.metrics.record_step(n_draft, min(a, n_kept), n_kept)
+            seq.metrics.record_step(n_draft, min(a, n_kept), n_kept, depth)
             if seq.finished:
                 finished.append(seq)
         for seq in finished:

@@ -22,8 +22,8 @@ class RequestMetrics:
     num_draft_tokens:    draft tokens proposed to the target
     num_accepted_tokens: draft tokens the target accepted
     num_generated:       tokens emitted (accepted drafts + one sampled token per step)
-    accepted_per_position[i]: how often the draft token at position i was accepted
-    proposed_per_position[i]: how often a draft token at position i was proposed
+    accepted_per_position[i]: how often a draft token at position (tree depth) i was accepted
+    proposed_per_position[i]: how often a draft reached position (tree depth) i
     """
 
     num_steps: int = 0
@@ -43,16 +43,19 @@ class RequestMetrics:
         """Tokens emitted per target forward (1.0 for plain decoding)."""
         return self.num_generated / self.num_steps if self.num_steps else 0.0
 
-    def record_step(self, num_draft: int, num_accepted: int, num_emitted: int) -> None:
+    def record_step(self, num_draft: int, num_accepted: int, num_emitted: int, depth: int | None = None) -> None:
+        """One step: ``num_draft`` tokens proposed (tree nodes), ``depth`` positions deep
+        (= num_draft for a chain), ``num_accepted`` accepted, ``num_emitted`` kept."""
+        depth = num_draft if depth is None else depth
         self.num_steps += 1
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += num_accepted
         self.num_generated += num_emitted
-        grow = num_draft - len(self.proposed_per_position)
+        grow = depth - len(self.proposed_per_position)
         if grow > 0:
             self.proposed_per_position += [0] * grow
             self.accepted_per_position += [0] * grow
-        for i in range(num_draft):
+        for i in range(depth):
             self.proposed_per_position[i] += 1
             self.accepted_per_position[i] += i < num_accepted
 
