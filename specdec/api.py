@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .detokenize import TextStream, output_text
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
 from .drafters.ngram import NgramDrafter
@@ -219,12 +220,7 @@ class LLM:
         return seqs
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            cuts = [text.find(s) for s in seq.params.stop if s in text]
-            if cuts:
-                text = text[:min(cuts)]
+        text = "" if self.tokenizer is None else output_text(self.tokenizer, seq.output_ids, seq.params.stop)
         return RequestOutput(seq.seq_id, seq.prompt, seq.tokens[:seq.num_prompt], seq.output_ids, text,
                              seq.finish_reason, seq.metrics)
 
@@ -280,8 +276,7 @@ class LLM:
         if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt))):
             raise TypeError("stream() takes one prompt: a str or a list of token ids")
         (seq,) = self._make_sequences([prompt], params)
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        sent = 0
+        text = TextStream(self.tokenizer, seq.params.stop)
         start = time.perf_counter()
         try:
             if seq.params.max_tokens == 0:
@@ -290,15 +285,9 @@ class LLM:
                 self.engine.add(seq)
             while seq.finish_reason is None:
                 self.engine.step()
-                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-                if not seq.finished:
-                    text = text.rstrip("\ufffd")  # an incomplete multi-byte character
-                    text = text[:max(sent, len(text) - hold)]
-                else:
-                    text = self._output(seq).text
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
+                piece = text.push(seq.output_ids, seq.finished)
+                if piece:
+                    yield piece
         finally:
             if seq.finish_reason is None:  # the caller stopped early
                 self.engine.cancel(seq)
