@@ -2,9 +2,11 @@
 
 Data: the Python standard library's own source files (present wherever Python is; no
 download), minus its test suites. Tokenizer: byte-level BPE trained on the same files
-with the ``tokenizers`` library. Both models share it.
+with the ``tokenizers`` library. Both models share it. The target trains on next-token
+cross-entropy; the draft then trains on a mix of cross-entropy and KL divergence to the
+trained target's distribution (distillation raises how often the target accepts it).
 
-    python scripts/train_demo_pair.py --out specdec/demo --minutes 25
+    python scripts/train_demo_pair.py --out specdec/demo --target-minutes 16 --draft-minutes 10
 
 writes ``OUT/target`` and ``OUT/draft`` (config.json, model.safetensors in bfloat16,
 tokenizer.json, tokenizer_config.json) and ``OUT/MODEL_CARD.md`` with the command, the
@@ -71,7 +73,11 @@ def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
         yield x[:, :-1], x[:, 1:]
 
 
-def train(model, data, val, *, seconds: float, batch: int, seq: int, lr: float, label: str, seed: int):
+def train(model, data, val, *, seconds: float, batch: int, seq: int, lr: float, label: str, seed: int,
+          teacher=None, distill: float = 0.0):
+    """AdamW on next-token cross-entropy for ``seconds``; with a ``teacher``, the loss mixes
+    in ``distill`` x KL(teacher || model) on the teacher's full distribution (the draft
+    learns to agree with the target, which is what acceptance measures)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     it = batches(data, batch, seq, gen)
@@ -84,6 +90,12 @@ def train(model, data, val, *, seconds: float, batch: int, seq: int, lr: float, 
         x, y = next(it)
         logits = model(input_ids=x).logits
         loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if teacher is not None:
+            with torch.no_grad():
+                t_logp = torch.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), t_logp, log_target=True,
+                                            reduction="batchmean") / x.shape[1]
+            loss_t = (1 - distill) * loss_t + distill * kl
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,7 +121,9 @@ def save(model, tokenizer, out: pathlib.Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="specdec/demo")
-    ap.add_argument("--minutes", type=float, default=25.0, help="total training time, split 4:1 target:draft")
+    ap.add_argument("--target-minutes", type=float, default=16.0)
+    ap.add_argument("--draft-minutes", type=float, default=10.0)
+    ap.add_argument("--distill", type=float, default=0.7, help="weight of the KL-to-target term for the draft")
     ap.add_argument("--data-mb", type=float, default=6.0)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=256)
@@ -131,16 +145,17 @@ def main(argv=None):
     train_data, val_data = data[:split], data[split:]
     print(f"{len(files)} files, {data.numel()} tokens, vocab {len(tokenizer)}", flush=True)
 
-    total = args.minutes * 60
     target = make_model(len(tokenizer), 128, 4, 4, 2, 384, 1024, eos)
     draft = make_model(len(tokenizer), 64, 2, 2, 1, 192, 1024, eos)
     n_target = sum(p.numel() for p in target.parameters())
     n_draft = sum(p.numel() for p in draft.parameters())
     print(f"target {n_target / 1e6:.2f}M params, draft {n_draft / 1e6:.2f}M params", flush=True)
-    t_steps, t_loss, t_val = train(target, train_data, val_data, seconds=total * 0.8, batch=args.batch,
-                                   seq=args.seq, lr=3e-3, label="target", seed=args.seed)
-    d_steps, d_loss, d_val = train(draft, train_data, val_data, seconds=total * 0.2, batch=args.batch,
-                                   seq=args.seq, lr=4e-3, label="draft", seed=args.seed + 1)
+    t_steps, t_loss, t_val = train(target, train_data, val_data, seconds=args.target_minutes * 60,
+                                   batch=args.batch, seq=args.seq, lr=3e-3, label="target", seed=args.seed)
+    target.eval()
+    d_steps, d_loss, d_val = train(draft, train_data, val_data, seconds=args.draft_minutes * 60,
+                                   batch=args.batch, seq=args.seq, lr=4e-3, label="draft", seed=args.seed + 1,
+                                   teacher=target, distill=args.distill)
     save(target, tokenizer, out / "target")
     save(draft, tokenizer, out / "draft")
 
@@ -149,7 +164,8 @@ def main(argv=None):
         "target": {"params": n_target, "steps": t_steps, "train_loss": round(t_loss, 3), "val_loss": round(t_val, 3)},
         "draft": {"params": n_draft, "steps": d_steps, "train_loss": round(d_loss, 3), "val_loss": round(d_val, 3)},
         "command": "python scripts/train_demo_pair.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "batch": args.batch, "seq": args.seq, "minutes": args.minutes,
+        "batch": args.batch, "seq": args.seq, "target_minutes": args.target_minutes,
+        "draft_minutes": args.draft_minutes, "distill": args.distill,
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats, indent=2))
