@@ -27,6 +27,7 @@ __all__ = [
     "chain_tree_mask",
     "sampling_probs",
     "rejection_sample",
+    "tree_rejection_sample",
 ]
 
 
@@ -402,3 +403,332 @@ def rejection_sample(
     if check_finite:
         _raise_if_flagged(n_accepted)
     return out, n_accepted
+
+
+# ---------------------------------------------------------------------------------------
+# Tree verification: SpecInfer's multi-step speculative sampling over a draft tree. The
+# argument checks are shared with the Triton launcher in tree_sampling.py.
+# ---------------------------------------------------------------------------------------
+
+MAX_TREE_NODES = 64  # a tree's ancestor mask is one 64-bit word per node
+TREE_ACCEPT_STREAM = 2  # Philox stream of the acceptance uniform of node i (j = i)
+TREE_SAMPLE_STREAM = 3  # Philox stream of the emitted sample from tree row r (j = r)
+
+
+def _check_tree_args(
+    target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, max_depth,
+    temperature, top_k, top_p, seeds, offsets,
+) -> tuple[int, int]:
+    """Shape, dtype and device checks of ``tree_rejection_sample`` that read no device
+    value. Returns (B, V)."""
+    for name, t in (("target_logits", target_logits), ("draft_token_ids", draft_token_ids),
+                    ("parents", parents), ("cu_num_nodes", cu_num_nodes),
+                    ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                    ("seeds", seeds), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
+        raise TypeError(f"draft_probs must be a torch.Tensor or None, got "
+                        f"{type(draft_probs).__name__}")
+    if target_logits.dim() != 2 or target_logits.shape[1] < 1:
+        raise ValueError(
+            f"target_logits must be [rows, V] with V >= 1, got {tuple(target_logits.shape)}")
+    if target_logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(
+            f"target_logits must be float32, float16 or bfloat16, got {target_logits.dtype}")
+    rows, vocab = target_logits.shape
+    if cu_num_nodes.dim() != 1 or cu_num_nodes.shape[0] < 1:
+        raise ValueError(f"cu_num_nodes must be [B + 1], got {tuple(cu_num_nodes.shape)}")
+    batch = cu_num_nodes.shape[0] - 1
+    if draft_token_ids.dim() != 1:
+        raise ValueError(
+            f"draft_token_ids must be 1-D [sum N_b], got {tuple(draft_token_ids.shape)}")
+    n_nodes = draft_token_ids.shape[0]
+    if rows != n_nodes + batch:
+        raise ValueError(f"target_logits has {rows} rows; {batch} sequences with {n_nodes} nodes "
+                         f"in all need sum (N_b + 1) = {n_nodes + batch}")
+    expected = {
+        "draft_token_ids": (draft_token_ids, torch.int64, (n_nodes,)),
+        "parents": (parents, torch.int32, (n_nodes,)),
+        "cu_num_nodes": (cu_num_nodes, torch.int32, (batch + 1,)),
+        "temperature": (temperature, torch.float32, (batch,)),
+        "top_k": (top_k, torch.int32, (batch,)),
+        "top_p": (top_p, torch.float32, (batch,)),
+        "seeds": (seeds, torch.int64, (batch,)),
+        "offsets": (offsets, torch.int64, (batch,)),
+    }
+    if draft_probs is not None:
+        expected["draft_probs"] = (draft_probs, torch.float32, (rows, vocab))
+    for name, (t, dtype, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (B={batch}, sum N_b={n_nodes}, "
+                             f"rows={rows}, V={vocab}), got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != target_logits.device:
+            raise ValueError(
+                f"{name} is on {t.device} but target_logits is on {target_logits.device}")
+    if (not isinstance(max_depth, int) or isinstance(max_depth, bool)
+            or not 0 <= max_depth <= MAX_TREE_NODES):
+        raise ValueError(f"max_depth must be a host int in [0, {MAX_TREE_NODES}], "
+                         f"got {max_depth!r}")
+    if n_nodes > batch * MAX_TREE_NODES:
+        raise ValueError(f"{n_nodes} nodes cannot fit {batch} trees of at most "
+                         f"{MAX_TREE_NODES} nodes")
+    return batch, vocab
+
+
+def _tree_depths(par: torch.Tensor) -> torch.Tensor:
+    """Depth of every node (children of the root have depth 1) by pointer jumping.
+
+    par:     [B, M] int64 local parent index, -1 for a child of the root (and for padding);
+             every entry must be < its own column index (checked by the callers)
+    returns: [B, M] int64
+
+    After step s, ``anc`` is the 2**s-th ancestor and ``depth`` the number of edges to it;
+    six steps cover any depth <= 64.
+    """
+    anc = par.clone()
+    depth = torch.ones_like(par)
+    for _ in range(6):
+        has = anc >= 0
+        at = anc.clamp(min=0)
+        depth = depth + torch.where(has, depth.gather(1, at), 0)
+        anc = torch.where(has, anc.gather(1, at), -1)
+    return depth
+
+
+def _tree_table(cu_num_nodes, values, fill):
+    """Ragged per-node values -> [B, MAX_TREE_NODES] (``fill`` past N_b); sequences with
+    a bad slice (N_b outside [0, 64], out of bounds) get N_b = 0.
+
+    Returns (table [B, M], n [B] int64, start [B] int64, layout_ok [B] bool).
+    """
+    m, total = MAX_TREE_NODES, values.shape[0]
+    start, end = cu_num_nodes[:-1].long(), cu_num_nodes[1:].long()
+    n = end - start
+    layout_ok = (start >= 0) & (n >= 0) & (n <= m) & (end <= total)
+    n = torch.where(layout_ok, n, 0)
+    start = torch.where(layout_ok, start, 0)
+    j = torch.arange(m, device=values.device)
+    flat = (start[:, None] + j[None, :]).clamp(max=max(total - 1, 0))  # [B, M]
+    table = values[flat].long() if total else torch.zeros_like(flat)
+    table = torch.where(j[None, :] < n[:, None], table, fill)
+    return table, n, start, layout_ok
+
+
+def _check_tree_layout(cu_num_nodes, draft_token_ids, parents, max_depth: int,
+                       vocab: int) -> None:
+    """Checks that read device values (host copies): node counts, token ids, parents,
+    depths. Raises ValueError naming the sequences."""
+    cu = cu_num_nodes.cpu().long()
+    n_nodes = draft_token_ids.shape[0]
+    if cu[0] != 0 or cu[-1] != n_nodes:
+        raise ValueError(f"cu_num_nodes must run from 0 to sum N_b = {n_nodes}, "
+                         f"got {int(cu[0])} .. {int(cu[-1])}")
+    n = cu[1:] - cu[:-1]
+    wrong = ((n < 0) | (n > MAX_TREE_NODES)).nonzero().flatten().tolist()
+    if wrong:
+        raise ValueError(f"node counts N_b must be in [0, {MAX_TREE_NODES}]; "
+                         f"sequence(s) {wrong} have {n[wrong].tolist()}")
+    tok, n, _, _ = _tree_table(cu, draft_token_ids.cpu(), 0)
+    par, _, _, _ = _tree_table(cu, parents.cpu(), -1)
+    j = torch.arange(MAX_TREE_NODES)
+    seqs = ((tok < 0) | (tok >= vocab)).any(1).nonzero().flatten().tolist()
+    if seqs:
+        raise ValueError(f"draft_token_ids of sequence(s) {seqs} lie outside [0, V={vocab})")
+    seqs = ((par < -1) | (par >= j)).any(1).nonzero().flatten().tolist()
+    if seqs:
+        raise ValueError(f"parents of sequence(s) {seqs} are not in [-1, i) for node i "
+                         f"(nodes must be numbered in topological order)")
+    depth = torch.where(j < n[:, None], _tree_depths(par), 0)
+    seqs = (depth > max_depth).any(1).nonzero().flatten().tolist()
+    if seqs:
+        raise ValueError(f"trees of sequence(s) {seqs} are deeper than max_depth={max_depth} "
+                         f"(depths {depth[seqs].amax(1).tolist()})")
+
+
+def _sibling_residual(p_cur: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """p' after its child x was rejected: max(p' - q, 0) (point mass: p' without x),
+    renormalised; p' itself where that sums to 0.
+
+    p_cur: [B, V] float32 rows summing to 1; q: [B, V] float32 or None; x: [B] int64
+    """
+    if q is not None:
+        residual = (p_cur - q).clamp(min=0.0)
+    else:
+        residual = p_cur.scatter(1, x[:, None], 0.0)
+    total = residual.sum(-1, keepdim=True)  # [B, 1]
+    return torch.where(total > 0, residual / torch.where(total > 0, total, 1.0), p_cur)
+
+
+def tree_rejection_sample(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    cu_num_nodes: torch.Tensor,
+    max_depth: int,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    offsets: torch.Tensor,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculative verification of draft trees for a ragged batch (SpecInfer).
+
+    Sequence b has N_b <= 64 draft nodes numbered 0..N_b-1 in topological order (a parent's
+    index is below its children's); the children of a position are tried in increasing
+    node index (a breadth-first numbering makes siblings contiguous; not required).
+    Tree row 0 of a sequence is its root (the last committed token), tree row 1 + i is
+    node i; a sequence's rows start at cu_num_nodes[b] + b.
+
+    target_logits:   [sum_b (N_b + 1), V] float32/float16/bfloat16, target logits of every
+                     tree row; row r scores the children of tree position r
+    draft_token_ids: [sum_b N_b] int64, the token of each node
+    parents:         [sum_b N_b] int32, parent node index within the sequence, -1 for the
+                     children of the root
+    draft_probs:     [sum_b (N_b + 1), V] float32 with target_logits' row layout: row r is
+                     the draft distribution q the children of tree position r were drawn
+                     from (after the drafter's own temperature / top-k / top-p); rows of
+                     childless positions are not read. None: the children are
+                     deterministic candidates (top-b of a drafter, n-gram continuations).
+    cu_num_nodes:    [B + 1] int32 cumulative node counts; N_b may be 0
+    max_depth:       host int D in [0, 64] >= the depth of every tree (children of the
+                     root have depth 1)
+    temperature, top_k, top_p, seeds, offsets, check_finite: as in ``rejection_sample``
+    returns:         out_tokens [B, D + 1] int64 (the accepted path's tokens, one emitted
+                     token, then -1), n_accepted [B] int32 (path length), accepted_nodes
+                     [B, D] int32 (node indices of the accepted path, root to leaf, then -1)
+
+    The walk starts at the root; at position u with p_u = ``sampling_probs`` of its row:
+      - greedy (temperature <= 0): move to the first child whose token is the first argmax
+        of the raw logits; if none, emit that argmax;
+      - draft_probs None (deterministic candidates): p' = p_u; for each child c in order
+        accept x_c with probability p'(x_c) (u_c < p'(x_c)); on rejection p' <- p' with
+        x_c zeroed, renormalised (a duplicate of a rejected sibling has p'(x) = 0);
+      - draft_probs given (children of u i.i.d. from q_u): multi-step speculative sampling
+        (Miao et al. 2024, "SpecInfer", Algorithm 2, Theorem 4.2). p' = p_u; for each child c
+        in order accept x_c with probability min(1, p'(x_c) / q_u(x_c)), i.e. iff
+        u_c * q_u(x_c) < p'(x_c); on rejection p' <- max(p' - q_u, 0), renormalised;
+      - on acceptance move to c; when every child of u is rejected (or u has none) emit a
+        sample of the final p'. If a residual sums to 0, p' is kept unchanged: exactly
+        that needs p' <= q_u everywhere, i.e. p' == q_u, where every x with q_u(x) > 0 is
+        accepted, so it is reached only through rounding (or a child with q_u(x_c) = 0).
+    Uniforms (``philox.py``): u_c = Philox stream 2, draw c (node index); the emitted
+    sample from tree row r uses stream 3, draw r, by inverse CDF (``sample_inverse_cdf``).
+
+    Why the sampled rule is exact (the proof of SpecInfer's Theorem 4.2): let r be the
+    current p' and x_1..x_k the untried children, i.i.d. from q and independent of the
+    uniforms and of the earlier siblings. Claim: the token leaving u has law r. k = 0: it is
+    a sample of r. k >= 1: x_1 = x is accepted with probability q(x) min(1, r(x)/q(x)) =
+    min(q, r)(x); it is rejected with probability beta = sum_x max(r - q, 0)(x) (as
+    sum min(q, r) + sum max(r - q, 0) = sum r = 1), and then — x_2..x_k still i.i.d. q,
+    because they are independent of (x_1, u_1) — by induction the token has law
+    max(r - q, 0) / beta. In all: min(q, r) + max(r - q, 0) = r. With r = p_u the token
+    leaving the root has the target law; given that the accepted child c carries it, c's
+    own children are i.i.d. from q_c independently of everything used so far, so the
+    same argument at c gives the next token law p_c, and so on down the path (the bonus
+    token after a leaf is a plain sample of p_leaf). The deterministic rule is the same
+    argument with q = the point mass at x_c (min(q, r) = r(x_c) at x_c); it holds for
+    any candidates chosen independently of the sampler's uniforms, so draft_probs=None
+    is exact whatever the drafter did — draft_probs only raises the acceptance rate, and
+    is exact only under the contract below.
+
+    What a drafter must do for draft_probs to be right: draw the children of each
+    position u i.i.d. (with replacement, duplicates kept) from exactly q_u = draft_probs
+    row u, with fresh randomness per position (never Philox streams 0..15 of the
+    sequence's (seed, offset)). The number of children of u, and q_u itself, may depend
+    on anything outside u's own subtree (a fixed branching, a budget split by the
+    ancestors' draft scores), never on the tokens drawn for u's children. Children drawn
+    without replacement (Sequoia), de-duplicated, or top-b (EAGLE) break this rule: the
+    first two need Jeon et al. 2024's recursive rejection sampling (q renormalised after
+    each rejection), not provided here; for any of them pass draft_probs=None.
+
+    Bad values (flagged with n_accepted = -1 and all -1 outputs when check_finite=False,
+    a ValueError naming the sequences otherwise): NaN / +inf / an all -inf row among the
+    rows the walk reads (rows off the accepted path are never read), token ids outside
+    [0, V), parents outside [-1, i), trees deeper than max_depth, N_b outside [0, 64].
+
+    Example::
+
+        >>> logits = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 9.0], [0.0, 0.0, 5.0]])
+        >>> i32, i64 = torch.int32, torch.int64
+        >>> tree_rejection_sample(logits, torch.tensor([2, 1]), torch.tensor([-1, -1], dtype=i32),
+        ...                       None, torch.tensor([0, 2], dtype=i32), 1, torch.zeros(1),
+        ...                       torch.zeros(1, dtype=i32), torch.ones(1),
+        ...                       torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
+        (tensor([[1, 2]]), tensor([1], dtype=torch.int32), tensor([[1]], dtype=torch.int32))
+    """
+    batch, vocab = _check_tree_args(target_logits, draft_token_ids, parents, draft_probs,
+                                    cu_num_nodes, max_depth, temperature, top_k, top_p,
+                                    seeds, offsets)
+    if check_finite:
+        _check_tree_layout(cu_num_nodes, draft_token_ids, parents, max_depth, vocab)
+    dev = target_logits.device
+    m, d_max = MAX_TREE_NODES, max_depth
+    n_rows = target_logits.shape[0]
+    b_idx = torch.arange(batch, device=dev)
+    j = torch.arange(m, device=dev)
+    # -- ragged nodes -> [B, M] tables; bad trees are flagged and never walked --
+    tok, n, start, layout_ok = _tree_table(cu_num_nodes, draft_token_ids, 0)  # [B, M]
+    par, _, _, _ = _tree_table(cu_num_nodes, parents, -1)  # [B, M]
+    valid = j[None, :] < n[:, None]  # [B, M]
+    par_ok = (par >= -1) & (par < j[None, :])
+    depth = _tree_depths(torch.where(par_ok, par, -1))
+    bad = ~layout_ok | (valid & ((tok < 0) | (tok >= vocab) | ~par_ok | (depth > d_max))).any(1)
+    tok = tok.clamp(0, vocab - 1)
+    root_row = start + b_idx  # [B] the row of each sequence's root
+    u_accept = philox_uniform(seeds, offsets, m, TREE_ACCEPT_STREAM)  # [B, M]
+    u_emit = philox_uniform(seeds, offsets, m + 1, TREE_SAMPLE_STREAM)  # [B, M + 1]
+    greedy = temperature <= 0  # [B]
+    # -- the walk, one tree level per step, all sequences together --
+    node = torch.full((batch,), -1, dtype=torch.int64, device=dev)  # current position
+    n_acc = torch.zeros(batch, dtype=torch.int64, device=dev)
+    path = torch.full((batch, d_max), -1, dtype=torch.int64, device=dev)
+    token = torch.full((batch,), -1, dtype=torch.int64, device=dev)
+    running = ~bad
+    for level in range(d_max + 1):
+        row = (root_row + 1 + node).clamp(0, n_rows - 1)  # [B] tree row of the position
+        raw = target_logits[row].float()  # [B, V]
+        row_bad = raw.isnan().any(-1) | raw.isposinf().any(-1) | raw.isneginf().all(-1)
+        bad |= running & row_bad
+        running &= ~row_bad
+        p = sampling_probs(raw, temperature, top_k, top_p)  # [B, V] p_u
+        argmax = raw.argmax(-1)  # [B] first argmax (greedy)
+        q = draft_probs[row] if draft_probs is not None else None  # [B, V] q_u
+        is_child = valid & (par == node[:, None])  # [B, M]
+        chosen = torch.full((batch,), -1, dtype=torch.int64, device=dev)
+        p_cur = p  # p': the target less what the rejected siblings took
+        for c in range(min(m, draft_token_ids.shape[0])):  # children in node order
+            trying = running & (chosen < 0) & is_child[:, c]  # [B]
+            if not bool(trying.any()):  # a host sync per node: fine on the CPU path
+                continue
+            x = tok[:, c]  # [B]
+            p_x = p_cur.gather(1, x[:, None])[:, 0]
+            q_x = q.gather(1, x[:, None])[:, 0] if q is not None else torch.ones_like(p_x)
+            accept = torch.where(greedy, x == argmax, u_accept[:, c] * q_x < p_x)
+            chosen = torch.where(trying & accept, c, chosen)
+            p_cur = torch.where((trying & ~accept)[:, None], _sibling_residual(p_cur, q, x), p_cur)
+        # -- every child rejected (or none): emit a sample of p' (greedy: the argmax) --
+        stop = running & (chosen < 0)
+        u = u_emit.gather(1, (node + 1)[:, None])[:, 0]
+        emitted = torch.where(greedy, argmax, sample_inverse_cdf(p_cur, u))
+        token = torch.where(stop, emitted, token)
+        advance = running & (chosen >= 0)
+        if level < d_max:
+            path[:, level] = torch.where(advance, chosen, -1)
+        n_acc += advance.long()
+        node = torch.where(advance, chosen, node)
+        running = advance
+    # -- assemble: path tokens, the emitted token, -1 padding; bad sequences all -1 --
+    out = torch.full((batch, d_max + 1), -1, dtype=torch.int64, device=dev)
+    out[:, :d_max] = torch.where(path >= 0, tok.gather(1, path.clamp(min=0)), -1)
+    out[b_idx, n_acc] = token
+    out = torch.where(bad[:, None], -1, out)
+    path = torch.where(bad[:, None], -1, path)
+    n_accepted = torch.where(bad, -1, n_acc).to(torch.int32)
+    if check_finite:
+        _raise_if_flagged(n_accepted)
+    return out, n_accepted, path.to(torch.int32)
