@@ -26,8 +26,11 @@ Streams
 stream 0     rejection sampler: acceptance uniform of draft position i (j = i)
 stream 1     rejection sampler: the one emitted residual / bonus sample,
              j = index of the target row it is drawn from (0 .. n_b)
-2 .. 15      reserved for the sampler (tree verification, ...)
-16 .. 255    free for drafters, e.g. ``stream = 16 + draft_position``
+stream 2     tree sampler: acceptance uniform of node j
+stream 3     tree sampler: the one emitted sample, j = tree row it is drawn from
+4 .. 15      reserved for the sampler
+16 .. 255    drafters: ``16 + draft_position`` for chains, ``16 + depth`` (j = node
+             index) for the children of a tree level
 ===========  ===============================================================
 
 A drafter draws its token at draft position ``d`` by inverse CDF from one uniform::
