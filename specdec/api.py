@@ -307,5 +307,7 @@ class LLM:
             "mean_accepted_length": t.mean_accepted_length,
             "acceptance_rate_by_position": [a / p if p else 0.0 for a, p in
                                             zip(t.accepted_per_position, t.proposed_per_position)],
+            "accepted_per_position": list(t.accepted_per_position),
+            "proposed_per_position": list(t.proposed_per_position),
             "tokens_per_second": t.num_generated / self._busy_seconds if self._busy_seconds else 0.0,
         }

@@ -19,7 +19,7 @@ from .tree import depths_of, tree_masks
 
 @dataclass
 class SamplingTensors:
-    """Per-sequence sampling parameters of one step, on the device.
+    """Per-sequence sampling parameters of one step, on the device, plus two host facts.
 
     temperature [B] float32, top_k [B] int32, top_p [B] float32,
     seeds [B] int64, offsets [B] int64 (the request's step counter).
@@ -30,6 +30,8 @@ class SamplingTensors:
     top_p: torch.Tensor
     seeds: torch.Tensor
     offsets: torch.Tensor
+    all_greedy: bool = False  # host facts, so sampling code can skip work without a sync
+    filtered: bool = True  # some row uses top-k or top-p
 
     @classmethod
     def of(cls, seqs: list[Sequence], device) -> "SamplingTensors":
@@ -40,6 +42,8 @@ class SamplingTensors:
             top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=device),
             seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device),
             offsets=torch.tensor([s.step for s in seqs], dtype=torch.int64, device=device),
+            all_greedy=all(x.temperature == 0 for x in p),
+            filtered=any(x.top_k > 0 or x.top_p < 1 for x in p),
         )
 
 

@@ -35,7 +35,7 @@ def demo_dirs() -> tuple[Path, Path]:
 
 
 def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backend: str = "auto",
-             out=sys.stdout) -> dict:
+             out=None) -> dict:
     """Complete the snippets with speculative decoding, streaming the text, then compare
     tokens/s with plain decoding of the same target, measured in this run (greedy, batch 1).
 
@@ -43,6 +43,7 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
     """
     from .. import LLM, SamplingParams
 
+    out = sys.stdout if out is None else out
     target, draft = demo_dirs()
     spec = LLM(target, draft=draft, num_draft_tokens=num_draft_tokens, device=device, backend=backend)
     plain = LLM(target, device=device, backend=backend)
@@ -50,7 +51,10 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
     print(f"specdec demo: target {spec.config.num_layers} layers / draft {draft.name}, "
           f"k={num_draft_tokens}, device {spec.device}, backend {spec.backend}\n", file=out)
 
-    plain.generate(SNIPPETS[0], SamplingParams(max_tokens=4, temperature=0))  # warm-up, untimed
+    warm = SamplingParams(max_tokens=4, temperature=0)
+    for llm in (spec, plain):  # warm-up, untimed and left out of the figures
+        llm.generate(SNIPPETS[0], warm)
+    spec_before, plain_before = spec.metrics(), plain.metrics()
     spec_time = plain_time = 0.0
     for snippet in SNIPPETS:
         print("─" * 60, file=out)
@@ -64,7 +68,8 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
         plain.generate(snippet, params)
         plain_time += time.perf_counter() - start
 
-    m, p = spec.metrics(), plain.metrics()
+    m = _since(spec.metrics(), spec_before)
+    p = _since(plain.metrics(), plain_before)
     spec_tps = m["num_generated_tokens"] / spec_time
     plain_tps = p["num_generated_tokens"] / plain_time
     by_pos = ", ".join(f"{r:.2f}" for r in m["acceptance_rate_by_position"])
@@ -75,3 +80,16 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
     print(f"plain decoding         {plain_tps:.1f} tokens/s  ({p['num_generated_tokens']} tokens)", file=out)
     print(f"speedup                {spec_tps / plain_tps:.2f}x (same target, same run)", file=out)
     return {**m, "speculative_tokens_per_second": spec_tps, "plain_tokens_per_second": plain_tps}
+
+
+def _since(now: dict, before: dict) -> dict:
+    """Counters accumulated between two ``LLM.metrics()`` snapshots, with the rates redone."""
+    keys = ("num_steps", "num_generated_tokens", "num_draft_tokens", "num_accepted_tokens")
+    d = {k: now[k] - before[k] for k in keys}
+    d["acceptance_rate"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else 0.0
+    d["mean_accepted_length"] = d["num_generated_tokens"] / d["num_steps"] if d["num_steps"] else 0.0
+    pairs = zip(now["accepted_per_position"], now["proposed_per_position"],
+                before["accepted_per_position"] + [0] * len(now["accepted_per_position"]),
+                before["proposed_per_position"] + [0] * len(now["proposed_per_position"]))
+    d["acceptance_rate_by_position"] = [(a - a0) / (p - p0) if p > p0 else 0.0 for a, p, a0, p0 in pairs]
+    return d

@@ -61,9 +61,13 @@ class ModelDrafter(Drafter):
         for j in range(k):
             batch = build_forward_batch(self.blocks, ids, starts, lengths, [1] * len(seqs), tokens, device)
             logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)  # [B, V]
-            q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)  # [B, V]
-            u = philox_uniform(sampling.seeds, sampling.offsets, 1, stream=DRAFT_STREAM + j)[:, 0]
-            tokens = sample_inverse_cdf(q, u)  # [B]
+            q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                               filtered=sampling.filtered, all_greedy=sampling.all_greedy)  # [B, V]
+            if sampling.all_greedy:  # q is one-hot: the sample is its argmax, no draw needed
+                tokens = q.argmax(-1)
+            else:
+                u = philox_uniform(sampling.seeds, sampling.offsets, 1, stream=DRAFT_STREAM + j)[:, 0]
+                tokens = sample_inverse_cdf(q, u)  # [B]
             drafts.append(tokens)
             probs.append(q)
             starts = [st + n for st, n in zip(starts, lengths)]
@@ -106,15 +110,19 @@ class ModelDrafter(Drafter):
             lf = logits.view(B, 1 + fed, -1)[:, frontier]  # [B, F, V]
             rep = lambda t: t.repeat_interleave(f)  # noqa: E731  per-row sampling params
             q = sampling_probs(lf.flatten(0, 1), rep(sampling.temperature), rep(sampling.top_k),
-                               rep(sampling.top_p)).view(B, f, -1)  # [B, F, V]
+                               rep(sampling.top_p), filtered=sampling.filtered,
+                               all_greedy=sampling.all_greedy).view(B, f, -1)  # [B, F, V]
             if q_rows is None:
                 q_rows = torch.zeros(B, 1 + n_all, q.shape[-1], dtype=q.dtype, device=device)
             q_rows[:, frontier] = q
             b = shape.branching[d - 1]
             first = shape.nodes_up_to(d - 1)  # children of level d occupy [first, first + f * b)
-            u = philox_uniform(sampling.seeds, sampling.offsets, f * b, stream=DRAFT_STREAM + d)  # [B, F*b]
-            nodes[:, first:first + f * b] = torch.where(
-                greedy, lf.topk(b, dim=-1).indices.reshape(B, -1), _children(q, u.view(B, f, b)))
+            top_b = lf.topk(b, dim=-1).indices.reshape(B, -1)  # greedy rows: the b best tokens
+            if sampling.all_greedy:
+                nodes[:, first:first + f * b] = top_b
+            else:
+                u = philox_uniform(sampling.seeds, sampling.offsets, f * b, stream=DRAFT_STREAM + d)  # [B, F*b]
+                nodes[:, first:first + f * b] = torch.where(greedy, top_b, _children(q, u.view(B, f, b)))
         counts = [shape.nodes_up_to(lim) for lim in limits]
         keep_tok = torch.tensor([b * n_all + i for b, n in enumerate(counts) for i in range(n)],
                                 dtype=torch.int64, device=device)

@@ -148,6 +148,9 @@ def sampling_probs(
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
+    *,
+    filtered: bool | None = None,
+    all_greedy: bool | None = None,
 ) -> torch.Tensor:
     """The distribution a sequence samples from: temperature, then top-k, then top-p.
 
@@ -162,32 +165,43 @@ def sampling_probs(
       top-k keeps x  iff  logit(x) >= the k-th largest logit;
       top-p keeps x  iff  the (top-k renormalised) mass of tokens strictly more likely
                           than x is < top_p (the token crossing p is kept).
+
+    filtered, all_greedy: optional host-side hints that let the common cases skip the
+    sorts: ``filtered=False`` promises no row uses top-k or top-p, ``all_greedy=True``
+    that every row is greedy. When None they are read off CPU tensors (free) and assumed
+    unknown on a GPU (reading them would be a host sync).
     """
     x = logits.float()
     n, v = x.shape
+    on_cpu = temperature.device.type == "cpu"
+    if all_greedy is None and on_cpu:
+        all_greedy = bool((temperature <= 0).all())
+    if filtered is None and on_cpu:
+        filtered = bool((((top_k > 0) & (top_k < v)) | (top_p < 1)).any())
+    onehot = torch.zeros_like(x).scatter_(1, x.argmax(-1, keepdim=True), 1.0)  # greedy rows
+    if all_greedy:
+        return onehot
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     x = x / t[:, None]
-    # -- top-k: threshold at the k-th largest logit --
-    k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, v), top_k).long()
-    kth = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [N, 1]
-    x = x.masked_fill(x < kth, float("-inf"))
+    if filtered is not False:
+        # -- top-k: threshold at the k-th largest logit --
+        k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, v), top_k).long()
+        kth = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [N, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    # -- top-p: mass strictly above each token --
-    sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
-    cum = torch.cumsum(sorted_p, dim=-1)  # cum[i] = mass of the i+1 largest
-    # mass strictly greater than p(x): cumulative mass of sorted entries > p(x)
-    # (entries of the descending sort that are > p(x)), found by binary search
-    n_greater = torch.searchsorted(-sorted_p, -probs, side="left")  # [N, V]
-    above = torch.where(
-        n_greater > 0, cum.gather(1, (n_greater - 1).clamp(min=0)), torch.zeros_like(probs)
-    )
-    keep = above < top_p.float()[:, None]
-    probs = probs * keep
-    probs = probs / probs.sum(-1, keepdim=True)
-    # -- greedy rows: point mass on the first argmax of the raw logits --
-    onehot = torch.zeros_like(probs)
-    onehot.scatter_(1, logits.float().argmax(-1, keepdim=True), 1.0)
+    if filtered is not False:
+        # -- top-p: mass strictly above each token --
+        sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)  # cum[i] = mass of the i+1 largest
+        # mass strictly greater than p(x): cumulative mass of sorted entries > p(x)
+        # (entries of the descending sort that are > p(x)), found by binary search
+        n_greater = torch.searchsorted(-sorted_p, -probs, side="left")  # [N, V]
+        above = torch.where(
+            n_greater > 0, cum.gather(1, (n_greater - 1).clamp(min=0)), torch.zeros_like(probs)
+        )
+        probs = probs * (above < top_p.float()[:, None])
+        probs = probs / probs.sum(-1, keepdim=True)
     return torch.where(greedy[:, None], onehot, probs)
 
 
@@ -370,12 +384,15 @@ def rejection_sample(
                            top_p.repeat_interleave(rep)).view(batch, rep, vocab)
     argmax = raw.argmax(-1).view(batch, rep)  # first argmax, greedy rows
     greedy = temperature <= 0  # [B]
+    # an all-greedy batch on the CPU needs no random numbers (reading the flag is free there)
+    draws = dev.type != "cpu" or not bool(greedy.all())
     # -- ratio test: accept x_i iff u_i * q_i(x_i) < p_i(x_i); a point mass has q_i(x_i) = 1 --
     p_at = probs[:, :k_max].gather(2, ids[..., None])[..., 0]  # [B, K]
     q_at = torch.ones_like(p_at)
     if draft_probs is not None and n_draft:
         q_at = draft_probs[drafts, ids]  # [B, K]
-    u_accept = philox_uniform(seeds, offsets, k_max, SAMPLER_ACCEPT_STREAM)  # [B, K]
+    u_accept = (philox_uniform(seeds, offsets, k_max, SAMPLER_ACCEPT_STREAM) if draws
+                else torch.zeros_like(p_at))  # [B, K]
     accept = torch.where(greedy[:, None], ids == argmax[:, :k_max], u_accept * q_at < p_at)
     accept &= draft_ok
     n_acc = torch.cumprod(accept.long(), dim=1).sum(1)  # [B] length of the accepted prefix
@@ -391,9 +408,12 @@ def rejection_sample(
             residual = (p_s - q_s).clamp(min=0.0)  # max(p - q, 0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_s)
         dist = torch.where((n_acc < n)[:, None], residual, p_s)
-    u_sample = philox_uniform(seeds, offsets, k_max + 1, SAMPLER_SAMPLE_STREAM)  # [B, K+1]
-    sampled = sample_inverse_cdf(dist, u_sample.gather(1, n_acc[:, None])[:, 0])
-    token = torch.where(greedy, argmax[b_idx, n_acc], sampled)  # [B]
+    if draws:
+        u_sample = philox_uniform(seeds, offsets, k_max + 1, SAMPLER_SAMPLE_STREAM)  # [B, K+1]
+        sampled = sample_inverse_cdf(dist, u_sample.gather(1, n_acc[:, None])[:, 0])
+        token = torch.where(greedy, argmax[b_idx, n_acc], sampled)  # [B]
+    else:
+        token = argmax[b_idx, n_acc]
     # -- assemble: accepted drafts, the emitted token, -1 padding --
     out = torch.full((batch, k_max + 1), -1, dtype=torch.int64, device=dev)
     out[:, :k_max] = torch.where(pos[None, :k_max] < n_acc[:, None], ids, -1)
