@@ -41,6 +41,7 @@ from torch.testing import assert_close
 from checkpoints import make_checkpoint
 from stats import binomial_two_sided_p, chi_square_test
 from test_distribution import exact_joint, next_token_probs
+from test_engine import _draft_arg, _poison
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch, prefill_tails
 from specdec.drafters import draft_model
@@ -83,26 +84,6 @@ def dirs(tmp_path_factory):
     for f in ("llama", "qwen2", "llama3-rope"):
         out[f"near-{f}"] = _perturbed_copy(out[f], root / f"near-{f}", noise=0.01, seed=11)
     return out
-
-
-def _draft_arg(dirs, family, drafter):
-    if drafter == "draft-model":
-        return str(dirs["draft-model"])
-    if drafter == "near-draft":
-        return str(dirs[f"near-{family}"])
-    if drafter == "self":
-        return str(dirs[family])
-    return drafter
-
-
-def _poison(llm):
-    """NaN in every slot of every cache: reading a slot nobody wrote makes logits NaN."""
-    caches = [llm.cache]
-    if isinstance(llm.drafter, ModelDrafter) and not llm.drafter.shares_target_cache:
-        caches.append(llm.drafter.cache)
-    for cache in caches:
-        cache.k.fill_(float("nan"))
-        cache.v.fill_(float("nan"))
 
 
 def make_llm(path, draft=None, **kw):

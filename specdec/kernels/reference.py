@@ -213,6 +213,18 @@ def sampling_probs(
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_tensors(expected: dict, target_logits: torch.Tensor, sizes: str) -> None:
+    """``expected``: name -> (tensor, dtype, shape); each must match and share the logits' device."""
+    for name, (t, dtype, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} ({sizes}), got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != target_logits.device:
+            raise ValueError(
+                f"{name} is on {t.device} but target_logits is on {target_logits.device}")
+
+
 def _check_rejection_args(
     target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
     temperature, top_k, top_p, seeds, offsets,
@@ -243,15 +255,7 @@ def _check_rejection_args(
     }
     if draft_probs is not None:
         expected["draft_probs"] = (draft_probs, torch.float32, (n_draft, vocab))
-    for name, (t, dtype, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (B={batch}, sum n_b={n_draft}, "
-                             f"V={vocab}), got {tuple(t.shape)}")
-        if t.dtype != dtype:
-            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-        if t.device != target_logits.device:
-            raise ValueError(
-                f"{name} is on {t.device} but target_logits is on {target_logits.device}")
+    _check_tensors(expected, target_logits, f"B={batch}, sum n_b={n_draft}, V={vocab}")
     if rows != n_draft + batch:
         raise ValueError(f"target_logits has {rows} rows; {batch} sequences with {n_draft} drafts "
                          f"in all need sum (n_b + 1) = {n_draft + batch}")
@@ -479,15 +483,7 @@ def _check_tree_args(
     }
     if draft_probs is not None:
         expected["draft_probs"] = (draft_probs, torch.float32, (rows, vocab))
-    for name, (t, dtype, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (B={batch}, sum N_b={n_nodes}, "
-                             f"rows={rows}, V={vocab}), got {tuple(t.shape)}")
-        if t.dtype != dtype:
-            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-        if t.device != target_logits.device:
-            raise ValueError(
-                f"{name} is on {t.device} but target_logits is on {target_logits.device}")
+    _check_tensors(expected, target_logits, f"B={batch}, sum N_b={n_nodes}, rows={rows}, V={vocab}")
     if (not isinstance(max_depth, int) or isinstance(max_depth, bool)
             or not 0 <= max_depth <= MAX_TREE_NODES):
         raise ValueError(f"max_depth must be a host int in [0, {MAX_TREE_NODES}], "
