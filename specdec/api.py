@@ -207,7 +207,7 @@ class LLM:
                     raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
             else:
                 raise TypeError(f"prompt {i} is a {type(prompt).__name__}; expected str or list of int")
-            if len(ids) >= context and p.max_tokens > 0 or len(ids) > context:
+            if len(ids) > context or (len(ids) == context and p.max_tokens > 0):
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens but the model's context is {context} tokens: "
                     "shorten the prompt"

@@ -14,7 +14,7 @@ import torch
 from .kv_cache import BlockManager
 from .models.llama import ForwardBatch
 from .sequence import Sequence
-from .tree import depths_of, tree_masks
+from .tree import tree_layout
 
 
 @dataclass
@@ -101,9 +101,10 @@ def build_tree_batch(
     positions, slots, masks, q_start = [], [], [], [0]
     for seq_id, root, ps in zip(seq_ids, roots, parents):
         n = 1 + len(ps)
-        positions += [root] + [root + d for d in depths_of(ps)]
+        depths, tree_mask = tree_layout(tuple(ps))
+        positions += [root] + [root + d for d in depths]
         slots += blocks.slots(seq_id, list(range(root, root + n)))
-        masks += tree_masks(ps)
+        masks += tree_mask
         q_start.append(q_start[-1] + n)
     return ForwardBatch(
         tokens=tokens,

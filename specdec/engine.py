@@ -28,7 +28,7 @@ from .drafters.base import Drafter
 from .kv_cache import BlockManager, CacheCapacityError, KVCache, cdiv
 from .models.llama import LlamaForCausalLM
 from .sequence import Sequence, Status
-from .tree import depths_of
+from .tree import tree_layout
 
 
 def _cumsum(counts: list[int], device) -> torch.Tensor:
@@ -146,9 +146,11 @@ class Engine:
         sampling = SamplingTensors.of(seqs, self.device)
         draft = self.drafter.propose(seqs, [self._draft_limit(s) for s in seqs], sampling, self.device)
         if draft.parents is None:
+            depths = draft.counts
             out, n_acc, nodes = self._verify_chain(seqs, draft, sampling)
         else:
-            out, n_acc, nodes = self._verify_tree(seqs, draft, sampling)
+            depths = [max(tree_layout(tuple(p))[0], default=0) for p in draft.parents]
+            out, n_acc, nodes = self._verify_tree(seqs, draft, sampling, max(depths))
 
         # -- commit: the one device-to-host copy of the step --
         host = torch.cat([n_acc.to(torch.int64)[:, None], out] + ([nodes.to(torch.int64)] if nodes is not None else []),
@@ -164,7 +166,6 @@ class Engine:
             )
         if nodes is not None:
             self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
-        depths = draft.counts if draft.parents is None else [max(depths_of(p), default=0) for p in draft.parents]
         finished = []
         for seq, row, n_draft, depth in zip(seqs, host, draft.counts, depths):
             a = row[0]
@@ -204,7 +205,7 @@ class Engine:
         )
         return out, n_acc, None
 
-    def _verify_tree(self, seqs, draft, sampling):
+    def _verify_tree(self, seqs, draft, sampling, max_depth: int):
         """Prefill long tails causally, then one tree forward over [root, nodes...]."""
         dev = self.device
         prefill_tails(self.target, self.cache, self.ops, self.blocks, seqs, [s.target_len for s in seqs], dev)
@@ -218,7 +219,6 @@ class Engine:
         batch = build_tree_batch(self.blocks, [s.seq_id for s in seqs], roots, draft.parents, tokens, dev)
         logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(1 + N_b), V]
         parents = torch.tensor([p for ps in draft.parents for p in ps], dtype=torch.int32, device=dev)
-        max_depth = max((max(depths_of(ps)) for ps in draft.parents if ps), default=0)
         return self.ops.tree_rejection_sample(
             logits, draft.tokens, parents, draft.probs, _cumsum(draft.counts, dev), max_depth,
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,

@@ -113,7 +113,6 @@ class Sequence:
         self.draft_len = 0
         self.step = 0
         self.finish_reason: str | None = None
-        self.stop_text_cut: int | None = None  # char index where a stop string starts
         self.metrics = RequestMetrics()
 
     @property

@@ -14,11 +14,10 @@ N <= 63 nodes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import torch
-
-MAX_TREE_NODES = 63  # root + 63 nodes fill the 64 bits of an int64 mask
+MAX_DRAFT_NODES = 63  # root + 63 nodes fill the 64 bits of an int64 mask
 
 
 def _to_int64(bits: int) -> int:
@@ -26,14 +25,25 @@ def _to_int64(bits: int) -> int:
     return bits - (1 << 64) if bits >= 1 << 63 else bits
 
 
-def tree_masks(parents: list[int]) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def tree_layout(parents: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(depths, masks) of a tree, computed once per shape: a static tree costs its
+    per-node loop on the first step only.
+
+    >>> tree_layout((-1, -1, 0))
+    ((1, 1, 2), (1, 3, 5, 11))
+    """
+    return tuple(depths_of(parents)), tuple(tree_masks(parents))
+
+
+def tree_masks(parents) -> list[int]:
     """Masks of ``[root, node 0, ...]``: bit 0 is the root, bit i + 1 node i.
 
     >>> tree_masks([-1, -1, 0])      # root -> {0, 1}, 0 -> {2}
     [1, 3, 5, 11]
     """
-    if len(parents) > MAX_TREE_NODES:
-        raise ValueError(f"a draft tree holds at most {MAX_TREE_NODES} nodes, got {len(parents)}")
+    if len(parents) > MAX_DRAFT_NODES:
+        raise ValueError(f"a draft tree holds at most {MAX_DRAFT_NODES} nodes, got {len(parents)}")
     masks = [1]
     for i, p in enumerate(parents):
         if not -1 <= p < i:
@@ -68,9 +78,9 @@ class TreeShape:
                     parents.append(p)
                     depths.append(d)
             frontier = nxt
-        if len(parents) > MAX_TREE_NODES:
+        if len(parents) > MAX_DRAFT_NODES:
             raise ValueError(
-                f"draft_tree={branching} has {len(parents)} nodes; at most {MAX_TREE_NODES} fit one "
+                f"draft_tree={branching} has {len(parents)} nodes; at most {MAX_DRAFT_NODES} fit one "
                 "verification pass"
             )
         return cls(branching, tuple(parents), tuple(depths))
@@ -88,29 +98,8 @@ class TreeShape:
         return sum(1 for d in self.depths if d <= depth)
 
 
-@dataclass
-class TreeBatch:
-    """The trees of one step, ragged over the batch (host lists; the engine uploads them).
-
-    parents[b], depths[b]: sequence b's tree (possibly empty)
-    """
-
-    parents: list[list[int]]
-    depths: list[list[int]]
-
-    @property
-    def counts(self) -> list[int]:
-        return [len(p) for p in self.parents]
-
-    @property
-    def max_depth(self) -> int:
-        return max((max(d) for d in self.depths if d), default=0)
-
-    def flat_parents(self, device) -> torch.Tensor:
-        return torch.tensor([p for ps in self.parents for p in ps], dtype=torch.int32, device=device)
-
-
-def depths_of(parents: list[int]) -> list[int]:
+def depths_of(parents) -> list[int]:
+    """1-based depth of every node (children of the root have depth 1)."""
     depths = []
     for p in parents:
         depths.append(1 if p < 0 else depths[p] + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import torch
 
@@ -48,3 +49,15 @@ def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: in
     model.eval()
     model.save_pretrained(path)
     return pathlib.Path(path)
+
+
+def perturbed_copy(src: pathlib.Path, dst: pathlib.Path, noise: float, seed: int) -> pathlib.Path:
+    """``src``'s checkpoint with N(0, noise) added to every weight: a "near" draft."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    weights = load_file(dst / "model.safetensors")
+    weights = {k: w + noise * torch.randn(w.shape, generator=gen) for k, w in weights.items()}
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return pathlib.Path(dst)

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
-from safetensors.torch import load_file, save_file
+from checkpoints import make_checkpoint, perturbed_copy
 from stats import binomial_two_sided_p, chi2_sf, chi_square_test
 
 from specdec import LLM, SamplingParams
@@ -57,16 +55,6 @@ _ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermed
              max_position_embeddings=64, std=0.5)
 
 
-def _perturbed_copy(src, dst, noise: float, seed: int):
-    """A checkpoint with ``src``'s config and its weights plus N(0, noise) noise."""
-    shutil.copytree(src, dst)
-    gen = torch.Generator().manual_seed(seed)
-    weights = load_file(dst / "model.safetensors")
-    weights = {k: w + noise * torch.randn(w.shape, generator=gen) for k, w in weights.items()}
-    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("distribution")
@@ -75,7 +63,7 @@ def ckpts(tmp_path_factory):
     draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **_ARCH)
     # "near": the target plus noise; under top-k/top-p an unrelated draft rarely keeps
     # the target's tokens (acceptance ~5%), this one does (~20%)
-    near = _perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
     return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
 
 

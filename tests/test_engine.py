@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from checkpoints import FAMILIES, make_checkpoint
+from checkpoints import FAMILIES, make_checkpoint, perturbed_copy
 from specdec import LLM, CacheCapacityError, SamplingParams
 from specdec.batch import build_forward_batch
 from specdec.drafters.draft_model import ModelDrafter
@@ -48,19 +48,9 @@ def dirs(tmp_path_factory):
     out["small-vocab"] = mk("small_vocab", "llama", vocab_size=50, num_layers=1, seed=2)
     out["short-context"] = mk("short", "llama", max_position_embeddings=24, seed=3)
     for f in FAMILIES:
-        out[f"near-{f}"] = _perturbed_copy(out[f], tmp_path_factory.mktemp(f"near-{f}") / "ckpt")
+        out[f"near-{f}"] = perturbed_copy(out[f], tmp_path_factory.mktemp(f"near-{f}") / "ckpt",
+                                          noise=0.01, seed=11)
     return out
-
-
-def _perturbed_copy(src, dst, std=0.01):
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    gen = torch.Generator().manual_seed(11)
-    tensors = load_file(dst / "model.safetensors")
-    tensors = {k: v + std * torch.randn(v.shape, generator=gen) for k, v in tensors.items()}
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 _MODELS: dict = {}

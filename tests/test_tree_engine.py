@@ -31,21 +31,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from checkpoints import make_checkpoint
+from checkpoints import make_checkpoint, perturbed_copy
 from stats import binomial_two_sided_p, chi_square_test
 from test_distribution import exact_joint, next_token_probs
-from test_engine import _draft_arg, _poison
+from test_engine import _draft_arg, _poison, _record_running
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch, prefill_tails
 from specdec.drafters import draft_model
-from specdec.drafters.draft_model import ModelDrafter
 from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
 from specdec.kernels import get_backend, reference
 from specdec.kernels.philox import philox_uniform, sample_inverse_cdf
@@ -61,18 +59,6 @@ SHAPES = [(2,), (3, 2, 1), (2, 2, 2), (1, 1, 1, 1)]  # the last one is a chain a
 # ---------------------------------------------------------------------- helpers
 
 
-def _perturbed_copy(src, dst, noise: float, seed: int):
-    """``src``'s checkpoint with N(0, noise) added to every weight (a "near" draft)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    gen = torch.Generator().manual_seed(seed)
-    weights = load_file(dst / "model.safetensors")
-    weights = {k: w + noise * torch.randn(w.shape, generator=gen) for k, w in weights.items()}
-    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree_engine")
@@ -82,7 +68,7 @@ def dirs(tmp_path_factory):
                                          hidden_size=16, intermediate_size=24, seed=1)
     # ... and a near copy of each target (greedy acceptance ~60%, non-first children win often)
     for f in ("llama", "qwen2", "llama3-rope"):
-        out[f"near-{f}"] = _perturbed_copy(out[f], root / f"near-{f}", noise=0.01, seed=11)
+        out[f"near-{f}"] = perturbed_copy(out[f], root / f"near-{f}", noise=0.01, seed=11)
     return out
 
 
@@ -151,17 +137,6 @@ def check_tree_metrics(out, shape: TreeShape):
     assert sum(acc) == m.num_accepted_tokens  # one accepted token per depth on the path
     assert all(a <= p for a, p in zip(acc, prop))
     assert all(x >= y for x, y in zip(acc, acc[1:])) and all(x >= y for x, y in zip(prop, prop[1:]))
-
-
-def _record_running(llm):
-    seen, schedule = [], llm.engine._schedule
-
-    def wrapped():
-        schedule()
-        seen.append(len(llm.engine.running))
-
-    llm.engine._schedule = wrapped
-    return seen
 
 
 def _record_proposals(llm):
@@ -698,7 +673,7 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree_distribution")
     target = make_checkpoint(root / "target", num_layers=2, seed=1, **_ARCH)
     draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **_ARCH)
-    near = _perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
     return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
 
 

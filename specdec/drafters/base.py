@@ -44,7 +44,3 @@ class Drafter:
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Mirror the target's keep-path move in a draft cache of the drafter's own."""
-
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        """Extra KV-cache bytes per block this drafter needs (a draft model's cache)."""
-        return 0

@@ -142,12 +142,6 @@ class ModelDrafter(Drafter):
         # still valid: the committed prefix and the accepted drafts among d_1..d_{k-1}
         seq.draft_len = min(seq.draft_len, len(seq.tokens) + num_accepted)
 
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        if self.shares_target_cache:
-            return 0
-        cfg = self.model.config
-        return KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
-                                       cfg.head_dim, self.cache.k.dtype)
 
 
 def _children(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

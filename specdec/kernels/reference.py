@@ -24,7 +24,6 @@ __all__ = [
     "write_kv",
     "move_kv",
     "verify_attention",
-    "chain_tree_mask",
     "sampling_probs",
     "rejection_sample",
     "tree_rejection_sample",
@@ -64,18 +63,6 @@ def move_kv(
     for cache in (k_cache, v_cache):
         flat = cache.view(num_blocks * block_size, h_kv, d)
         flat[dst_slots] = flat[src_slots].clone()
-
-
-def chain_tree_mask(n: int, device=None) -> torch.Tensor:
-    """Ancestor bitmask of a chain of ``n`` <= 64 nodes: node i sees nodes 0..i.
-
-    Returns [n] int64 with bit j of entry i set when node j is i or an ancestor of i.
-    """
-    if not 0 <= n <= 64:
-        raise ValueError(f"a tree mask holds at most 64 nodes, got {n}")
-    i = torch.arange(n, dtype=torch.int64, device=device)
-    # (1 << (i + 1)) - 1 overflows to -1 for i = 63, which is exactly "all 64 bits set".
-    return torch.where(i == 63, torch.full_like(i, -1), (1 << (i + 1)) - 1)
 
 
 def _slots_of(block_table_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:

@@ -175,6 +175,25 @@ def _weights(row_ptr, q_row_ptr, idx, mask, t, m, z, thr, x_draft, residual,
 
 
 @triton.jit
+def _cdf_block(w, idx, cum, target, token, last):
+    """One block of an inverse-CDF scan over weights ``w`` at vocabulary ids ``idx``.
+
+    Returns (token, last, cum): the first id whose running sum exceeds ``target`` (kept
+    at -1 until found), the last id with positive weight per lane (the fallback when
+    rounding hides the crossing), and the running sum after this block.
+    """
+    last = tl.where(w > 0.0, idx, last)
+    block_sum = tl.sum(w)
+    if cum + block_sum > target:
+        # the crossing is in this block; a zero weight never wins, even where the
+        # scan's rounding steps up (if rounding hides the crossing, go on)
+        hit = (cum + tl.cumsum(w, 0) > target) & (w > 0.0)
+        first = tl.min(tl.where(hit, idx, _INT32_MAX))
+        token = tl.where(first == _INT32_MAX, -1, first.to(tl.int64))
+    return token, last, cum + block_sum
+
+
+@triton.jit
 def _sample(row_ptr, q_row_ptr, V, t, m, z, thr, x_draft, residual, u,
             HAS_Q: tl.constexpr, BLOCK_V: tl.constexpr):
     """Inverse-CDF sample of the residual (or of p when residual is false or sums to 0):
@@ -198,16 +217,7 @@ def _sample(row_ptr, q_row_ptr, V, t, m, z, thr, x_draft, residual, u,
     while (v0 < V) & (token < 0):
         idx = v0 + offs
         p, r = _weights(row_ptr, q_row_ptr, idx, idx < V, t, m, z, thr, x_draft, residual, HAS_Q)
-        w = tl.where(use_r, r, p)
-        last = tl.where(w > 0.0, idx, last)
-        block_sum = tl.sum(w)
-        if cum + block_sum > target:
-            # the crossing is in this block; a zero weight never wins, even where the
-            # scan's rounding steps up (if rounding hides the crossing, go on)
-            hit = (cum + tl.cumsum(w, 0) > target) & (w > 0.0)
-            first = tl.min(tl.where(hit, idx, _INT32_MAX))
-            token = tl.where(first == _INT32_MAX, -1, first.to(tl.int64))
-        cum += block_sum
+        token, last, cum = _cdf_block(tl.where(use_r, r, p), idx, cum, target, token, last)
         v0 += BLOCK_V
     return tl.where(token < 0, tl.max(last).to(tl.int64), token)
 

@@ -54,11 +54,10 @@ from .reference import (
     _check_tree_layout,
     _raise_if_flagged,
 )
-from .rejection_sampling import _key, _load_scaled, _row_stats, _thresholds
+from .rejection_sampling import _cdf_block, _key, _load_scaled, _row_stats, _thresholds
 
 __all__ = ["tree_rejection_sample"]
 
-_INT32_MAX = tl.constexpr(2147483647)
 _ACCEPT_STREAM = tl.constexpr(TREE_ACCEPT_STREAM << 24)  # stream field of the counter
 _SAMPLE_STREAM = tl.constexpr(TREE_SAMPLE_STREAM << 24)
 
@@ -113,14 +112,7 @@ def _sample(row_ptr, q_row_ptr, ids_ptr, par_ptr, V, t, m, z, thr, node, coef, c
         idx = v0 + offs
         w = _weights(row_ptr, q_row_ptr, ids_ptr, par_ptr, idx, idx < V, t, m, z, thr, node,
                      coef, cut, HAS_Q)
-        last = tl.where(w > 0.0, idx, last)
-        block_sum = tl.sum(w)
-        if cum + block_sum > target:
-            # a zero weight never wins, even where the scan's rounding steps up
-            hit = (cum + tl.cumsum(w, 0) > target) & (w > 0.0)
-            first = tl.min(tl.where(hit, idx, _INT32_MAX))
-            token = tl.where(first == _INT32_MAX, -1, first.to(tl.int64))
-        cum += block_sum
+        token, last, cum = _cdf_block(w, idx, cum, target, token, last)
         v0 += BLOCK_V
     return tl.where(token < 0, tl.max(last).to(tl.int64), token)
 
