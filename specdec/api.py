@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cuda_graphs import DecodeRunner, supports
 from .detokenize import TextStream, output_text
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
@@ -22,6 +23,7 @@ from .kv_cache import BlockManager, KVCache, cdiv
 from .models import load_model
 from .sampling_params import SamplingParams
 from .sequence import RequestMetrics, RequestOutput, Sequence
+from .speculation import AdaptiveSpeculation
 from .tree import TreeShape
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -49,7 +51,8 @@ class LLM:
     draft:            None (plain decoding), a draft model directory sharing the target's
                       vocabulary, ``"ngram"`` (prompt lookup) or ``"early-exit:N"`` (the
                       target's first N layers)
-    num_draft_tokens: draft tokens proposed per step (the chain length k)
+    num_draft_tokens: draft tokens proposed per step (the chain length k); with adaptive
+                      speculation, the most a step proposes
     device:           defaults to CUDA when present, else CPU
     dtype:            defaults to bfloat16 on CUDA, float32 on CPU
     backend:          "torch" (reference kernels), "triton", or "auto" (triton on CUDA)
@@ -62,6 +65,16 @@ class LLM:
     seed:             seeds the per-request seeds of requests that give none
     draft_tree:       a static draft tree instead of a chain: every node at depth d gets
                       ``draft_tree[d]`` children, e.g. (3, 2, 1, 1); at most 63 nodes
+    adaptive:         choose each step's chain length (0 .. num_draft_tokens) from the
+                      measured acceptance and the measured cost of drafting and verifying
+                      at the current batch size, so large batches fall back to plain
+                      decoding. Default: on with CUDA graphs (where costs are timed on the
+                      captured steps), off otherwise. Outputs keep the target's
+                      distribution either way, but k then depends on timings, so a seeded
+                      request repeats token for token only with ``adaptive=False``.
+    cuda_graphs:      replay decode steps as CUDA graphs captured per batch-size bucket,
+                      chain length and sampling mode (prefill, trees and n-gram drafts run
+                      eagerly). Default: on with CUDA and the Triton backend
 
     >>> llm = LLM("out/stories260K", draft="early-exit:4")           # doctest: +SKIP
     >>> out = llm.generate("Once upon a time", SamplingParams(max_tokens=32, temperature=0))
@@ -71,7 +84,8 @@ class LLM:
     def __init__(self, target: str | Path, draft: str | Path | None = None, num_draft_tokens: int = 4,
                  device=None, dtype: torch.dtype | None = None, backend: str = "auto", *,
                  kv_cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
-                 seed: int | None = None, draft_tree: tuple[int, ...] | None = None):
+                 seed: int | None = None, draft_tree: tuple[int, ...] | None = None,
+                 adaptive: bool | None = None, cuda_graphs: bool | None = None):
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
         if backend not in BACKENDS + ("auto",):
@@ -87,6 +101,26 @@ class LLM:
         tree = TreeShape.of(draft_tree) if draft_tree is not None else None
         if tree is not None and draft_kind == "none":
             raise ValueError("draft_tree needs a drafter: pass draft='ngram', 'early-exit:N' or a model directory")
+        for name, flag in (("adaptive", adaptive), ("cuda_graphs", cuda_graphs)):
+            if flag is not None and not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True, False or None, got {flag!r}")
+        if cuda_graphs and (self.device.type != "cuda" or backend != "triton"):
+            raise ValueError(f"cuda_graphs=True needs a CUDA device and the Triton backend, got device "
+                             f"{self.device} and backend {backend!r}: pass cuda_graphs=False")
+        if cuda_graphs and draft_kind == "ngram":
+            raise ValueError("cuda_graphs=True does not cover the n-gram drafter (its drafts come from the "
+                             "host): pass cuda_graphs=False or None")
+        if adaptive and (tree is not None or draft_kind == "none"):
+            raise ValueError("adaptive speculation chooses a chain length: it needs a drafter and no "
+                             "draft_tree; pass adaptive=False")
+        if cuda_graphs and tree is not None:
+            raise ValueError("cuda_graphs=True does not cover draft trees (they run eagerly): pass "
+                             "cuda_graphs=False or None")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and backend == "triton" and draft_kind != "ngram" \
+                and tree is None
+        if adaptive is None:
+            adaptive = cuda_graphs and draft_kind != "none"
 
         self.target = load_model(target, self.device, self.dtype)
         self.config = self.target.config
@@ -118,11 +152,11 @@ class LLM:
             per_block += KVCache.bytes_per_block(dc.num_layers, block_size, dc.num_kv_heads, dc.head_dim, self.dtype)
         budget = kv_cache_memory if kv_cache_memory is not None else self._default_budget()
         full = max_num_seqs * cdiv(cfg.max_position_embeddings + k, block_size)
-        num_blocks = min(budget // per_block, full)
+        num_blocks = min(budget // per_block - 1, full)  # one more: the scratch block of padded rows
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={budget} bytes holds no KV block of {per_block} bytes")
+            raise ValueError(f"kv_cache_memory={budget} bytes holds fewer than two KV blocks of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, block_size)
-        self.cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+        self.cache = KVCache(cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                              self.dtype, self.device)
 
         if draft_kind == "none":
@@ -134,13 +168,16 @@ class LLM:
                                    shares_target_cache=True, name=f"early-exit:{n}", tree=tree)
         else:
             dc = draft_model.config
-            draft_cache = KVCache(dc.num_layers, num_blocks, block_size, dc.num_kv_heads, dc.head_dim,
+            draft_cache = KVCache(dc.num_layers, num_blocks + 1, block_size, dc.num_kv_heads, dc.head_dim,
                                   self.dtype, self.device)
             drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft), tree=tree)
         self.drafter = drafter
+        runner = self.decode_runner(use_graphs=True, max_k=k, max_batch=max_num_seqs) if cuda_graphs else None
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
                              eos_token_ids=cfg.eos_token_ids, max_num_seqs=max_num_seqs,
-                             tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None)
+                             tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None,
+                             speculation=AdaptiveSpeculation(k) if adaptive else None, runner=runner)
+        self.cuda_graphs, self.adaptive = runner is not None, bool(adaptive)
         self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._next_id = 0
         self._totals = RequestMetrics()
@@ -163,6 +200,19 @@ class LLM:
         raise ValueError(
             f"draft {draft!r} is not a known drafter nor an existing path; use one of {', '.join(DRAFTER_NAMES)}"
         )
+
+    def decode_runner(self, use_graphs: bool, max_k: int | None = None, max_batch: int | None = None) -> DecodeRunner:
+        """The fixed-shape decode step of this model and drafter (CUDA graphs when
+        ``use_graphs``; eagerly otherwise, which is how the CPU tests exercise it)."""
+        if not supports(self.drafter):
+            raise ValueError(f"the {self.drafter.name!r} drafter has no fixed-shape decode step (n-gram "
+                             "drafts come from the host, trees have a shape of their own)")
+        e = getattr(self, "engine", None)
+        return DecodeRunner(self.target, self.cache, self.ops, self.drafter,
+                            max_k=max_k if max_k is not None else e.num_draft_tokens,
+                            max_batch=max_batch if max_batch is not None else e.max_num_seqs,
+                            max_context=self.config.max_position_embeddings, block_size=self.blocks.block_size,
+                            scratch_block=self.blocks.num_blocks, use_graphs=use_graphs)
 
     def _default_budget(self) -> int:
         if self.device.type == "cuda":

@@ -1,4 +1,4 @@
-"""``specdec`` command line: generate, demo, convert."""
+"""``specdec`` command line: generate, demo, convert, bench."""
 
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None)
     demo.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     demo.set_defaults(func=_demo)
+
+    from . import benchmark
+
+    bench = sub.add_parser("bench", help="end-to-end tokens/s: plain, speculative and transformers, one table",
+                           description=benchmark.__doc__.split("\n\n")[0])
+    benchmark.add_arguments(bench)
+    bench.set_defaults(func=benchmark.run)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an HF-style directory")
     conv_sub = conv.add_subparsers(dest="format", required=True)

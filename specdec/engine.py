@@ -15,6 +15,15 @@ One ``step()`` for every running sequence at once:
 
 Prefill is not a separate phase: a new sequence's uncached tokens are its whole prompt,
 so its first verify forward is its prefill (chunk-free, ragged with the decodes).
+
+Two things shape a step when they are given:
+
+* ``speculation`` (specdec/speculation.py) picks the chain length k of each step from the
+  measured acceptance and the measured cost of both halves at this batch size; 0 makes
+  the step plain decoding.
+* ``runner`` (specdec/cuda_graphs.py) runs steps where every sequence is past its prefill
+  on static buffers — replayed CUDA graphs on a GPU. Other steps (prefill, trees, n-gram
+  drafts, a sequence with fewer drafts than the rest) take the general path below.
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ from collections import deque
 import torch
 
 from .batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
+from .cuda_graphs import DecodeRunner, StepClock, sampling_mode
 from .drafters.base import Drafter
 from .kv_cache import BlockManager, CacheCapacityError, KVCache, cdiv
 from .models.llama import LlamaForCausalLM
 from .sequence import Sequence, Status
+from .speculation import AdaptiveSpeculation
 from .tree import tree_layout
 
 
@@ -48,7 +59,8 @@ class Engine:
 
     def __init__(self, target: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  drafter: Drafter, num_draft_tokens: int, eos_token_ids=(), max_num_seqs: int = 64,
-                 tokenizer=None, draft_depth: int | None = None):
+                 tokenizer=None, draft_depth: int | None = None,
+                 speculation: AdaptiveSpeculation | None = None, runner: DecodeRunner | None = None):
         self.target, self.cache, self.blocks, self.ops = target, cache, blocks, ops
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens  # cache slots a step's drafts use (tree nodes)
@@ -58,6 +70,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_context = target.config.max_position_embeddings
         self.device = cache.k.device
+        self.speculation = speculation
+        self.runner = runner
+        self.clock = StepClock(self.device)
+        self.last_k = self.draft_depth  # the chain length the latest step asked for
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -143,14 +159,28 @@ class Engine:
         seqs = list(self.running)
         if not seqs:
             return []
-        sampling = SamplingTensors.of(seqs, self.device)
-        draft = self.drafter.propose(seqs, [self._draft_limit(s) for s in seqs], sampling, self.device)
-        if draft.parents is None:
-            depths = draft.counts
-            out, n_acc, nodes = self._verify_chain(seqs, draft, sampling)
+        k = self.draft_depth if self.speculation is None else self.speculation.choose(len(seqs))
+        limits = [min(k, self._draft_limit(s)) for s in seqs]
+        decode_only = all(s.target_len == len(s.tokens) - 1 for s in seqs)
+        nodes = None
+        if self.runner is not None and self.runner.can_run(seqs, max(limits)):
+            k, limits = self._profile_if_new(seqs, k, limits)
+            out, n_acc, marks = self.runner.run(seqs, self.blocks, limits, sampling_mode(seqs))
+            counts = depths = limits
         else:
-            depths = [max(tree_layout(tuple(p))[0], default=0) for p in draft.parents]
-            out, n_acc, nodes = self._verify_tree(seqs, draft, sampling, max(depths))
+            sampling = SamplingTensors.of(seqs, self.device)
+            t0 = self.clock.mark()
+            draft = self.drafter.propose(seqs, limits, sampling, self.device)
+            t1 = self.clock.mark()
+            counts = draft.counts
+            if draft.parents is None:
+                depths = draft.counts
+                out, n_acc, nodes = self._verify_chain(seqs, draft, sampling)
+            else:
+                depths = [max(tree_layout(tuple(p))[0], default=0) for p in draft.parents]
+                out, n_acc, nodes = self._verify_tree(seqs, draft, sampling, max(depths))
+            marks = (t0, t1, self.clock.mark())
+        self.last_k = k
 
         # -- commit: the one device-to-host copy of the step --
         host = torch.cat([n_acc.to(torch.int64)[:, None], out] + ([nodes.to(torch.int64)] if nodes is not None else []),
@@ -166,8 +196,13 @@ class Engine:
             )
         if nodes is not None:
             self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
+        if self.speculation is not None:
+            self.speculation.observe(counts, [row[0] for row in host])
+            if decode_only and all(n == k for n in counts):  # a prefill's cost is not a step's
+                t0, t1, t2 = marks
+                self.speculation.record(len(seqs), k, self.clock.seconds(t0, t1), self.clock.seconds(t1, t2))
         finished = []
-        for seq, row, n_draft, depth in zip(seqs, host, draft.counts, depths):
+        for seq, row, n_draft, depth in zip(seqs, host, counts, depths):
             a = row[0]
             emitted = row[1:a + 2]
             self.drafter.commit(seq, a)
@@ -182,6 +217,17 @@ class Engine:
             self.running.remove(seq)
             self.blocks.free(seq.seq_id)
         return finished
+
+    def _profile_if_new(self, seqs, k: int, limits: list[int]) -> tuple[int, list[int]]:
+        """The first graph step at a batch size times every k (capturing its graphs), so
+        the controller chooses from measured costs instead of exploring step by step."""
+        spec = self.speculation
+        if spec is None or not self.runner.use_graphs or spec.has_costs(len(seqs)):
+            return k, limits
+        for j, (draft_s, verify_s) in self.runner.profile(seqs, self.blocks, sampling_mode(seqs)).items():
+            spec.record(len(seqs), j, draft_s, verify_s, warm=True)
+        k = spec.choose(len(seqs))  # <= the k profiled from, so the step still qualifies
+        return k, [min(k, n) for n in limits]
 
     def _verify_chain(self, seqs, draft, sampling):
         """Uncached tokens + a chain of drafts per sequence, one causal forward."""

@@ -76,7 +76,8 @@ def make_llm(ckpts, draft: str | None, k: int = 2, backend: str = "torch",
     if num_blocks is not None:
         cfg = ckpts.model.config
         layers = cfg.num_layers + (1 if draft == "model" else 0)  # the draft model has 1 layer
-        memory = num_blocks * KVCache.bytes_per_block(layers, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim,
+        # + 1: the scratch block
+        memory = (num_blocks + 1) * KVCache.bytes_per_block(layers, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim,
                                                       torch.float32)
     draft = str(ckpts.dirs[draft]) if draft in ckpts.dirs else draft
     return LLM(ckpts.target, draft=draft, num_draft_tokens=k, device=device, dtype=torch.float32,

@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["specdec.tree", "specdec.drafters.ngram", "specdec.sampling_params", "specdec.detokenize"]
+MODULES = ["specdec.tree", "specdec.drafters.ngram", "specdec.sampling_params", "specdec.detokenize",
+           "specdec.benchmark"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -339,8 +339,8 @@ def test_llm_blocks_returned_after_each_generate(ckpt):
 def test_llm_cache_sized_from_budget(ckpt):
     cfg = load_model(ckpt).config
     per_block = KVCache.bytes_per_block(cfg.num_layers, 4, cfg.num_kv_heads, cfg.head_dim, torch.float32)
-    llm = LLM(ckpt, block_size=4, device="cpu", kv_cache_memory=7 * per_block + per_block // 2)
-    assert llm.blocks.num_blocks == 7
-    assert llm.cache.k.shape == (cfg.num_layers, 7, 4, cfg.num_kv_heads, cfg.head_dim)
+    llm = LLM(ckpt, block_size=4, device="cpu", kv_cache_memory=8 * per_block + per_block // 2)
+    assert llm.blocks.num_blocks == 7  # and one scratch block no sequence is given
+    assert llm.cache.k.shape == (cfg.num_layers, 8, 4, cfg.num_kv_heads, cfg.head_dim)
     with pytest.raises(ValueError, match="kv_cache_memory"):
-        LLM(ckpt, block_size=4, device="cpu", kv_cache_memory=per_block - 1)
+        LLM(ckpt, block_size=4, device="cpu", kv_cache_memory=2 * per_block - 1)

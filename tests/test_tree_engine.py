@@ -418,12 +418,13 @@ def test_greedy_tree_other_families(dirs, family, drafter, shape):
 
 
 def _budget(paths, block_size, num_blocks):
-    """kv_cache_memory that buys exactly ``num_blocks`` blocks of every model in ``paths``."""
+    """kv_cache_memory that buys exactly ``num_blocks`` blocks of every model in ``paths``
+    (plus the scratch block)."""
     per = 0
     for p in paths:
         c = _model(p).config
         per += KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, torch.float32)
-    return num_blocks * per
+    return (num_blocks + 1) * per
 
 
 PREEMPT_CASES = [("ngram", (3, 2, 1)), ("early-exit:2", (2, 2, 2)), ("draft-model", (2, 2, 2)), ("self", (3, 2, 1))]

@@ -61,13 +61,7 @@ class ModelDrafter(Drafter):
         for j in range(k):
             batch = build_forward_batch(self.blocks, ids, starts, lengths, [1] * len(seqs), tokens, device)
             logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)  # [B, V]
-            q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                               filtered=sampling.filtered, all_greedy=sampling.all_greedy)  # [B, V]
-            if sampling.all_greedy:  # q is one-hot: the sample is its argmax, no draw needed
-                tokens = q.argmax(-1)
-            else:
-                u = philox_uniform(sampling.seeds, sampling.offsets, 1, stream=DRAFT_STREAM + j)[:, 0]
-                tokens = sample_inverse_cdf(q, u)  # [B]
+            tokens, q = self.sample(logits, sampling, j)
             drafts.append(tokens)
             probs.append(q)
             starts = [st + n for st, n in zip(starts, lengths)]
@@ -80,6 +74,19 @@ class ModelDrafter(Drafter):
         for s in seqs:
             s.draft_len = len(s.tokens) + k - 1  # the draft cache now holds d_1..d_{k-1}
         return DraftProposal(all_tokens[keep], all_probs[keep], list(limits))
+
+    @staticmethod
+    def sample(logits: torch.Tensor, sampling: SamplingTensors, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw draft token ``j`` of every sequence from the draft's processed distribution.
+
+        logits: [B, V] -> tokens [B] int64, q [B, V] float32 (what they were drawn from)
+        """
+        q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                           filtered=sampling.filtered, all_greedy=sampling.all_greedy)  # [B, V]
+        if sampling.all_greedy:  # q is one-hot: the sample is its argmax, no draw needed
+            return q.argmax(-1), q
+        u = philox_uniform(sampling.seeds, sampling.offsets, 1, stream=DRAFT_STREAM + j)[:, 0]
+        return sample_inverse_cdf(q, u), q
 
     def _propose_tree(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
                       device) -> DraftProposal:

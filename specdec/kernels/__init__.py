@@ -28,7 +28,7 @@ class Backend:
     tree_rejection_sample: Callable
 
 
-def _reference_attention(*args, max_query_len=None, **kwargs):
+def _reference_attention(*args, max_query_len=None, max_seq_len=None, **kwargs):
     return reference.verify_attention(*args, **kwargs)
 
 

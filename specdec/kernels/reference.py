@@ -214,7 +214,7 @@ def _check_tensors(expected: dict, target_logits: torch.Tensor, sizes: str) -> N
 
 def _check_rejection_args(
     target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-    temperature, top_k, top_p, seeds, offsets,
+    temperature, top_k, top_p, seeds, offsets, num_draft=None,
 ) -> tuple[int, int]:
     """Shape, dtype and device checks that need no device read. Returns (B, V)."""
     if target_logits.dim() != 2 or target_logits.shape[1] < 1:
@@ -242,6 +242,8 @@ def _check_rejection_args(
     }
     if draft_probs is not None:
         expected["draft_probs"] = (draft_probs, torch.float32, (n_draft, vocab))
+    if num_draft is not None:
+        expected["num_draft"] = (num_draft, torch.int32, (batch,))
     _check_tensors(expected, target_logits, f"B={batch}, sum n_b={n_draft}, V={vocab}")
     if rows != n_draft + batch:
         raise ValueError(f"target_logits has {rows} rows; {batch} sequences with {n_draft} drafts "
@@ -293,6 +295,8 @@ def rejection_sample(
     seeds: torch.Tensor,
     offsets: torch.Tensor,
     check_finite: bool = True,
+    *,
+    num_draft: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling of chain drafts for a ragged batch.
 
@@ -310,6 +314,10 @@ def rejection_sample(
     top_p:           [B] float32 in (0, 1], 1 disables
     seeds, offsets:  [B] int64, the Philox key and counter of each sequence
     check_finite:    raise ValueError on bad values (costs host copies, see below)
+    num_draft:       [B] int32 or None (keyword). Test only the first min(n_b, num_draft[b])
+                     drafts of sequence b, its rows and drafts still laid out by
+                     cu_num_draft: a fixed-shape step drafts k for every sequence and caps
+                     those near their token limit
     returns:         out_tokens [B, k_max + 1] int64 padded with -1, n_accepted [B] int32
 
     The rule (Leviathan et al. 2023, Chen et al. 2023), with p_i = ``sampling_probs`` of
@@ -342,7 +350,8 @@ def rejection_sample(
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
     batch, vocab = _check_rejection_args(target_logits, draft_token_ids, draft_probs, cu_num_draft,
-                                         max_num_draft, temperature, top_k, top_p, seeds, offsets)
+                                         max_num_draft, temperature, top_k, top_p, seeds, offsets,
+                                         num_draft)
     if check_finite:
         _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
     dev = target_logits.device
@@ -354,6 +363,8 @@ def rejection_sample(
     layout_ok = (start >= 0) & (n >= 0) & (n <= k_max) & (end <= n_draft)
     n = torch.where(layout_ok, n, 0)
     start = torch.where(layout_ok, start, 0)
+    if num_draft is not None:  # test fewer drafts than the slice holds
+        n = torch.minimum(n, num_draft.long().clamp(min=0))
     b_idx = torch.arange(batch, device=dev)
     pos = torch.arange(k_max + 1, device=dev)  # [K+1]
     row_ok = pos[None, :] <= n[:, None]  # [B, K+1]

@@ -225,10 +225,10 @@ def _sample(row_ptr, q_row_ptr, V, t, m, z, thr, x_draft, residual, u,
 @triton.jit
 def _rejection_sample_kernel(
     logits_ptr, stride_l, ids_ptr, q_ptr, stride_q, cu_ptr,
-    temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr,
+    temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, cap_ptr,
     out_ptr, stride_o, n_acc_ptr,
     V, n_draft, k_max,
-    HAS_Q: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     # -- this sequence's slice; a bad layout is flagged, never read out of bounds --
@@ -238,6 +238,8 @@ def _rejection_sample_kernel(
     bad = (start < 0) | (n < 0) | (n > k_max) | (end > n_draft)
     n = tl.where(bad, 0, n)
     start = tl.where(bad, 0, start)
+    if HAS_CAP:  # test only the first num_draft[b] drafts of the slice
+        n = tl.minimum(n, tl.maximum(tl.load(cap_ptr + b).to(tl.int64), 0))
     temp = tl.load(temp_ptr + b)
     greedy = temp <= 0.0
     t = tl.where(greedy, 1.0, temp)
@@ -307,6 +309,8 @@ def rejection_sample(
     seeds: torch.Tensor,
     offsets: torch.Tensor,
     check_finite: bool = True,
+    *,
+    num_draft: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused rejection sampling; same arguments, results and errors as
     ``reference.rejection_sample`` (see its docstring for every tensor's shape and dtype).
@@ -325,7 +329,8 @@ def rejection_sample(
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
     batch, vocab = _check_rejection_args(target_logits, draft_token_ids, draft_probs, cu_num_draft,
-                                         max_num_draft, temperature, top_k, top_p, seeds, offsets)
+                                         max_num_draft, temperature, top_k, top_p, seeds, offsets,
+                                         num_draft)
     if check_finite:
         _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
     dev = target_logits.device
@@ -344,10 +349,10 @@ def rejection_sample(
     block_v = min(4096, triton.next_power_of_2(vocab))
     _rejection_sample_kernel[(batch,)](
         logits, logits.stride(0), ids, q, q.stride(0), cu_num_draft,
-        temperature, top_k, top_p, seeds, offsets,
+        temperature, top_k, top_p, seeds, offsets, num_draft if num_draft is not None else cu_num_draft,
         out, out.stride(0), n_acc,
         vocab, draft_token_ids.shape[0], max_num_draft,
-        HAS_Q=draft_probs is not None, BLOCK_V=block_v,
+        HAS_Q=draft_probs is not None, HAS_CAP=num_draft is not None, BLOCK_V=block_v,
         BLOCK_K=triton.next_power_of_2(max_num_draft + 1),
         # one program per sequence, so a lone CTA per SM: 16 warps (8 elements a thread at
         # BLOCK_V = 4096) hide more latency; 109 registers a thread, no spills on sm_90

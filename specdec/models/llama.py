@@ -34,6 +34,8 @@ class ForwardBatch:
     tree_mask:     [T] int64 ancestor bits, or None for causal order among new tokens
     logits_rows:   [R] int64   rows of ``tokens`` whose logits are wanted (None = all)
     max_query_len: host int, max new tokens of one sequence (kernel grid size)
+    max_seq_len:   host int or None, an upper bound of seq_lens; lets attention split a
+                   long KV range over more programs (a hint: results do not depend on it)
     """
 
     tokens: torch.Tensor
@@ -45,6 +47,7 @@ class ForwardBatch:
     tree_mask: torch.Tensor | None
     logits_rows: torch.Tensor | None
     max_query_len: int
+    max_seq_len: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -121,6 +124,7 @@ class Attention(nn.Module):
         out = ops.verify_attention(
             q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.q_start,
             batch.tree_mask, self.scale, max_query_len=batch.max_query_len,
+            max_seq_len=batch.max_seq_len,
         )
         return self.o_proj(out.reshape(T, -1))
 

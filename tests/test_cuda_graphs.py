@@ -1,0 +1,182 @@
+"""The fixed-shape decode step (specdec/cuda_graphs.py) against the engine's general path.
+
+What a CUDA graph replays is ``_StaticStep.draft`` and ``_StaticStep.verify`` on the
+runner's static buffers; on the CPU the same code runs eagerly. Every seeded request
+must come out token for token as the general path makes it — greedy, sampled and
+filtered, plain decoding, early exit and a separate draft model, with batches that
+need padding rows and sequences whose last step allows fewer drafts than the rest.
+Graph capture itself needs CUDA (the ``gpu`` tests at the end).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint, perturbed_copy
+from specdec import LLM, SamplingParams
+from specdec.cuda_graphs import DecodeRunner, sampling_mode
+from specdec.drafters.draft_model import ModelDrafter
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    target = make_checkpoint(root / "target", num_layers=3, seed=0)
+    return {"target": target, "near": perturbed_copy(target, root / "near", noise=0.05, seed=4)}
+
+
+def _poison(llm):
+    caches = [llm.cache] + ([llm.drafter.cache] if isinstance(llm.drafter, ModelDrafter) else [])
+    for cache in caches:
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+
+
+def make_llm(dirs, draft, static: bool, backend="torch", **kw):
+    draft = str(dirs[draft]) if draft in dirs else draft
+    llm = LLM(str(dirs["target"]), draft=draft, num_draft_tokens=K, device="cpu", dtype=torch.float32,
+              backend=backend, block_size=4, seed=0, **kw)
+    _poison(llm)  # a read of an unwritten slot turns into NaN logits and raises
+    if static:
+        llm.engine.runner = llm.decode_runner(use_graphs=False)
+    return llm
+
+
+def _count_runs(llm):
+    runs = []
+    run = llm.engine.runner.run
+    llm.engine.runner.run = lambda seqs, blocks, limits, mode: (runs.append((len(seqs), list(limits), mode)),
+                                                                run(seqs, blocks, limits, mode))[1]
+    return runs
+
+
+PROMPTS = [[5, 9, 13], list(range(20, 31)), [7] * 6]  # 3 sequences: bucket 4, one padding row
+PARAMS = {
+    "greedy": SamplingParams(max_tokens=13, temperature=0),
+    "sample": SamplingParams(max_tokens=13, temperature=1.0),
+    "filtered": SamplingParams(max_tokens=13, temperature=0.8, top_k=20, top_p=0.9),
+}
+
+
+@pytest.mark.parametrize("mode", list(PARAMS))
+@pytest.mark.parametrize("draft", [None, "early-exit:2", "near"])
+def test_static_step_gives_the_general_paths_tokens(dirs, draft, mode):
+    # different max_tokens: sequences reach their last, capped step at different times
+    params = [SamplingParams(**{**vars(PARAMS[mode]), "max_tokens": n, "seed": 100 + i, "ignore_eos": True})
+              for i, n in enumerate((13, 9, 11))]
+    general = make_llm(dirs, draft, static=False).generate(PROMPTS, params)
+    llm = make_llm(dirs, draft, static=True)
+    runs = _count_runs(llm)
+    static = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in static] == [o.token_ids for o in general]
+    assert [o.metrics.num_draft_tokens for o in static] == [o.metrics.num_draft_tokens for o in general]
+    assert runs, "no step took the fixed-shape path"
+    assert all(m == mode for *_, m in runs)
+    assert any(b == 3 for b, *_ in runs)  # a padded bucket (3 of 4 rows)
+    if draft is not None:
+        assert any(len(set(lim)) > 1 for _, lim, _ in runs), "no step capped some sequences' drafts"
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+class ScriptedK:
+    """A stand-in for the adaptive controller that plays a fixed sequence of chain lengths."""
+
+    def __init__(self, ks):
+        self.ks = iter(ks)
+
+    def choose(self, batch_size):
+        return next(self.ks)
+
+    def observe(self, proposed, accepted):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def has_costs(self, batch_size):
+        return True
+
+
+def test_static_step_continues_after_plain_steps_with_a_lagging_draft_cache(dirs):
+    """A separate draft model's cache falls behind on plain (k = 0) steps; the next step
+    with drafts cannot use the two-token static catch-up and takes the general path."""
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=3, ignore_eos=True)
+    ks = [3, 0, 0, 2, 3, 1, 0, 3] * 4
+    outs = {}
+    for static in (False, True):
+        llm = make_llm(dirs, "near", static=static)
+        llm.engine.speculation = ScriptedK(ks)
+        runs = _count_runs(llm) if static else None
+        outs[static] = llm.generate([PROMPTS[1]], params)[0]
+    assert outs[True].token_ids == outs[False].token_ids
+    ran = [lim[0] for _, lim, _ in runs]
+    assert 0 in ran and any(n > 0 for n in ran), ran
+    assert len(ran) < outs[True].metrics.num_steps  # some steps fell back to the general path
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+@pytest.mark.parametrize("draft", ["early-exit:2", "near"])
+def test_static_step_on_the_triton_kernels(dirs, draft):
+    """The kernels under the fixed layout: padded rows, capped drafts, the scratch block."""
+    params = [SamplingParams(max_tokens=n, temperature=1.0, seed=7 + n, ignore_eos=True) for n in (7, 5, 6)]
+    general = make_llm(dirs, draft, static=False).generate(PROMPTS, params)
+    llm = make_llm(dirs, draft, static=True, backend="triton")
+    runs = _count_runs(llm)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in general]
+    assert runs
+
+
+def test_sampling_mode_of_a_batch(dirs):
+    llm = make_llm(dirs, None, static=False)
+    seqs = llm._make_sequences([[1, 2]] * 3, [PARAMS["greedy"], PARAMS["sample"], PARAMS["filtered"]])
+    assert sampling_mode(seqs[:1]) == "greedy"
+    assert sampling_mode(seqs[:2]) == "sample"
+    assert sampling_mode(seqs) == "filtered"
+
+
+def test_runner_refuses_what_it_cannot_run(dirs):
+    with pytest.raises(ValueError, match="n-gram"):
+        make_llm(dirs, "ngram", static=False).decode_runner(use_graphs=False)
+    with pytest.raises(ValueError, match="trees"):
+        make_llm(dirs, "early-exit:1", static=False, draft_tree=(2, 1)).decode_runner(use_graphs=False)
+    llm = make_llm(dirs, None, static=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeRunner(llm.target, llm.cache, llm.ops, llm.drafter, max_k=0, max_batch=4, max_context=64,
+                     block_size=4, scratch_block=llm.blocks.num_blocks, use_graphs=True)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cuda_graphs=True), "CUDA device"),
+    (dict(cuda_graphs=1), "True, False or None"),
+    (dict(adaptive=True, draft=None), "needs a drafter"),
+    (dict(adaptive=True, draft="early-exit:1", draft_tree=(2,)), "draft_tree"),
+])
+def test_llm_flags_are_checked(dirs, kw, match):
+    kw.setdefault("draft", "early-exit:1")
+    with pytest.raises((ValueError, TypeError), match=match):
+        LLM(str(dirs["target"]), device="cpu", **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA graphs proper
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", [None, "early-exit:2", "near"])
+@pytest.mark.parametrize("mode", list(PARAMS))
+def test_cuda_graphs_give_the_eager_tokens(dirs, draft, mode):
+    draft = str(dirs[draft]) if draft in dirs else draft
+    params = [SamplingParams(**{**vars(PARAMS[mode]), "max_tokens": n, "seed": 100 + i, "ignore_eos": True})
+              for i, n in enumerate((13, 9, 11))]
+    outs = {}
+    for graphs in (False, True):
+        llm = LLM(str(dirs["target"]), draft=draft, num_draft_tokens=K, device="cuda", dtype=torch.float32,
+                  block_size=4, cuda_graphs=graphs, adaptive=False)
+        assert (llm.engine.runner is not None) == graphs
+        outs[graphs] = [o.token_ids for o in llm.generate(PROMPTS, params)]
+        if graphs:
+            assert any(step.graphs for step in llm.engine.runner._steps.values())
+    assert outs[True] == outs[False]
