@@ -214,6 +214,23 @@ class LLM:
                             max_context=self.config.max_position_embeddings, block_size=self.blocks.block_size,
                             scratch_block=self.blocks.num_blocks, use_graphs=use_graphs)
 
+    def warm_up(self, batch_sizes: list[int] | None = None, modes: tuple[str, ...] = ("greedy", "sample")) -> int:
+        """Capture the CUDA graphs of decode steps ahead of serving, and time them for
+        adaptive speculation, so that the first requests do not pay for it.
+
+        batch_sizes: the batch sizes to prepare (rounded up to their graph buckets);
+                     default every bucket up to ``max_num_seqs``
+        modes:       sampling modes to prepare: "greedy" (temperature 0 everywhere),
+                     "sample" (no top-k / top-p), "filtered"
+        returns:     the number of (bucket, mode, k) steps prepared; 0 without CUDA graphs
+                     (steps are then captured, if at all, on first use)
+        """
+        if batch_sizes is None:
+            batch_sizes = list(range(1, self.engine.max_num_seqs + 1))
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
+        return self.engine.warm_up(batch_sizes, tuple(modes))
+
     def _default_budget(self) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

@@ -261,10 +261,15 @@ class DecodeRunner:
         return True
 
     # ------------------------------------------------------------------ a step
-    def load(self, seqs: list[Sequence], blocks, limits: list[int]) -> int:
-        """Stage the batch's inputs and copy them to the device; returns the bucket."""
+    def load(self, seqs: list[Sequence], blocks, limits: list[int], bucket: int | None = None,
+             pad: tuple[float, int] = (0.0, 0)) -> int:
+        """Stage the batch's inputs and copy them to the device; returns the bucket.
+
+        pad: (temperature, drafts tested) of the padding rows; greedy and none when
+        serving, like real rows when timing a bucket of padding alone
+        """
         B, W, MB = len(seqs), self.width, self.blocks_per_seq
-        Bp = bucket_of(B)
+        Bp = bucket if bucket is not None else bucket_of(B)
         i64, i32, f32 = self._np
         top = self.max_batch * MB
         bt = i32[:top].reshape(self.max_batch, MB)
@@ -277,14 +282,14 @@ class DecodeRunner:
             bt[b, :len(table)] = table
             top_k[b] = p.top_k
             f32[:, b] = (p.temperature, p.top_p)
-        if Bp > B:  # padding rows: W tokens in the scratch block, greedy, no drafts tested
+        if Bp > B:  # padding rows: W tokens in the scratch block
             i64[:W, B:Bp] = 0
             i64[W, B:Bp] = W
             i64[W + 1:, B:Bp] = 0
             bt[B:Bp] = self.scratch_block
             top_k[B:Bp] = 0
-            num_draft[B:Bp] = 0
-            f32[0, B:Bp], f32[1, B:Bp] = 0.0, 1.0
+            num_draft[B:Bp] = pad[1]
+            f32[0, B:Bp], f32[1, B:Bp] = pad[0], 1.0
         for host, dev in zip(self._host, self._dev):
             dev.copy_(host, non_blocking=True)
         return Bp
@@ -320,17 +325,35 @@ class DecodeRunner:
         Replays are idempotent (same inputs, same writes past the committed tokens), so
         this may run inside a step before its real replay.
         """
-        bucket = bucket_of(len(seqs))
         costs = {}
         for k in range(self.max_k + 1):
-            self.load(seqs, blocks, [k] * len(seqs))
-            step = self._step(bucket, k, mode)
-            marks = [step.run(self.clock) for _ in range(repeats)]
-            if self.clock.cuda:
-                torch.cuda.synchronize(self.device)
-            halves = [(self.clock.seconds(a, b), self.clock.seconds(b, c)) for a, b, c in marks]
-            costs[k] = min(halves, key=sum)
+            bucket = self.load(seqs, blocks, [k] * len(seqs))
+            costs[k] = self._time(bucket, k, mode, repeats)
         return costs
+
+    def warm_up(self, batch_sizes: list[int], modes: tuple[str, ...], repeats: int = 3) -> dict:
+        """Capture (with graphs) and time every k of these batch sizes' buckets and modes
+        on padding rows alone, before any request; returns {(bucket, mode, k): (draft s,
+        verify s)}."""
+        bad = [m for m in modes if m not in SAMPLING_MODES]
+        if bad:
+            raise ValueError(f"unknown sampling mode(s) {bad}; choose from {', '.join(SAMPLING_MODES)}")
+        costs = {}
+        for bucket in sorted({bucket_of(b) for b in batch_sizes if 1 <= b <= self.max_batch}):
+            for mode in modes:
+                for k in range(self.max_k + 1):
+                    self.load([], None, [], bucket=bucket, pad=(0.0 if mode == "greedy" else 1.0, k))
+                    costs[(bucket, mode, k)] = self._time(bucket, k, mode, repeats)
+        return costs
+
+    def _time(self, bucket: int, k: int, mode: str, repeats: int) -> tuple[float, float]:
+        """The fastest of ``repeats`` runs of a loaded step: (draft seconds, verify seconds)."""
+        step = self._step(bucket, k, mode)
+        marks = [step.run(self.clock) for _ in range(repeats)]
+        if self.clock.cuda:
+            torch.cuda.synchronize(self.device)
+        halves = [(self.clock.seconds(a, b), self.clock.seconds(b, c)) for a, b, c in marks]
+        return min(halves, key=sum)
 
 
 def supports(drafter: Drafter) -> bool:

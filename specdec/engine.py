@@ -218,6 +218,17 @@ class Engine:
             self.blocks.free(seq.seq_id)
         return finished
 
+    def warm_up(self, batch_sizes: list[int], modes: tuple[str, ...]) -> int:
+        """Capture and time the decode steps of these batch sizes and sampling modes ahead
+        of serving; returns how many (bucket, mode, k) steps were prepared."""
+        if self.runner is None:
+            return 0
+        costs = self.runner.warm_up(batch_sizes, modes)
+        if self.speculation is not None:
+            for (bucket, _, k), (draft_s, verify_s) in costs.items():
+                self.speculation.record(bucket, k, draft_s, verify_s, warm=True)
+        return len(costs)
+
     def _profile_if_new(self, seqs, k: int, limits: list[int]) -> tuple[int, list[int]]:
         """The first graph step at a batch size times every k (capturing its graphs), so
         the controller chooses from measured costs instead of exploring step by step."""

@@ -13,9 +13,9 @@ step). At batch 1 the verify forward is bound by reading the weights and barely 
 with ``k``, so speculation pays; at large batch it becomes compute-bound, each extra
 query token costs its share, and k* falls to 0: plain decoding, never slower than it.
 
-Costs not yet measured are estimated optimistically (for a smaller ``k`` than any
-measured one: verify cost proportional to the tokens verified; for a larger one: the
-largest measured cost), so a ``k`` that might be better is tried once and then known;
+Costs not yet measured are estimated optimistically — the lowest a roofline allows
+given the measured ones: no less than a shorter chain's, and no less per verified token
+than a longer chain's — so a ``k`` that might be better is tried and then known, and
 one that cannot be better is never run. The first sample of every (bucket, k) is
 dropped (it carries the CUDA-graph capture or kernel compilation).
 """
@@ -140,17 +140,16 @@ class AdaptiveSpeculation:
             return known[k].draft, known[k].verify
         if not known:
             return None
+        # the lowest cost a roofline allows: a longer chain costs no less, and no less
+        # per token, than a shorter one
         below = [j for j in known if j < k]
         above = [j for j in known if j > k]
-        if below and above:  # between two measured chains: linear in k
-            lo, hi = max(below), min(above)
-            f = (k - lo) / (hi - lo)
-            verify = known[lo].verify + f * (known[hi].verify - known[lo].verify)
-        elif above:  # shorter than any measured: as if cost were proportional to tokens
-            hi = min(above)
-            verify = known[hi].verify * (k + 1) / (hi + 1)
-        else:  # longer than any measured: no dearer than the longest measured
+        verify = 0.0
+        if below:
             verify = known[max(below)].verify
+        if above:
+            hi = min(above)
+            verify = max(verify, known[hi].verify * (k + 1) / (hi + 1))
         per_draft = [c.draft / j for j, c in known.items() if j > 0]
         draft = k * min(per_draft) if per_draft else 0.0
         return draft, verify

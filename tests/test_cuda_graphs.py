@@ -180,3 +180,26 @@ def test_cuda_graphs_give_the_eager_tokens(dirs, draft, mode):
         if graphs:
             assert any(step.graphs for step in llm.engine.runner._steps.values())
     assert outs[True] == outs[False]
+
+
+def test_warm_up_times_every_step_and_writes_only_the_scratch_block(dirs):
+    llm = make_llm(dirs, "near", static=True, adaptive=None)
+    from specdec.speculation import AdaptiveSpeculation
+
+    llm.engine.speculation = AdaptiveSpeculation(K)
+    scratch = llm.blocks.num_blocks
+    assert llm.warm_up([1, 3], ("greedy", "sample")) == 2 * 2 * (K + 1)  # buckets 1 and 4
+    assert llm.engine.speculation.has_costs(1) and llm.engine.speculation.has_costs(3)
+    assert not llm.engine.speculation.has_costs(5)
+    for cache in (llm.cache, llm.drafter.cache):
+        for t in (cache.k, cache.v):
+            assert torch.isnan(t[:, :scratch]).all(), "warm-up wrote outside the scratch block"
+            assert torch.isfinite(t[:, scratch]).all()
+    # and serving afterwards is unaffected
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = make_llm(dirs, "near", static=False).generate(PROMPTS, params)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
+    with pytest.raises(ValueError, match="sampling mode"):
+        llm.warm_up([1], ("beam",))
+    with pytest.raises(ValueError, match="positive integers"):
+        llm.warm_up([0])

@@ -459,3 +459,60 @@ def test_triton_backend_draws_the_torch_backends_tokens(ckpts, device, draft):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.metrics.num_accepted_tokens for o in got] == [o.metrics.num_accepted_tokens for o in want]
     assert 0 < tri.metrics()["acceptance_rate"] < 1, tri.metrics()  # both paths were taken
+
+
+# ---------------------------------------------------------------------------------------
+# Fixed-shape decode steps (what CUDA graphs replay) and a chain length that changes
+# from step to step (adaptive speculation) keep the law
+# ---------------------------------------------------------------------------------------
+
+class ScheduledK:
+    """Stands in for the adaptive controller: plays a fixed schedule of chain lengths."""
+
+    def __init__(self, ks: list[int]):
+        self.ks, self.chosen = iter(ks), []
+
+    def choose(self, batch_size):
+        self.chosen.append(next(self.ks))
+        return self.chosen[-1]
+
+    def observe(self, proposed, accepted):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def has_costs(self, batch_size):
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["model-t1", "early-exit-t1", "near-t0.7-topk-topp"])
+def test_fixed_shape_steps_with_varying_k_sample_target_distribution(ckpts, case):
+    draft, _, params = CASES[case]
+    joint, _ = exact_joint(ckpts.model, PROMPT, params)
+    llm = make_llm(ckpts, draft, k=3, max_num_seqs=N_SAMPLES)  # all at once: every later step decodes
+    runner = llm.engine.runner = llm.decode_runner(use_graphs=False)
+    llm.engine.speculation = ScheduledK([2, 3, 1, 0])  # step 1 prefills; k changes every step
+    runs = []
+    run = runner.run
+    runner.run = lambda seqs, blocks, limits, mode: (runs.append((len(seqs), max(limits))),
+                                                     run(seqs, blocks, limits, mode))[1]
+    counts, outs = sample_outcomes(llm, params)
+    res = chi_square_test(counts, joint)
+    assert res.impossible == 0 and res.p_value > ALPHA, f"{case}: {res}"
+    assert sum(b for b, _ in runs) > N_SAMPLES // 4, "the fixed-shape path served too few sequence steps"
+    assert len({k for _, k in runs}) >= 2, runs  # the graphs of several chain lengths
+    assert_paths_exercised(llm, outs)
+
+
+@pytest.mark.slow
+def test_fixed_shape_steps_with_a_wrong_sampler_are_rejected(ckpts):
+    draft, _, params = CASES["model-t1"]
+    joint, _ = exact_joint(ckpts.model, PROMPT, params)
+    llm = make_llm(ckpts, draft, k=3, max_num_seqs=N_SAMPLES)
+    llm.engine.runner = llm.decode_runner(use_graphs=False)
+    llm.engine.speculation = ScheduledK([2, 3, 1, 0])
+    llm.engine.ops = llm.engine.runner.ops = dataclasses.replace(llm.engine.ops, rejection_sample=_accept_all)
+    counts, _ = sample_outcomes(llm, params)
+    assert chi_square_test(counts, joint).p_value < POWER_ALPHA

@@ -234,3 +234,40 @@ def test_validation(case):
     args, match = _validation_cases()[case]
     with pytest.raises(ValueError, match=match):
         rejection_sample(*args)
+
+
+# ------------------------------------------------------------------------------------
+# per-sequence caps (a fixed-shape step drafts k for all and tests fewer for some)
+# ------------------------------------------------------------------------------------
+
+def _truncated(args, caps):
+    """The same batch laid out with only the first caps[b] drafts of each sequence."""
+    logits, ids, q, cu, k_max, *rest = args
+    rows, drafts, counts = [], [], []
+    for b, cap in enumerate(caps):
+        start = int(cu[b])
+        rows += range(start + b, start + b + cap + 1)
+        drafts += range(start, start + cap)
+        counts.append(cap)
+    cu_t = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    return (logits[rows], ids[drafts], None if q is None else q[drafts], cu_t, k_max, *rest)
+
+
+@pytest.mark.parametrize("has_q", [True, False])
+def test_num_draft_caps_test_only_the_first_drafts(has_q):
+    args = ragged_batch([3, 0, 4, 1, 2, 4], 1000, has_q=has_q, seed=9, **MIXED)
+    caps = [1, 0, 4, 0, 2, 3]
+    cap = torch.tensor(caps, dtype=torch.int32)
+    out, n_acc = rejection_sample(*on_device(args), num_draft=cap.to(DEVICE))
+    ref_out, ref_n = reference.rejection_sample(*args, num_draft=cap)
+    assert_agree(out.cpu(), n_acc.cpu(), ref_out, ref_n)
+    # the cap means exactly "as if only those drafts had been proposed"
+    want_out, want_n = reference.rejection_sample(*_truncated(args, caps))
+    assert torch.equal(ref_out, want_out) and torch.equal(ref_n, want_n)
+    assert (ref_n <= cap).all()
+    # a cap at or above a sequence's count changes nothing
+    big = torch.full((6,), 9, dtype=torch.int32)
+    assert all(torch.equal(a, b) for a, b in zip(reference.rejection_sample(*args, num_draft=big),
+                                                  reference.rejection_sample(*args)))
+    with pytest.raises(ValueError, match="num_draft"):
+        reference.rejection_sample(*args, num_draft=cap.long())
