@@ -1,11 +1,19 @@
-"""One-shot GPU check: kernel tests natively, then the benchmark tables, in one run.
+"""One-shot GPU check: the end-to-end table, the GPU tests, the kernel tables, in one run.
 
-    PYTHONPATH=. python3 bench/gpu_check.py            # on a machine with CUDA
+    PYTHONPATH=. python3 bench/gpu_check.py            # on a machine with CUDA (~9 min)
+    PYTHONPATH=. python3 bench/gpu_check.py e2e tests  # some parts only
 
-Runs (1) the kernel and engine test files on the GPU (the Triton kernels compiled for
-real, the distribution tests at full power), (2) the verification-attention table,
-(3) the rejection-sampling table, and prints everything as markdown with the card's
-name. Each part is time-boxed by its own size, the whole run takes a few minutes.
+Parts, in order of importance, each in its own process with its own time limit so one
+slow part cannot starve the rest:
+
+  e2e      ``specdec bench`` on the synthetic llama-3.2-1B-shaped pair (ε = 0, so the
+           2-layer early-exit draft agrees with the target), batches 1, 16, 64, greedy
+           and T = 1; transformers' compiled static-cache and assisted generation at
+           batch 1 (each compile costs a minute)
+  tests    CUDA graphs against eager, then the kernel, distribution and engine tests
+  kernels  the verification-attention and rejection-sampling tables
+
+Everything prints as markdown under the card's name.
 """
 
 from __future__ import annotations
@@ -14,39 +22,45 @@ import subprocess
 import sys
 import time
 
+PARTS = {
+    "e2e": (330, [sys.executable, "-m", "specdec", "bench", "--shape", "llama-3.2-1b", "--batches", "1,16,64",
+                  "--max-tokens", "128", "--hf-batches", "1"]),
+    "tests": (150, [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:cacheprovider",
+                    "tests/test_cuda_graphs.py", "tests/test_verify_attention.py", "tests/test_kv_cache_ops.py",
+                    "tests/test_rejection_sampling.py", "tests/test_tree_sampling.py", "tests/test_distribution.py",
+                    "tests/test_engine.py"]),
+    "kernels": (90, [sys.executable, "-c", "from bench.bench_verify_attention import run_gpu_table as a; "
+                     "from bench.bench_rejection_sampling import run_gpu_table as r; a(); r()"]),
+}
 
-def _section(title: str) -> None:
-    print(f"\n## {title}\n", flush=True)
 
-
-def main() -> int:
+def main(argv: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device; none is present", file=sys.stderr)
         return 2
+    unknown = [p for p in argv if p not in PARTS]
+    if unknown:
+        print(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
     props = torch.cuda.get_device_properties(0)
     print(f"# specdec GPU check on {props.name} ({props.total_memory / 2**30:.0f} GiB), "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-
-    _section("tests on the GPU")
-    tests = ["tests/test_verify_attention.py", "tests/test_kv_cache_ops.py", "tests/test_rejection_sampling.py",
-             "tests/test_tree_sampling.py", "tests/test_distribution.py", "tests/test_engine.py"]
-    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:cacheprovider",
-                          *tests])
-    print(f"pytest exit code {rc}", flush=True)
-
-    _section("verification attention")
-    from bench.bench_verify_attention import run_gpu_table as attention_table
-
-    attention_table()
-
-    _section("rejection sampling")
-    from bench.bench_rejection_sampling import run_gpu_table as sampling_table
-
-    sampling_table()
-    return rc
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    worst = 0
+    for name in argv or list(PARTS):
+        limit, cmd = PARTS[name]
+        print(f"\n## {name}\n", flush=True)
+        start = time.perf_counter()
+        try:
+            rc = subprocess.call(cmd, timeout=limit)
+        except subprocess.TimeoutExpired:
+            rc = 124
+            print(f"\n{name}: stopped after its {limit} s limit", flush=True)
+        print(f"\n{name}: exit code {rc}, {time.perf_counter() - start:.0f} s", flush=True)
+        worst = max(worst, rc)
+    return worst
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

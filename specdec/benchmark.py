@@ -112,14 +112,23 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
-def bench_specdec(target, draft, prompts, max_tokens, temperature, k, device, **llm_kwargs):
-    """Time ``LLM(target, draft=draft, ...)`` generating ``max_tokens`` for every prompt after a
-    warm-up; returns (generated tokens, seconds, counters of the timed run alone)."""
-    from . import LLM, SamplingParams
+def make_llm(target, draft, k, device, max_batch, **llm_kwargs):
+    """One specdec contender, built once and reused for every row of the table. Its KV
+    cache is sized for the benchmark (several contenders share the GPU)."""
+    from . import LLM
+
+    budget = 2 << 30 if torch.device(device).type == "cuda" else 256 << 20
+    return LLM(target, draft=draft, num_draft_tokens=k, device=device, max_num_seqs=max_batch,
+               kv_cache_memory=budget, **llm_kwargs)
+
+
+def bench_specdec(llm, prompts, max_tokens, temperature, device):
+    """Time ``llm`` generating ``max_tokens`` for every prompt after a warm-up; returns
+    (generated tokens, seconds, counters of the timed run alone)."""
+    from . import SamplingParams
 
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
-    llm = LLM(target, draft=draft, num_draft_tokens=k, device=device, max_num_seqs=len(prompts), **llm_kwargs)
     # warm-up: capture the decode graphs of every batch size the run passes through (it
     # shrinks as requests finish) and compile the kernels, outside the timed region
     llm.warm_up(list(range(1, len(prompts) + 1)), ("greedy" if temperature == 0 else "sample",))
@@ -132,6 +141,20 @@ def bench_specdec(target, draft, prompts, max_tokens, temperature, k, device, **
     m["mean_accepted_length"] = m["num_generated_tokens"] / m["num_steps"]
     m["draft_per_step"] = m["num_draft_tokens"] / m["num_steps"]
     return m["num_generated_tokens"], seconds, m
+
+
+def weight_roofline(llm) -> tuple[float, str] | None:
+    """Batch-1 tokens/s if every decode step only read the target's weights once at the
+    card's peak memory bandwidth (None off CUDA or where torch does not report it)."""
+    if llm.device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(llm.device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None
+    bandwidth = 2 * clock_khz * 1e3 * bus_bits / 8  # bytes/s, double data rate
+    weights = sum(p.numel() * p.element_size() for p in llm.target.parameters())
+    return bandwidth / weights, f"{weights / 1e9:.2f} GB of weights at {bandwidth / 1e12:.2f} TB/s"
 
 
 def bench_hf(target, draft, prompts, max_tokens, temperature, device, dtype, assisted: bool):
@@ -187,6 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="CUDA graphs in every specdec run (default: the engine's)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers' contenders")
+    parser.add_argument("--hf-batches", default=None,
+                        help="comma-separated batch sizes for transformers' contenders (default: all of --batches)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,28 +225,37 @@ def run(args: argparse.Namespace) -> int:
     spec_only = {} if args.adaptive is None else {"adaptive": args.adaptive}
     options = "".join(f", {key}={value}" for key, value in {**spec_only, **engine}.items())
     rows = []
+    batches = [int(b) for b in args.batches.split(",")]
+    hf_batches = batches if args.hf_batches is None else [int(b) for b in args.hf_batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         target, draft, spec_draft, label = _pair(args, pathlib.Path(tmp), dtype)
         vocab = _config(target)["vocab_size"]
+        # the contenders: the target plain, the target speculating, the draft plain (for c)
+        plain = make_llm(target, None, k, device, max(batches), **engine)
+        spec = make_llm(target, spec_draft, k, device, max(batches), **engine, **spec_only)
+        draft_plain = make_llm(draft, None, k, device, max(batches), **engine)
+        roofline = weight_roofline(plain)
         print(f"# e2e on {name}, {time.strftime('%Y-%m-%d')}: {label}, k={k}{options}, "
-              f"prompt {args.prompt_len}, {args.max_tokens} new tokens\n")
-        print("| batch | T | specdec plain tok/s | specdec spec tok/s | spec / plain | hf static tok/s | "
+              f"prompt {args.prompt_len}, {args.max_tokens} new tokens")
+        if roofline:
+            print(f"# batch-1 weight-bandwidth roofline: {roofline[0]:.0f} tok/s ({roofline[1]})")
+        print("\n| batch | T | specdec plain tok/s | specdec spec tok/s | spec / plain | hf static tok/s | "
               "hf assisted tok/s | α | mean accepted | draft/step | c | predicted | achieved / predicted |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             prompts = _prompts(batch, args.prompt_len, vocab)
             for temperature in (0.0, 1.0):
-                bench = (prompts, args.max_tokens, temperature, k, device)
-                n_plain, s_plain, _ = bench_specdec(target, None, *bench, **engine)
-                n_spec, s_spec, m = bench_specdec(target, spec_draft, *bench, **engine, **spec_only)
+                bench = (prompts, args.max_tokens, temperature, device)
+                n_plain, s_plain, _ = bench_specdec(plain, *bench)
+                n_spec, s_spec, m = bench_specdec(spec, *bench)
                 # c: a draft step against a target step, both decoding plainly
-                n_draft, s_draft, _ = bench_specdec(draft, None, *bench, **engine)
+                n_draft, s_draft, _ = bench_specdec(draft_plain, *bench)
                 c = (s_draft / n_draft) / (s_plain / n_plain)
                 alpha = m["acceptance_rate"]
                 predicted = leviathan_speedup(alpha, k, c)
                 achieved = (n_spec / s_spec) / (n_plain / s_plain)
                 hf_static = hf_assisted = "—"
-                if not args.skip_hf:
+                if not args.skip_hf and batch in hf_batches:
                     n, s = bench_hf(target, draft, prompts, args.max_tokens, temperature, device, dtype, False)
                     hf_static = f"{n / s:.1f}"
                     if batch == 1:
@@ -231,10 +265,13 @@ def run(args: argparse.Namespace) -> int:
                       f"{achieved:.2f} | {hf_static} | {hf_assisted} | {alpha:.3f} | "
                       f"{m['mean_accepted_length']:.2f} | {m['draft_per_step']:.2f} | {c:.2f} | {predicted:.2f} | "
                       f"{achieved / predicted:.2f} |", flush=True)
-                rows.append((batch, temperature, achieved, achieved / predicted))
+                rows.append((batch, temperature, achieved, achieved / predicted, n_plain / s_plain))
     best = max(rows, key=lambda r: r[2])
     print(f"\nspec / plain {min(r[2] for r in rows):.2f}–{best[2]:.2f} (best at batch {best[0]}, T={best[1]:g}); "
           f"achieved / predicted {min(r[3] for r in rows):.2f}–{max(r[3] for r in rows):.2f}")
+    if roofline and 1 in batches:
+        plain_1 = max(r[4] for r in rows if r[0] == 1)
+        print(f"batch-1 plain decoding at {plain_1 / roofline[0]:.0%} of the weight-bandwidth roofline")
     return 0
 
 

@@ -274,14 +274,15 @@ class DecodeRunner:
         top = self.max_batch * MB
         bt = i32[:top].reshape(self.max_batch, MB)
         top_k, num_draft = i32[top:top + self.max_batch], i32[top + self.max_batch:]
-        num_draft[:B] = limits
-        for b, s in enumerate(seqs):
-            p, table = s.params, blocks.table(s.seq_id)
-            i64[:W, b] = s.tokens[-W:]
-            i64[W:, b] = (len(s.tokens), s.seed, s.step)
-            bt[b, :len(table)] = table
-            top_k[b] = p.top_k
-            f32[:, b] = (p.temperature, p.top_p)
+        if B:  # one list per field, then one numpy assignment each
+            num_draft[:B] = limits
+            i64[:W, :B] = [[s.tokens[j - W] for s in seqs] for j in range(W)]
+            i64[W:, :B] = [[len(s.tokens) for s in seqs], [s.seed for s in seqs], [s.step for s in seqs]]
+            top_k[:B] = [s.params.top_k for s in seqs]
+            f32[:, :B] = [[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]]
+            for b, s in enumerate(seqs):
+                table = blocks.table(s.seq_id)
+                bt[b, :len(table)] = table
         if Bp > B:  # padding rows: W tokens in the scratch block
             i64[:W, B:Bp] = 0
             i64[W, B:Bp] = W

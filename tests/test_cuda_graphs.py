@@ -203,3 +203,24 @@ def test_warm_up_times_every_step_and_writes_only_the_scratch_block(dirs):
         llm.warm_up([1], ("beam",))
     with pytest.raises(ValueError, match="positive integers"):
         llm.warm_up([0])
+
+
+@pytest.mark.gpu
+def test_graph_step_makes_no_host_sync(dirs):
+    """Between the staging copies and the engine's one device-to-host copy, a replayed
+    step never waits for the device (torch raises on any synchronising call)."""
+    llm = LLM(str(dirs["target"]), draft="early-exit:2", num_draft_tokens=K, device="cuda", dtype=torch.float32,
+              block_size=4, cuda_graphs=True, adaptive=False)
+    assert llm.warm_up([3], ("sample",)) == K + 1
+    for seq in llm._make_sequences(PROMPTS, SamplingParams(temperature=1.0, max_tokens=20, seed=1)):
+        llm.engine.add(seq)
+    llm.engine.step()  # the prefill step (general path)
+    seqs = list(llm.engine.running)
+    assert llm.engine.runner.can_run(seqs, K)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, n_acc, _ = llm.engine.runner.run(seqs, llm.blocks, [K] * len(seqs), "sample")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (len(seqs), K + 1) and bool((n_acc >= 0).all())
