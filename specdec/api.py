@@ -377,4 +377,6 @@ class LLM:
             "accepted_per_position": list(t.accepted_per_position),
             "proposed_per_position": list(t.proposed_per_position),
             "tokens_per_second": t.num_generated / self._busy_seconds if self._busy_seconds else 0.0,
+            "chain_length": self.engine.last_k,  # the latest step's k (adaptive speculation varies it)
+            "measured_alpha": self.engine.speculation.alpha if self.engine.speculation is not None else None,
         }

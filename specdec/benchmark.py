@@ -76,8 +76,30 @@ def make_pair(root: pathlib.Path, shape: str, draft_layers: int, eps: float, dty
     return str(root / "target"), str(root / "draft")
 
 
+def first_layers(target: str, num_layers: int, out: pathlib.Path, dtype) -> str:
+    """Write the target's first ``num_layers`` layers (with its norm and head) as a model
+    of its own: the early-exit draft as transformers' assisted generation needs it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    for key in ("layer_types",):  # per-layer lists in newer configs follow the cut
+        if isinstance(getattr(model.config, key, None), list):
+            setattr(model.config, key, getattr(model.config, key)[:num_layers])
+    model.save_pretrained(out)
+    return str(out)
+
+
 def _pair(args, root: pathlib.Path, dtype) -> tuple[str, str, str, str]:
     """(target dir, draft dir, specdec's draft argument, a label for the table heading)."""
+    if args.target is not None:
+        draft = args.draft
+        if draft.startswith("early-exit:"):
+            n = int(draft.split(":", 1)[1])
+            return args.target, first_layers(args.target, n, root / "draft", dtype), draft, \
+                f"{args.target} with {draft}"
+        return args.target, draft, draft, f"{args.target} with draft model {draft}"
     if args.pair == "demo":
         from .demo import demo_dirs
 
@@ -197,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``specdec bench`` and ``bench/e2e.py``."""
     parser.add_argument("--pair", choices=("synthetic", "demo"), default="synthetic",
                         help="synthetic: random weights at --shape, early-exit draft; demo: the embedded demo pair")
+    parser.add_argument("--target", default=None, help="a model directory: benchmark it instead of --pair")
+    parser.add_argument("--draft", default=None, help="with --target: early-exit:N or a draft model directory")
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="synthetic pair only")
     parser.add_argument("--draft-layers", type=int, default=2, help="synthetic pair only")
     parser.add_argument("--eps", type=float, default=0.0, help="synthetic pair only")
@@ -216,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the markdown table for parsed ``args`` (see :func:`add_arguments`); returns 0."""
+    if (args.target is None) != (args.draft is None):
+        raise SystemExit("specdec bench: --target and --draft go together (a model directory and "
+                         "early-exit:N or a draft model directory)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     k = args.num_draft_tokens

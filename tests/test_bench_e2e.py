@@ -77,3 +77,27 @@ def test_engine_flags_reach_llm_only_when_given(monkeypatch, capsys):
     # built once for every row: the target plain, the target speculating, the draft plain (for c)
     assert [flags for _, flags in seen] == [plain, spec, plain]
     assert [d for d, _ in seen] == [None, "early-exit:2", None]
+
+
+def test_cli_bench_any_target_with_early_exit(tmp_path, capsys):
+    """--target/--draft: any checkpoint; transformers gets the first N layers as a model."""
+    from checkpoints import make_checkpoint
+
+    target = make_checkpoint(tmp_path / "t", num_layers=3, seed=0)
+    assert cli_main(["bench", "--target", str(target), "--draft", "early-exit:2", "--batches", "1",
+                     "--max-tokens", "6", "--prompt-len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "with early-exit:2" in out.splitlines()[0]
+    for r in _table(out):
+        assert float(r["hf static tok/s"]) > 0 and float(r["hf assisted tok/s"]) > 0
+        assert 0.0 <= float(r["α"]) <= 1.0
+    # the assistant written for transformers is the target's first two layers, weights and all
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(str(target))
+    cut = AutoModelForCausalLM.from_pretrained(benchmark.first_layers(str(target), 2, tmp_path / "cut", None))
+    assert cut.config.num_hidden_layers == 2
+    for name, value in cut.state_dict().items():
+        assert (value == full.state_dict()[name]).all(), name
+    with pytest.raises(SystemExit, match="go together"):
+        cli_main(["bench", "--target", str(target)])

@@ -170,6 +170,9 @@ def test_engine_follows_the_controller(target, batch, want):
     outs = llm.generate(prompts, greedy)
     tail = [k for b, k in ks if b == batch][-3:]
     assert tail and all(k == want for k in tail), ks
+    m = llm.metrics()
+    assert m["chain_length"] == want
+    assert m["measured_alpha"] > 0.8  # greedy self-drafting: every tested draft is accepted
     # the chain length changes step to step; greedy output is plain decoding's all the same
     plain = LLM(str(target), device="cpu", dtype=torch.float32, max_num_seqs=batch).generate(prompts, greedy)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
