@@ -163,7 +163,8 @@ class Engine:
         limits = [min(k, self._draft_limit(s)) for s in seqs]
         decode_only = all(s.target_len == len(s.tokens) - 1 for s in seqs)
         nodes = None
-        if self.runner is not None and self.runner.can_run(seqs, max(limits)):
+        fixed_shape = self.runner is not None and self.runner.can_run(seqs, max(limits))
+        if fixed_shape:
             k, limits = self._profile_if_new(seqs, k, limits)
             out, n_acc, marks = self.runner.run(seqs, self.blocks, limits, sampling_mode(seqs))
             counts = depths = limits
@@ -198,7 +199,9 @@ class Engine:
             self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
         if self.speculation is not None:
             self.speculation.observe(counts, [row[0] for row in host])
-            if decode_only and all(n == k for n in counts):  # a prefill's cost is not a step's
+            # time only steps like the next one: no prefill, every sequence drafting k, and
+            # the fixed-shape path whenever there is one (an eager step costs more)
+            if decode_only and all(n == k for n in counts) and (fixed_shape or self.runner is None):
                 t0, t1, t2 = marks
                 self.speculation.record(len(seqs), k, self.clock.seconds(t0, t1), self.clock.seconds(t1, t2))
         finished = []
