@@ -17,6 +17,7 @@ from checkpoints import make_checkpoint, perturbed_copy
 from specdec import LLM, SamplingParams
 from specdec.cuda_graphs import DecodeRunner, sampling_mode
 from specdec.drafters.draft_model import ModelDrafter
+from test_distribution import ScheduledK
 
 K = 3
 
@@ -81,25 +82,6 @@ def test_static_step_gives_the_general_paths_tokens(dirs, draft, mode):
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
 
-class ScriptedK:
-    """A stand-in for the adaptive controller that plays a fixed sequence of chain lengths."""
-
-    def __init__(self, ks):
-        self.ks = iter(ks)
-
-    def choose(self, batch_size):
-        return next(self.ks)
-
-    def observe(self, proposed, accepted):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def has_costs(self, batch_size):
-        return True
-
-
 def test_static_step_continues_after_plain_steps_with_a_lagging_draft_cache(dirs):
     """A separate draft model's cache falls behind on plain (k = 0) steps; the next step
     with drafts cannot use the two-token static catch-up and takes the general path."""
@@ -108,7 +90,7 @@ def test_static_step_continues_after_plain_steps_with_a_lagging_draft_cache(dirs
     outs = {}
     for static in (False, True):
         llm = make_llm(dirs, "near", static=static)
-        llm.engine.speculation = ScriptedK(ks)
+        llm.engine.speculation = ScheduledK(ks)
         runs = _count_runs(llm) if static else None
         outs[static] = llm.generate([PROMPTS[1]], params)[0]
     assert outs[True].token_ids == outs[False].token_ids

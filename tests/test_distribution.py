@@ -469,6 +469,8 @@ def test_triton_backend_draws_the_torch_backends_tokens(ckpts, device, draft):
 class ScheduledK:
     """Stands in for the adaptive controller: plays a fixed schedule of chain lengths."""
 
+    alpha = float("nan")  # measures nothing
+
     def __init__(self, ks: list[int]):
         self.ks, self.chosen = iter(ks), []
 
