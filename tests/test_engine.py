@@ -493,7 +493,9 @@ def test_default_params(dirs):
     outs = make_llm(dirs["llama"], "ngram").generate([PROMPTS[0], PROMPTS[3]])  # SamplingParams()
     for out in outs:
         assert 1 <= len(out.token_ids) <= SamplingParams().max_tokens
-        assert out.finish_reason == ("length" if len(out.token_ids) == 16 else "stop")
+        # unseeded: EOS (id 2 in these checkpoints) may come anywhere, the 16th token included
+        assert out.finish_reason == ("stop" if out.token_ids[-1] == 2 else "length")
+        assert out.finish_reason == "stop" or len(out.token_ids) == SamplingParams().max_tokens
         check_metrics(out, K)
 
 
