@@ -4,9 +4,13 @@ import doctest
 import importlib
 
 import pytest
+import torch
 
 MODULES = ["specdec.tree", "specdec.drafters.ngram", "specdec.sampling_params", "specdec.detokenize",
-           "specdec.benchmark"]
+           "specdec.benchmark",
+           # its examples pass CPU tensors, which only the interpreter (no CUDA) can run
+           pytest.param("specdec.kernels.fused_ops", marks=pytest.mark.skipif(
+               torch.cuda.is_available(), reason="Triton examples use CPU tensors"))]
 
 
 @pytest.mark.parametrize("name", MODULES)

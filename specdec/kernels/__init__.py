@@ -26,6 +26,9 @@ class Backend:
     verify_attention: Callable
     rejection_sample: Callable
     tree_rejection_sample: Callable
+    add_rms_norm: Callable
+    rotary: Callable
+    silu_mul: Callable
 
 
 def _reference_attention(*args, max_query_len=None, max_seq_len=None, **kwargs):
@@ -53,19 +56,22 @@ def _require_interpreter() -> None:
 def get_backend(name: str) -> Backend:
     if name == "torch":
         return Backend("torch", reference.write_kv, _reference_attention, reference.rejection_sample,
-                       reference.tree_rejection_sample)
+                       reference.tree_rejection_sample, reference.add_rms_norm, reference.rotary,
+                       reference.silu_mul)
     if name == "triton":
         if not torch.cuda.is_available():
             _require_interpreter()
         import importlib
 
+        fused_ops = importlib.import_module(f"{__name__}.fused_ops")
         kv_cache_ops = importlib.import_module(f"{__name__}.kv_cache_ops")
         rejection_sampling = importlib.import_module(f"{__name__}.rejection_sampling")
         tree_sampling = importlib.import_module(f"{__name__}.tree_sampling")
         verify_attention = importlib.import_module(f"{__name__}.verify_attention")
 
         return Backend("triton", kv_cache_ops.write_kv, verify_attention.verify_attention,
-                       rejection_sampling.rejection_sample, tree_sampling.tree_rejection_sample)
+                       rejection_sampling.rejection_sample, tree_sampling.tree_rejection_sample,
+                       fused_ops.add_rms_norm, fused_ops.rotary, fused_ops.silu_mul)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

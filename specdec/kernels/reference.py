@@ -16,8 +16,12 @@ of sequence ``b`` are its new tokens (a chain, or the nodes of a draft tree in o
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+import torch.nn.functional as F
+
+from ._validation import require, require_same_device, require_tensor, require_unit_stride, shape_of
 from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
 
 __all__ = [
@@ -27,6 +31,9 @@ __all__ = [
     "sampling_probs",
     "rejection_sample",
     "tree_rejection_sample",
+    "add_rms_norm",
+    "rotary",
+    "silu_mul",
 ]
 
 
@@ -746,3 +753,152 @@ def tree_rejection_sample(
     if check_finite:
         _raise_if_flagged(n_accepted)
     return out, n_accepted, path.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused elementwise ops of a decoder layer: residual add + RMSNorm, RoPE on q and k,
+# SiLU(gate) * up. Each reproduces llama.py's module math bit for bit (same ops in the
+# same order and dtypes). The argument checks are shared with the Triton launchers in
+# fused_ops.py, so both paths refuse the same inputs with the same messages.
+# ---------------------------------------------------------------------------------------
+
+_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _require_activation(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    """A ``rank``-D float16/bfloat16/float32 tensor with stride 1 in its last dimension."""
+    require_tensor(name, t)
+    require(t.dim() == rank, f"{name} must be {rank}-D {layout}, got shape {shape_of(t)}")
+    require(t.dtype in _ACTIVATION_DTYPES,
+            f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    require_unit_stride(name, t)
+
+
+def _check_add_rms_norm_args(x, residual, weight, eps) -> None:
+    _require_activation("x", x, 2, "[T, N]")
+    n = x.shape[1]
+    require(n >= 1, f"x must have at least one column, got shape {shape_of(x)}")
+    if residual is not None:
+        _require_activation("residual", residual, 2, "[T, N]")
+        require(residual.shape == x.shape,
+                f"residual must have x's shape {shape_of(x)}, got {shape_of(residual)}")
+        require(residual.dtype == x.dtype, f"residual is {residual.dtype} but x is {x.dtype}")
+        require_same_device("x", x, residual=residual)
+    _require_activation("weight", weight, 1, "[N]")
+    require(weight.shape[0] == n, f"weight must have shape ({n},) (N of x {shape_of(x)}), "
+            f"got {shape_of(weight)}")
+    require(weight.dtype == x.dtype, f"weight is {weight.dtype} but x is {x.dtype}")
+    require_same_device("x", x, weight=weight)
+    require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
+            and eps >= 0, f"eps must be a host float >= 0, got {eps!r}")
+
+
+def _check_rotary_args(q, k, positions, inv_freq) -> None:
+    _require_activation("q", q, 3, "[T, H, D]")
+    _require_activation("k", k, 3, "[T, H_kv, D]")
+    t, _, d = q.shape
+    require(k.shape[0] == t and k.shape[2] == d,
+            f"k must have shape ({t}, H_kv, {d}) (T and D of q {shape_of(q)}), got {shape_of(k)}")
+    require(d >= 2 and d % 2 == 0, f"the head dim D must be even, got q of shape {shape_of(q)}")
+    require(k.dtype == q.dtype, f"k is {k.dtype} but q is {q.dtype}")
+    require_tensor("positions", positions)
+    require(positions.dim() == 1 and positions.shape[0] == t,
+            f"positions must have shape ({t},) (T of q), got {shape_of(positions)}")
+    require(positions.dtype in (torch.int32, torch.int64),
+            f"positions must be int64 or int32, got {positions.dtype}")
+    require_unit_stride("positions", positions)
+    require_tensor("inv_freq", inv_freq)
+    require(inv_freq.dim() == 1 and inv_freq.shape[0] == d // 2,
+            f"inv_freq must have shape ({d // 2},) (D / 2 of q {shape_of(q)}), "
+            f"got {shape_of(inv_freq)}")
+    require(inv_freq.dtype == torch.float32, f"inv_freq must be float32 (RoPE frequencies "
+            f"stay fp32 whatever the model's dtype), got {inv_freq.dtype}")
+    require_unit_stride("inv_freq", inv_freq)
+    require_same_device("q", q, k=k, positions=positions, inv_freq=inv_freq)
+
+
+def _check_silu_mul_args(gate_up) -> None:
+    _require_activation("gate_up", gate_up, 2, "[T, 2 I]")
+    require(gate_up.shape[1] >= 2 and gate_up.shape[1] % 2 == 0,
+            f"gate_up must be [T, 2 I] with an even, non-zero last dim, got {shape_of(gate_up)}")
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then RMSNorm: the two ops between a decoder layer's sublayers.
+
+    x:        [T, N] float16/bfloat16/float32, stride 1 in N: a sublayer's output (or the
+              embeddings, for the first layer)
+    residual: [T, N] x's dtype, or None (nothing to add yet)
+    weight:   [N] x's dtype, the norm's gain
+    eps:      host float >= 0, added to the mean square
+    returns:  normed [T, N] and new_residual [T, N], both in x's dtype;
+              new_residual = x + residual, or x itself (not a copy) when residual is None
+
+    The norm is llama.py's ``RMSNorm.forward`` of new_residual op for op (transformers'
+    order: fp32 statistics, the normalised row rounded to x's dtype, then the gain)::
+
+        h = r.float(); h = h * rsqrt(mean(h^2) + eps); normed = weight * h.to(x.dtype)
+    """
+    _check_add_rms_norm_args(x, residual, weight, eps)
+    r = x if residual is None else x + residual  # [T, N], rounded to x.dtype
+    h = r.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # [T, N] fp32
+    return weight * h.to(r.dtype), r
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on the query and key heads of T tokens (transformers' half-split layout).
+
+    q:         [T, H, D] float16/bfloat16/float32, any token/head strides, stride 1 in D
+               (e.g. a view into a fused qkv projection's output); D even
+    k:         [T, H_kv, D] q's dtype, same layout rules
+    positions: [T] int64 (or int32), each token's absolute position, exact below 2**24
+    inv_freq:  [D / 2] float32, the rotation frequencies (``ModelConfig.rope_inv_freq``)
+    returns:   q_rot [T, H, D], k_rot [T, H_kv, D], contiguous, in q's dtype
+
+    llama.py's ``Rotary.cos_sin`` then ``apply_rope`` op for op: angles in fp32, cos and
+    sin rounded to q's dtype, then ``x * cos + rotate_half(x) * sin`` in q's dtype::
+
+        theta = positions.float()[:, None] * inv_freq     # [T, D/2]
+        emb = cat(theta, theta)                            # [T, D]
+        x1, x2 = halves of x -> x * cos(emb) + cat(-x2, x1) * sin(emb)
+    """
+    _check_rotary_args(q, k, positions, inv_freq)
+    freqs = positions.float()[:, None] * inv_freq.float()  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    cos = emb.cos().to(q.dtype)[:, None]  # [T, 1, D]
+    sin = emb.sin().to(q.dtype)[:, None]
+    q_rot = (q * cos + _rotate_half(q) * sin).contiguous()
+    k_rot = (k * cos + _rotate_half(k) * sin).contiguous()
+    return q_rot, k_rot
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: SiLU of the gate half times the up half.
+
+    gate_up: [T, 2 I] float16/bfloat16/float32, stride 1 in its last dim: the gate
+             projection's output in columns [0, I), the up projection's in [I, 2 I)
+    returns: [T, I] in gate_up's dtype, ``F.silu(gate) * up`` as llama.py's MLP computes it
+
+    The gate half is made contiguous first: on the CPU, ``F.silu`` of a strided view takes
+    a scalar path for some elements whose fp32 result differs in the last bit from the
+    vectorised path a contiguous ``gate_proj(x)`` output gets.
+    """
+    _check_silu_mul_args(gate_up)
+    i = gate_up.shape[1] // 2
+    return F.silu(gate_up[:, :i].contiguous()) * gate_up[:, i:]

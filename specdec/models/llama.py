@@ -8,6 +8,11 @@ loads by name. Two forwards:
 * ``model.forward_cached(batch, cache, ops)`` — a ragged batch of new tokens (prefill,
   decode, chain or tree verification alike) that writes its K/V into the paged cache and
   attends through it, returning logits only for the rows asked for.
+
+The cached forward is the hot path and launches few kernels: q, k and v are one GEMM
+(and gate and up another) over weights fused at load time (``fuse_projections``; the
+separate projections stay as views of the fused tensors), and the backend's fused ops
+do residual-add + RMSNorm, RoPE on q and k, and SiLU-times-up in one launch each.
 """
 
 from __future__ import annotations
@@ -116,10 +121,18 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_cached(self, x, cos, sin, batch: ForwardBatch, k_cache, v_cache, ops):
+    def fuse_projections(self) -> None:
+        """One [(H + 2 H_kv) D, hidden] weight (and bias) for q, k and v; the three
+        projections keep their parameters as views of it."""
+        _fuse(self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
+
+    def forward_cached(self, x, inv_freq, batch: ForwardBatch, k_cache, v_cache, ops):
         # x: [T, hidden] ragged new tokens -> write K/V to the cache, attend through it
-        T = x.shape[0]
-        q, k, v = self._qkv(x, cos, sin)  # [T, heads, D]
+        T, H, H_kv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 H_kv) D]
+        q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q, k = ops.rotary(q.view(T, H, D), k.view(T, H_kv, D), batch.positions, inv_freq)
+        v = v.view(T, H_kv, D)
         ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.verify_attention(
             q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.q_start,
@@ -139,6 +152,30 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_projections(self) -> None:
+        """One [2 I, hidden] weight for gate and up (views of it stay as their parameters)."""
+        _fuse(self, "gate_up", (self.gate_proj, self.up_proj))
+
+    def forward_cached(self, x, ops):
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2 I]
+        return self.down_proj(ops.silu_mul(gate_up))
+
+
+def _fuse(module: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> None:
+    """Concatenate ``linears``' weights (and biases) into buffers ``{name}_weight`` /
+    ``{name}_bias`` of ``module`` and make each linear's parameters views of them."""
+    for part in ("weight", "bias"):
+        tensors = [getattr(lin, part) for lin in linears]
+        if tensors[0] is None:
+            module.register_buffer(f"{name}_{part}", None, persistent=False)
+            continue
+        fused = torch.cat([t.detach() for t in tensors])
+        module.register_buffer(f"{name}_{part}", fused, persistent=False)
+        start = 0
+        for lin, t in zip(linears, tensors):
+            setattr(lin, part, nn.Parameter(fused[start:start + t.shape[0]], requires_grad=False))
+            start += t.shape[0]
 
 
 class DecoderLayer(nn.Module):
@@ -187,6 +224,12 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, lambda h, a=layer.self_attn: a(h, cos, sin))
         return self.lm_head(self.model.norm(x)).float()
 
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up weights for the cached forward (``load_model`` does it)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
     @torch.no_grad()
     def forward_cached(self, batch: ForwardBatch, cache, ops, num_layers: int | None = None) -> torch.Tensor:
         """Ragged forward through the paged cache.
@@ -197,13 +240,20 @@ class LlamaForCausalLM(nn.Module):
         num_layers: run only the first N layers, then the final norm and LM head
                     (the early-exit drafter); default all
         returns:    logits [R, V] float32 for ``batch.logits_rows`` (all T rows if None)
+
+        Needs ``fuse_projections()`` first (``load_model`` calls it).
         """
         n = self.num_layers if num_layers is None else num_layers
-        x = self.model.embed_tokens(batch.tokens)  # [T, hidden]
-        cos, sin = self.model.rotary.cos_sin(batch.positions, x.dtype)  # [T, D]
+        inv_freq = self.model.rotary.inv_freq
+        h, residual = self.model.embed_tokens(batch.tokens), None  # [T, hidden]
         for i, layer in enumerate(self.model.layers[:n]):
             k_cache, v_cache = cache.layer(i)
-            x = layer(x, lambda h, a=layer.self_attn: a.forward_cached(h, cos, sin, batch, k_cache, v_cache, ops))
+            x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            h = layer.self_attn.forward_cached(x, inv_freq, batch, k_cache, v_cache, ops)
+            x, residual = ops.add_rms_norm(h, residual, layer.post_attention_layernorm.weight,
+                                           layer.post_attention_layernorm.eps)
+            h = layer.mlp.forward_cached(x, ops)
         if batch.logits_rows is not None:
-            x = x[batch.logits_rows]  # [R, hidden]
-        return self.lm_head(self.model.norm(x)).float()
+            h, residual = h[batch.logits_rows], residual[batch.logits_rows]  # [R, hidden]
+        x, _ = ops.add_rms_norm(h, residual, self.model.norm.weight, self.model.norm.eps)
+        return self.lm_head(x).float()

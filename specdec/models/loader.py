@@ -101,4 +101,5 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     model = model.to(dtype=dtype).eval()
     # RoPE frequencies stay fp32 whatever the weights' dtype, as transformers keeps them
     model.model.rotary.inv_freq = cfg.rope_inv_freq().to(device)
+    model.fuse_projections()
     return model
