@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -53,11 +54,16 @@ def _require_interpreter() -> None:
         )
 
 
+def _unchecked(module) -> tuple[Callable, ...]:
+    """The fused elementwise ops without their host-side argument checks: the model calls
+    them several times per layer with tensors it shapes itself."""
+    return tuple(partial(getattr(module, op), check=False) for op in ("add_rms_norm", "rotary", "silu_mul"))
+
+
 def get_backend(name: str) -> Backend:
     if name == "torch":
         return Backend("torch", reference.write_kv, _reference_attention, reference.rejection_sample,
-                       reference.tree_rejection_sample, reference.add_rms_norm, reference.rotary,
-                       reference.silu_mul)
+                       reference.tree_rejection_sample, *_unchecked(reference))
     if name == "triton":
         if not torch.cuda.is_available():
             _require_interpreter()
@@ -71,7 +77,7 @@ def get_backend(name: str) -> Backend:
 
         return Backend("triton", kv_cache_ops.write_kv, verify_attention.verify_attention,
                        rejection_sampling.rejection_sample, tree_sampling.tree_rejection_sample,
-                       fused_ops.add_rms_norm, fused_ops.rotary, fused_ops.silu_mul)
+                       *_unchecked(fused_ops))
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

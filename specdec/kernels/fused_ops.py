@@ -18,8 +18,10 @@ once by both (fp32 sum -> x's dtype, as torch adds) and is bit-equal; the norm i
 of that rounded residual, as the reference does.
 
 The launchers share their argument checks with the reference (``ValueError`` naming the
-argument, host-side, no device reads), allocate outputs with ``torch.empty`` and never
-sync, so a decode step that calls them can be captured in a CUDA graph.
+argument, host-side, no device reads; ``check=False`` skips them for callers that build
+the arguments themselves, as the model's cached forward does through the backend),
+allocate outputs with ``torch.empty`` and never sync, so a decode step that calls them
+can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def _rne_bf16(dtype: torch.dtype) -> bool:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, then RMSNorm, in one launch (one program per row).
 
     x:        [T, N] float16/bfloat16/float32, any row stride, stride 1 in N; N <= 65536
@@ -180,10 +182,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         >>> new_res.tolist(), [round(v, 4) for v in normed[0].tolist()]
         ([[3.0, 0.0]], [1.4142, 0.0])
     """
-    _check_add_rms_norm_args(x, residual, weight, eps)
+    if check:
+        _check_add_rms_norm_args(x, residual, weight, eps)
+        require(x.shape[1] <= MAX_NORM_COLS, f"add_rms_norm keeps a row in one block: N must be <= "
+                f"{MAX_NORM_COLS}, got x of shape {shape_of(x)}")
     t, n = x.shape
-    require(n <= MAX_NORM_COLS, f"add_rms_norm keeps a row in one block: N must be <= "
-            f"{MAX_NORM_COLS}, got x of shape {shape_of(x)}")
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     new_res = x if residual is None else torch.empty_like(out)
     if t == 0:
@@ -200,7 +203,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-           inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           inv_freq: torch.Tensor, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on the query and key heads of T tokens in one launch (one program per token).
 
     q:         [T, H, D] float16/bfloat16/float32, any token/head strides, stride 1 in D
@@ -221,7 +224,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         >>> [round(v, 3) for v in q_rot.flatten().tolist() + k_rot.flatten().tolist()]
         [0.5, 0.866, -1.732, 1.0]
     """
-    _check_rotary_args(q, k, positions, inv_freq)
+    if check:
+        _check_rotary_args(q, k, positions, inv_freq)
     t, h, d = q.shape
     h_kv = k.shape[1]
     q_out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
@@ -240,7 +244,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return q_out, k_out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """SwiGLU's activation ``silu(gate) * up`` in one launch (a program per row and block).
 
     gate_up: [T, 2 I] float16/bfloat16/float32, any row stride, stride 1 in the last dim:
@@ -254,7 +258,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         >>> silu_mul(torch.tensor([[0.0, 20.0, 3.0, 0.5]])).tolist()
         [[0.0, 10.0]]
     """
-    _check_silu_mul_args(gate_up)
+    if check:
+        _check_silu_mul_args(gate_up)
     t, i = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:

@@ -828,6 +828,8 @@ def add_rms_norm(
     residual: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, then RMSNorm: the two ops between a decoder layer's sublayers.
 
@@ -836,6 +838,8 @@ def add_rms_norm(
     residual: [T, N] x's dtype, or None (nothing to add yet)
     weight:   [N] x's dtype, the norm's gain
     eps:      host float >= 0, added to the mean square
+    check:    validate the arguments (keyword; the backend's hot-path calls skip it, for
+              every op here, since the model builds their arguments itself)
     returns:  normed [T, N] and new_residual [T, N], both in x's dtype;
               new_residual = x + residual, or x itself (not a copy) when residual is None
 
@@ -844,7 +848,8 @@ def add_rms_norm(
 
         h = r.float(); h = h * rsqrt(mean(h^2) + eps); normed = weight * h.to(x.dtype)
     """
-    _check_add_rms_norm_args(x, residual, weight, eps)
+    if check:
+        _check_add_rms_norm_args(x, residual, weight, eps)
     r = x if residual is None else x + residual  # [T, N], rounded to x.dtype
     h = r.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # [T, N] fp32
@@ -861,6 +866,8 @@ def rotary(
     k: torch.Tensor,
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on the query and key heads of T tokens (transformers' half-split layout).
 
@@ -878,7 +885,8 @@ def rotary(
         emb = cat(theta, theta)                            # [T, D]
         x1, x2 = halves of x -> x * cos(emb) + cat(-x2, x1) * sin(emb)
     """
-    _check_rotary_args(q, k, positions, inv_freq)
+    if check:
+        _check_rotary_args(q, k, positions, inv_freq)
     freqs = positions.float()[:, None] * inv_freq.float()  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     cos = emb.cos().to(q.dtype)[:, None]  # [T, 1, D]
@@ -888,7 +896,7 @@ def rotary(
     return q_rot, k_rot
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """SwiGLU's activation: SiLU of the gate half times the up half.
 
     gate_up: [T, 2 I] float16/bfloat16/float32, stride 1 in its last dim: the gate
@@ -899,6 +907,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     a scalar path for some elements whose fp32 result differs in the last bit from the
     vectorised path a contiguous ``gate_proj(x)`` output gets.
     """
-    _check_silu_mul_args(gate_up)
+    if check:
+        _check_silu_mul_args(gate_up)
     i = gate_up.shape[1] // 2
     return F.silu(gate_up[:, :i].contiguous()) * gate_up[:, i:]
