@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cuda_graphs import DecodeRunner, supports
+from .cuda_graphs import DecodeRunner
 from .detokenize import TextStream, output_text
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
@@ -104,21 +104,19 @@ class LLM:
         for name, flag in (("adaptive", adaptive), ("cuda_graphs", cuda_graphs)):
             if flag is not None and not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True, False or None, got {flag!r}")
-        if cuda_graphs and (self.device.type != "cuda" or backend != "triton"):
+        graphs_possible = self.device.type == "cuda" and backend == "triton"
+        graphs_cover = draft_kind != "ngram" and tree is None  # n-gram drafts come from the host
+        if cuda_graphs and not graphs_possible:
             raise ValueError(f"cuda_graphs=True needs a CUDA device and the Triton backend, got device "
                              f"{self.device} and backend {backend!r}: pass cuda_graphs=False")
-        if cuda_graphs and draft_kind == "ngram":
-            raise ValueError("cuda_graphs=True does not cover the n-gram drafter (its drafts come from the "
-                             "host): pass cuda_graphs=False or None")
+        if cuda_graphs and not graphs_cover:
+            raise ValueError("cuda_graphs=True does not cover the n-gram drafter or draft trees (they run "
+                             "eagerly): pass cuda_graphs=False or None")
         if adaptive and (tree is not None or draft_kind == "none"):
             raise ValueError("adaptive speculation chooses a chain length: it needs a drafter and no "
                              "draft_tree; pass adaptive=False")
-        if cuda_graphs and tree is not None:
-            raise ValueError("cuda_graphs=True does not cover draft trees (they run eagerly): pass "
-                             "cuda_graphs=False or None")
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and backend == "triton" and draft_kind != "ngram" \
-                and tree is None
+            cuda_graphs = graphs_possible and graphs_cover
         if adaptive is None:
             adaptive = cuda_graphs and draft_kind != "none"
 
@@ -172,12 +170,12 @@ class LLM:
                                   self.dtype, self.device)
             drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft), tree=tree)
         self.drafter = drafter
-        runner = self.decode_runner(use_graphs=True, max_k=k, max_batch=max_num_seqs) if cuda_graphs else None
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
                              eos_token_ids=cfg.eos_token_ids, max_num_seqs=max_num_seqs,
                              tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None,
-                             speculation=AdaptiveSpeculation(k) if adaptive else None, runner=runner)
-        self.cuda_graphs, self.adaptive = runner is not None, bool(adaptive)
+                             speculation=AdaptiveSpeculation(k) if adaptive else None)
+        if cuda_graphs:
+            self.engine.runner = self.decode_runner(use_graphs=True)
         self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._next_id = 0
         self._totals = RequestMetrics()
@@ -201,16 +199,11 @@ class LLM:
             f"draft {draft!r} is not a known drafter nor an existing path; use one of {', '.join(DRAFTER_NAMES)}"
         )
 
-    def decode_runner(self, use_graphs: bool, max_k: int | None = None, max_batch: int | None = None) -> DecodeRunner:
+    def decode_runner(self, use_graphs: bool) -> DecodeRunner:
         """The fixed-shape decode step of this model and drafter (CUDA graphs when
         ``use_graphs``; eagerly otherwise, which is how the CPU tests exercise it)."""
-        if not supports(self.drafter):
-            raise ValueError(f"the {self.drafter.name!r} drafter has no fixed-shape decode step (n-gram "
-                             "drafts come from the host, trees have a shape of their own)")
-        e = getattr(self, "engine", None)
         return DecodeRunner(self.target, self.cache, self.ops, self.drafter,
-                            max_k=max_k if max_k is not None else e.num_draft_tokens,
-                            max_batch=max_batch if max_batch is not None else e.max_num_seqs,
+                            max_k=self.engine.num_draft_tokens, max_batch=self.engine.max_num_seqs,
                             max_context=self.config.max_position_embeddings, block_size=self.blocks.block_size,
                             scratch_block=self.blocks.num_blocks, use_graphs=use_graphs)
 

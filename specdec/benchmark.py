@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     k = args.num_draft_tokens
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    # pass the engine options only when set, so the benchmark runs on engines without them
+    # pass the engine options only when set: the defaults are the engine's, the heading lists the rest
     engine = {} if args.cuda_graphs is None else {"cuda_graphs": args.cuda_graphs}
     spec_only = {} if args.adaptive is None else {"adaptive": args.adaptive}
     options = "".join(f", {key}={value}" for key, value in {**spec_only, **engine}.items())

@@ -53,7 +53,7 @@ from .drafters.draft_model import ModelDrafter
 from .kv_cache import KVCache, cdiv
 from .models.llama import ForwardBatch, LlamaForCausalLM
 from .sequence import Sequence
-from .speculation import BATCH_BUCKETS, bucket_of
+from .speculation import bucket_of
 
 SAMPLING_MODES = ("greedy", "sample", "filtered")
 
@@ -188,14 +188,15 @@ class _StaticStep:
             self.verify()
         self.graphs = (draft_graph, verify_graph)
 
-    def run(self, clock: StepClock):
-        """One step on the current inputs; returns the three clock marks."""
-        t0 = clock.mark()
+    def run(self, clock: StepClock | None):
+        """One step on the current inputs; returns the three clock marks (None untimed)."""
+        mark = clock.mark if clock is not None else lambda: None
+        t0 = mark()
         if self.k > 0:
             self.graphs[0].replay() if self.graphs else self.draft()
-        t1 = clock.mark()
+        t1 = mark()
         self.graphs[1].replay() if self.graphs else self.verify()
-        return t0, t1, clock.mark()
+        return t0, t1, mark()
 
 
 class DecodeRunner:
@@ -213,7 +214,8 @@ class DecodeRunner:
     def __init__(self, target: LlamaForCausalLM, cache: KVCache, ops, drafter: Drafter, *, max_k: int,
                  max_batch: int, max_context: int, block_size: int, scratch_block: int, use_graphs: bool):
         if not supports(drafter):
-            raise ValueError(f"the {drafter.name!r} drafter has no fixed-shape decode step")
+            raise ValueError(f"the {drafter.name!r} drafter has no fixed-shape decode step (n-gram drafts "
+                             "come from the host, trees have a shape of their own)")
         if use_graphs and cache.k.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.target, self.cache, self.ops, self.drafter = target, cache, ops, drafter
@@ -237,15 +239,13 @@ class DecodeRunner:
         self.top_k = i32[B * MB:B * MB + B]
         self.num_draft = i32[B * MB + B:]
         self._np = [h.numpy() for h in self._host]
-        for c in {id(cache): cache, id(getattr(drafter, "cache", cache)): getattr(drafter, "cache", cache)}.values():
-            c.k[:, scratch_block].zero_()  # padded rows read what they did not write: keep it finite
+        caches = [cache] + ([drafter.cache] if self.width == 2 else [])  # the draft model's own
+        for c in caches:  # padded rows read what they did not write: keep it finite
+            c.k[:, scratch_block].zero_()
             c.v[:, scratch_block].zero_()
         self._steps: dict[tuple[int, int, str], _StaticStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.clock = StepClock(self.device)
-
-    def buckets(self) -> list[int]:
-        return sorted({bucket_of(b) for b in BATCH_BUCKETS if b <= self.max_batch} | {self.max_batch})
 
     # ------------------------------------------------------------------ eligibility
     def can_run(self, seqs: list[Sequence], k: int) -> bool:
@@ -304,17 +304,18 @@ class DecodeRunner:
                 step.capture(self._pool)
         return step
 
-    def run(self, seqs: list[Sequence], blocks, limits: list[int], mode: str):
+    def run(self, seqs: list[Sequence], blocks, limits: list[int], mode: str, clock: StepClock | None = None):
         """One decode step: ``k = max(limits)`` drafts for every sequence, of which the
         sampler tests ``limits[b]`` (the engine's per-sequence caps).
 
         returns out [B, k + 1] int64 (accepted drafts, the sampled token, -1 padding),
-        n_accepted [B] int32 (-1: non-finite logits), and the step's clock marks.
+        n_accepted [B] int32 (-1: non-finite logits), and the step's marks on ``clock``
+        (None when not timed).
         """
         B, k = len(seqs), max(limits)
         bucket = self.load(seqs, blocks, limits)
         step = self._step(bucket, k, mode)
-        marks = step.run(self.clock)
+        marks = step.run(clock)
         if k > 0:
             for s in seqs:
                 s.draft_len = len(s.tokens) + k - 1  # d_1..d_{k-1} are in the draft cache

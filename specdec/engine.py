@@ -23,7 +23,7 @@ Two things shape a step when they are given:
   the step plain decoding.
 * ``runner`` (specdec/cuda_graphs.py) runs steps where every sequence is past its prefill
   on static buffers — replayed CUDA graphs on a GPU. Other steps (prefill, trees, n-gram
-  drafts, a sequence with fewer drafts than the rest) take the general path below.
+  drafts, a draft model's cache lagging after plain steps) take the general path below.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections import deque
 import torch
 
 from .batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
-from .cuda_graphs import DecodeRunner, StepClock, sampling_mode
+from .cuda_graphs import StepClock, sampling_mode
 from .drafters.base import Drafter
 from .kv_cache import BlockManager, CacheCapacityError, KVCache, cdiv
 from .models.llama import LlamaForCausalLM
@@ -59,8 +59,7 @@ class Engine:
 
     def __init__(self, target: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  drafter: Drafter, num_draft_tokens: int, eos_token_ids=(), max_num_seqs: int = 64,
-                 tokenizer=None, draft_depth: int | None = None,
-                 speculation: AdaptiveSpeculation | None = None, runner: DecodeRunner | None = None):
+                 tokenizer=None, draft_depth: int | None = None, speculation: AdaptiveSpeculation | None = None):
         self.target, self.cache, self.blocks, self.ops = target, cache, blocks, ops
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens  # cache slots a step's drafts use (tree nodes)
@@ -71,7 +70,7 @@ class Engine:
         self.max_context = target.config.max_position_embeddings
         self.device = cache.k.device
         self.speculation = speculation
-        self.runner = runner
+        self.runner = None  # a DecodeRunner (specdec/cuda_graphs.py), attached by LLM when it uses one
         self.clock = StepClock(self.device)
         self.last_k = self.draft_depth  # the chain length the latest step asked for
         self.waiting: deque[Sequence] = deque()
@@ -159,20 +158,24 @@ class Engine:
         seqs = list(self.running)
         if not seqs:
             return []
-        k = self.draft_depth if self.speculation is None else self.speculation.choose(len(seqs))
+        spec = self.speculation
+        k = self.draft_depth if spec is None else spec.choose(len(seqs))
         limits = [min(k, self._draft_limit(s)) for s in seqs]
-        decode_only = all(s.target_len == len(s.tokens) - 1 for s in seqs)
+        clock = self.clock if spec is not None else None  # time the halves only for the controller
+        mark = clock.mark if clock is not None else lambda: None
+        decode_only = spec is not None and all(s.target_len == len(s.tokens) - 1 for s in seqs)
         nodes = None
         fixed_shape = self.runner is not None and self.runner.can_run(seqs, max(limits))
         if fixed_shape:
-            k, limits = self._profile_if_new(seqs, k, limits)
-            out, n_acc, marks = self.runner.run(seqs, self.blocks, limits, sampling_mode(seqs))
+            mode = sampling_mode(seqs)
+            k, limits = self._profile_if_new(seqs, k, limits, mode)
+            out, n_acc, marks = self.runner.run(seqs, self.blocks, limits, mode, clock)
             counts = depths = limits
         else:
             sampling = SamplingTensors.of(seqs, self.device)
-            t0 = self.clock.mark()
+            t0 = mark()
             draft = self.drafter.propose(seqs, limits, sampling, self.device)
-            t1 = self.clock.mark()
+            t1 = mark()
             counts = draft.counts
             if draft.parents is None:
                 depths = draft.counts
@@ -180,7 +183,7 @@ class Engine:
             else:
                 depths = [max(tree_layout(tuple(p))[0], default=0) for p in draft.parents]
                 out, n_acc, nodes = self._verify_tree(seqs, draft, sampling, max(depths))
-            marks = (t0, t1, self.clock.mark())
+            marks = (t0, t1, mark())
         self.last_k = k
 
         # -- commit: the one device-to-host copy of the step --
@@ -197,13 +200,13 @@ class Engine:
             )
         if nodes is not None:
             self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
-        if self.speculation is not None:
-            self.speculation.observe(counts, [row[0] for row in host])
+        if spec is not None:
+            spec.observe(counts, [row[0] for row in host])
             # time only steps like the next one: no prefill, every sequence drafting k, and
             # the fixed-shape path whenever there is one (an eager step costs more)
             if decode_only and all(n == k for n in counts) and (fixed_shape or self.runner is None):
                 t0, t1, t2 = marks
-                self.speculation.record(len(seqs), k, self.clock.seconds(t0, t1), self.clock.seconds(t1, t2))
+                spec.record(len(seqs), k, clock.seconds(t0, t1), clock.seconds(t1, t2))
         finished = []
         for seq, row, n_draft, depth in zip(seqs, host, counts, depths):
             a = row[0]
@@ -232,13 +235,13 @@ class Engine:
                 self.speculation.record(bucket, k, draft_s, verify_s, warm=True)
         return len(costs)
 
-    def _profile_if_new(self, seqs, k: int, limits: list[int]) -> tuple[int, list[int]]:
+    def _profile_if_new(self, seqs, k: int, limits: list[int], mode: str) -> tuple[int, list[int]]:
         """The first graph step at a batch size times every k (capturing its graphs), so
         the controller chooses from measured costs instead of exploring step by step."""
         spec = self.speculation
         if spec is None or not self.runner.use_graphs or spec.has_costs(len(seqs)):
             return k, limits
-        for j, (draft_s, verify_s) in self.runner.profile(seqs, self.blocks, sampling_mode(seqs)).items():
+        for j, (draft_s, verify_s) in self.runner.profile(seqs, self.blocks, mode).items():
             spec.record(len(seqs), j, draft_s, verify_s, warm=True)
         k = spec.choose(len(seqs))  # <= the k profiled from, so the step still qualifies
         return k, [min(k, n) for n in limits]

@@ -53,23 +53,24 @@ def trials(num_proposed: int, num_accepted: int) -> int:
 class _Cost:
     """An exponential moving average of one (bucket, k)'s seconds; the first sample dropped."""
 
-    seen: int = 0
+    dropped: bool = False  # the first sample without ``warm`` carries capture / compilation
+    samples: int = 0
     draft: float = 0.0
     verify: float = 0.0
 
     def add(self, draft: float, verify: float, weight: float, warm: bool) -> None:
-        if self.seen == 0 and warm:
-            self.seen = 1  # a warm first sample is as good as a later one
-        self.seen += 1
-        if self.seen == 1:
-            return  # capture / compile
-        w = 1.0 if self.seen == 2 else weight
+        if not (self.dropped or warm):
+            self.dropped = True
+            return
+        self.dropped = True
+        w = 1.0 if self.samples == 0 else weight
+        self.samples += 1
         self.draft += w * (draft - self.draft)
         self.verify += w * (verify - self.verify)
 
     @property
     def known(self) -> bool:
-        return self.seen >= 2
+        return self.samples > 0
 
 
 @dataclass
@@ -168,10 +169,3 @@ class AdaptiveSpeculation:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
-
-    def summary(self) -> dict:
-        """Measured state, for metrics and debugging."""
-        return {
-            "alpha": self.alpha,
-            "costs": {f"{b}x{k}": (c.draft, c.verify) for (b, k), c in sorted(self._costs.items()) if c.known},
-        }

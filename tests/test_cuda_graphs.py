@@ -49,8 +49,8 @@ def make_llm(dirs, draft, static: bool, backend="torch", **kw):
 def _count_runs(llm):
     runs = []
     run = llm.engine.runner.run
-    llm.engine.runner.run = lambda seqs, blocks, limits, mode: (runs.append((len(seqs), list(limits), mode)),
-                                                                run(seqs, blocks, limits, mode))[1]
+    llm.engine.runner.run = lambda seqs, blocks, limits, mode, *rest: (
+        runs.append((len(seqs), list(limits), mode)), run(seqs, blocks, limits, mode, *rest))[1]
     return runs
 
 

@@ -498,8 +498,8 @@ def test_fixed_shape_steps_with_varying_k_sample_target_distribution(ckpts, case
     llm.engine.speculation = ScheduledK([2, 3, 1, 0])  # step 1 prefills; k changes every step
     runs = []
     run = runner.run
-    runner.run = lambda seqs, blocks, limits, mode: (runs.append((len(seqs), max(limits))),
-                                                     run(seqs, blocks, limits, mode))[1]
+    runner.run = lambda seqs, blocks, limits, mode, *rest: (runs.append((len(seqs), max(limits))),
+                                                            run(seqs, blocks, limits, mode, *rest))[1]
     counts, outs = sample_outcomes(llm, params)
     res = chi_square_test(counts, joint)
     assert res.impossible == 0 and res.p_value > ALPHA, f"{case}: {res}"
