@@ -101,18 +101,12 @@ def test_tree_rejection_sample(benchmark, batch, vocab, dtype, impl):
     benchmark.extra_info["GB/s"] = bytes_moved(args, n_acc) / benchmark.stats.stats.median / 1e9
 
 
-def _median_us(fn, args, reps=50):
-    for _ in range(3):
-        _call(fn, args)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args, check_finite=False)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+def _median_us(fn, args):
+    """Median µs of one call on the GPU (Triton's timer, as bench_verify_attention uses)."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(lambda: fn(*args, check_finite=False), warmup=25, rep=100,
+                                         return_mode="median")
 
 
 def run_gpu_table(batch=64, vocab=128256):

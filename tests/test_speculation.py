@@ -40,6 +40,17 @@ def best_k(alpha: float, batch: int, c: float = 0.1) -> int:
     return max(range(K + 1), key=lambda k: (rate(alpha, batch, k, c), k))
 
 
+def draw_accepted(rng: random.Random, alpha: float, k: int, batch: int) -> list[int]:
+    """Accepted drafts of each sequence when each of k drafts passes with probability α."""
+    accepted = []
+    for _ in range(batch):
+        a = 0
+        while a < k and rng.random() < alpha:
+            a += 1
+        accepted.append(a)
+    return accepted
+
+
 def simulate(ctl: AdaptiveSpeculation, alpha: float, batch: int, steps: int, seed: int = 0, c: float = 0.1):
     """Run ``steps`` steps of ``batch`` sequences; returns the chosen k of each step."""
     rng = random.Random(seed)
@@ -47,13 +58,7 @@ def simulate(ctl: AdaptiveSpeculation, alpha: float, batch: int, steps: int, see
     for _ in range(steps):
         k = ctl.choose(batch)
         chosen.append(k)
-        accepted = []
-        for _ in range(batch):
-            a = 0
-            while a < k and rng.random() < alpha:
-                a += 1
-            accepted.append(a)
-        ctl.observe([k] * batch, accepted)
+        ctl.observe([k] * batch, draw_accepted(rng, alpha, k, batch))
         ctl.record(batch, k, draft_cost(batch, k, c), verify_cost(batch, k))
     return chosen
 
@@ -108,12 +113,7 @@ def test_never_slower_than_plain_decoding():
             tokens = seconds = 0.0
             for _ in range(400):
                 k = ctl.choose(batch)
-                acc = []
-                for _ in range(batch):
-                    a = 0
-                    while a < k and rng.random() < alpha:
-                        a += 1
-                    acc.append(a)
+                acc = draw_accepted(rng, alpha, k, batch)
                 ctl.observe([k] * batch, acc)
                 d, v = draft_cost(batch, k), verify_cost(batch, k)
                 ctl.record(batch, k, d, v)

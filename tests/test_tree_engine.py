@@ -40,7 +40,7 @@ from torch.testing import assert_close
 from checkpoints import make_checkpoint, perturbed_copy
 from stats import binomial_two_sided_p, chi_square_test
 from test_distribution import exact_joint, next_token_probs
-from test_engine import _draft_arg, _poison, _record_running
+from test_engine import _draft_arg, _model, _poison, _prompts, _record_running, greedy_ref
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch, prefill_tails
 from specdec.drafters import draft_model
@@ -76,35 +76,6 @@ def make_llm(path, draft=None, **kw):
     llm = LLM(str(path), draft=draft, device="cpu", dtype=torch.float32, backend="torch", **kw)
     _poison(llm)
     return llm
-
-
-_MODELS: dict = {}
-_GREEDY: dict = {}
-
-
-def _model(path):
-    if str(path) not in _MODELS:
-        _MODELS[str(path)] = load_model(path)
-    return _MODELS[str(path)]
-
-
-def greedy_ref(path, prompt, n, eos=(2,)):
-    """Plain greedy decoding with full no-cache forwards: up to ``n`` tokens, through
-    the first token in ``eos``."""
-    key = (str(path), tuple(prompt), n, tuple(eos))
-    if key not in _GREEDY:
-        model, toks = _model(path), list(prompt)
-        while len(toks) - len(prompt) < n:
-            toks.append(int(model(torch.tensor([toks]))[0, -1].argmax()))
-            if toks[-1] in eos:
-                break
-        _GREEDY[key] = toks[len(prompt):]
-    return _GREEDY[key]
-
-
-def _prompts(lengths, seed=0, vocab=97):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 # ragged, crossing block boundaries, one longer than a tree forward's 64 tokens, one

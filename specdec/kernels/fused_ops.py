@@ -151,10 +151,6 @@ _INTERPRETED = type(_silu_mul_kernel).__name__ == "InterpretedFunction"
 # --------------------------------------------------------------------------- launchers
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _rne_bf16(dtype: torch.dtype) -> bool:
     """Whether a kernel storing ``dtype`` must round bf16 by hand (see ``_round``)."""
     return _INTERPRETED and dtype == torch.bfloat16
@@ -191,7 +187,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     new_res = x if residual is None else torch.empty_like(out)
     if t == 0:
         return out, new_res
-    block_n = _next_pow2(n)
+    block_n = triton.next_power_of_2(n)
     res = x if residual is None else residual  # a placeholder pointer when there is none
     _add_rms_norm_kernel[(t,)](
         x, res, weight, out, new_res, n, float(eps),
@@ -232,14 +228,14 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     k_out = torch.empty(t, h_kv, d, dtype=q.dtype, device=q.device)
     if t == 0:
         return q_out, k_out
-    block_half = _next_pow2(d // 2)
+    block_half = triton.next_power_of_2(d // 2)
     max_heads = max(1, 4096 // block_half)  # keep a [BLOCK_H, BLOCK_HALF] tile <= 4096
     _rotary_kernel[(t,)](
         q, k, positions, inv_freq, q_out, k_out, h, h_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        HALF=d // 2, BLOCK_HALF=block_half, BLOCK_HQ=min(_next_pow2(h), max_heads),
-        BLOCK_HK=min(_next_pow2(h_kv), max_heads), RNE_BF16=_rne_bf16(q.dtype), num_warps=4,
+        HALF=d // 2, BLOCK_HALF=block_half, BLOCK_HQ=min(triton.next_power_of_2(h), max_heads),
+        BLOCK_HK=min(triton.next_power_of_2(h_kv), max_heads), RNE_BF16=_rne_bf16(q.dtype), num_warps=4,
     )
     return q_out, k_out
 
@@ -264,7 +260,7 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:
         return out
-    block = min(_next_pow2(i), 1024)
+    block = min(triton.next_power_of_2(i), 1024)
     _silu_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up, out, i, gate_up.stride(0), out.stride(0),
         BLOCK=block, RNE_BF16=_rne_bf16(gate_up.dtype), num_warps=4,

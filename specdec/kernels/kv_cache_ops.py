@@ -70,12 +70,7 @@ def _copy_slots_kernel(
     tl.store(dst_v_ptr + dst_v_row + h * stride_dvh + d, v, mask=mask)
 
 
-
 # --------------------------------------------------------------------------- launchers
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _check_kv_rows(name: str, x: torch.Tensor, k_cache: torch.Tensor, rows: int) -> None:
@@ -105,8 +100,8 @@ def _copy_slots(src_k, src_v, dst_k, dst_v, src_slots, dst_slots, page: int, num
     """One launch copying K and V rows; see ``_copy_slots_kernel``."""
     n = src_slots.shape[0]
     h_kv, d = dst_k.shape[-2], dst_k.shape[-1]
-    block_d = _next_pow2(d)
-    block_h = min(_next_pow2(h_kv), max(1, 4096 // block_d))
+    block_d = triton.next_power_of_2(d)
+    block_h = min(triton.next_power_of_2(h_kv), max(1, 4096 // block_d))
     grid = (n, triton.cdiv(h_kv, block_h))
     _copy_slots_kernel[grid](
         src_k, src_v, dst_k, dst_v, src_slots, dst_slots, num_slots, h_kv,

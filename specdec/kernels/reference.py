@@ -219,33 +219,46 @@ def _check_tensors(expected: dict, target_logits: torch.Tensor, sizes: str) -> N
                 f"{name} is on {t.device} but target_logits is on {target_logits.device}")
 
 
-def _check_rejection_args(
-    target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-    temperature, top_k, top_p, seeds, offsets, num_draft=None,
-) -> tuple[int, int]:
-    """Shape, dtype and device checks that need no device read. Returns (B, V)."""
+def _check_ragged(target_logits, draft_token_ids, cu, cu_name: str, count: str) -> tuple[int, int, int, int]:
+    """The layout checks both samplers share: logits [rows, V] of a logit dtype, ``cu``
+    [B + 1], draft ids 1-D. Returns (rows, V, B, number of drafts)."""
     if target_logits.dim() != 2 or target_logits.shape[1] < 1:
         raise ValueError(
             f"target_logits must be [rows, V] with V >= 1, got {tuple(target_logits.shape)}")
     if target_logits.dtype not in _LOGIT_DTYPES:
         raise ValueError(
             f"target_logits must be float32, float16 or bfloat16, got {target_logits.dtype}")
-    rows, vocab = target_logits.shape
-    if cu_num_draft.dim() != 1 or cu_num_draft.shape[0] < 1:
-        raise ValueError(f"cu_num_draft must be [B + 1], got {tuple(cu_num_draft.shape)}")
-    batch = cu_num_draft.shape[0] - 1
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{cu_name} must be [B + 1], got {tuple(cu.shape)}")
     if draft_token_ids.dim() != 1:
         raise ValueError(
-            f"draft_token_ids must be 1-D [sum n_b], got {tuple(draft_token_ids.shape)}")
-    n_draft = draft_token_ids.shape[0]
-    expected = {
-        "draft_token_ids": (draft_token_ids, torch.int64, (n_draft,)),
-        "cu_num_draft": (cu_num_draft, torch.int32, (batch + 1,)),
+            f"draft_token_ids must be 1-D [sum {count}], got {tuple(draft_token_ids.shape)}")
+    rows, vocab = target_logits.shape
+    return rows, vocab, cu.shape[0] - 1, draft_token_ids.shape[0]
+
+
+def _per_sequence(batch: int, temperature, top_k, top_p, seeds, offsets) -> dict:
+    """The per-sequence sampling tensors' expected dtype and shape, for ``_check_tensors``."""
+    return {
         "temperature": (temperature, torch.float32, (batch,)),
         "top_k": (top_k, torch.int32, (batch,)),
         "top_p": (top_p, torch.float32, (batch,)),
         "seeds": (seeds, torch.int64, (batch,)),
         "offsets": (offsets, torch.int64, (batch,)),
+    }
+
+
+def _check_rejection_args(
+    target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+    temperature, top_k, top_p, seeds, offsets, num_draft=None,
+) -> tuple[int, int]:
+    """Shape, dtype and device checks that need no device read. Returns (B, V)."""
+    rows, vocab, batch, n_draft = _check_ragged(target_logits, draft_token_ids, cu_num_draft,
+                                                "cu_num_draft", "n_b")
+    expected = {
+        "draft_token_ids": (draft_token_ids, torch.int64, (n_draft,)),
+        "cu_num_draft": (cu_num_draft, torch.int32, (batch + 1,)),
+        **_per_sequence(batch, temperature, top_k, top_p, seeds, offsets),
     }
     if draft_probs is not None:
         expected["draft_probs"] = (draft_probs, torch.float32, (n_draft, vocab))
@@ -459,20 +472,8 @@ def _check_tree_args(
     if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
         raise TypeError(f"draft_probs must be a torch.Tensor or None, got "
                         f"{type(draft_probs).__name__}")
-    if target_logits.dim() != 2 or target_logits.shape[1] < 1:
-        raise ValueError(
-            f"target_logits must be [rows, V] with V >= 1, got {tuple(target_logits.shape)}")
-    if target_logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(
-            f"target_logits must be float32, float16 or bfloat16, got {target_logits.dtype}")
-    rows, vocab = target_logits.shape
-    if cu_num_nodes.dim() != 1 or cu_num_nodes.shape[0] < 1:
-        raise ValueError(f"cu_num_nodes must be [B + 1], got {tuple(cu_num_nodes.shape)}")
-    batch = cu_num_nodes.shape[0] - 1
-    if draft_token_ids.dim() != 1:
-        raise ValueError(
-            f"draft_token_ids must be 1-D [sum N_b], got {tuple(draft_token_ids.shape)}")
-    n_nodes = draft_token_ids.shape[0]
+    rows, vocab, batch, n_nodes = _check_ragged(target_logits, draft_token_ids, cu_num_nodes,
+                                                "cu_num_nodes", "N_b")
     if rows != n_nodes + batch:
         raise ValueError(f"target_logits has {rows} rows; {batch} sequences with {n_nodes} nodes "
                          f"in all need sum (N_b + 1) = {n_nodes + batch}")
@@ -480,11 +481,7 @@ def _check_tree_args(
         "draft_token_ids": (draft_token_ids, torch.int64, (n_nodes,)),
         "parents": (parents, torch.int32, (n_nodes,)),
         "cu_num_nodes": (cu_num_nodes, torch.int32, (batch + 1,)),
-        "temperature": (temperature, torch.float32, (batch,)),
-        "top_k": (top_k, torch.int32, (batch,)),
-        "top_p": (top_p, torch.float32, (batch,)),
-        "seeds": (seeds, torch.int64, (batch,)),
-        "offsets": (offsets, torch.int64, (batch,)),
+        **_per_sequence(batch, temperature, top_k, top_p, seeds, offsets),
     }
     if draft_probs is not None:
         expected["draft_probs"] = (draft_probs, torch.float32, (rows, vocab))

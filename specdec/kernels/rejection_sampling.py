@@ -223,6 +223,23 @@ def _sample(row_ptr, q_row_ptr, V, t, m, z, thr, x_draft, residual, u,
 
 
 @triton.jit
+def _sequence(b, cu_ptr, max_n, total, temp_ptr, top_k_ptr, top_p_ptr):
+    """Sequence ``b``'s slice of a ragged layout and its sampling parameters.
+
+    returns start, n (0 when the layout is bad: never read out of bounds), bad, greedy,
+    t (the temperature logits are divided by; 1 for greedy rows), top_k, top_p
+    """
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    n = end - start
+    bad = (start < 0) | (n < 0) | (n > max_n) | (end > total)
+    temp = tl.load(temp_ptr + b)
+    greedy = temp <= 0.0
+    return (tl.where(bad, 0, start), tl.where(bad, 0, n), bad, greedy, tl.where(greedy, 1.0, temp),
+            tl.load(top_k_ptr + b), tl.load(top_p_ptr + b))
+
+
+@triton.jit
 def _rejection_sample_kernel(
     logits_ptr, stride_l, ids_ptr, q_ptr, stride_q, cu_ptr,
     temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, cap_ptr,
@@ -231,20 +248,10 @@ def _rejection_sample_kernel(
     HAS_Q: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    # -- this sequence's slice; a bad layout is flagged, never read out of bounds --
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    end = tl.load(cu_ptr + b + 1).to(tl.int64)
-    n = end - start
-    bad = (start < 0) | (n < 0) | (n > k_max) | (end > n_draft)
-    n = tl.where(bad, 0, n)
-    start = tl.where(bad, 0, start)
+    start, n, bad, greedy, t, top_k, top_p = _sequence(b, cu_ptr, k_max, n_draft, temp_ptr, top_k_ptr,
+                                                        top_p_ptr)
     if HAS_CAP:  # test only the first num_draft[b] drafts of the slice
         n = tl.minimum(n, tl.maximum(tl.load(cap_ptr + b).to(tl.int64), 0))
-    temp = tl.load(temp_ptr + b)
-    greedy = temp <= 0.0
-    t = tl.where(greedy, 1.0, temp)
-    top_k = tl.load(top_k_ptr + b)
-    top_p = tl.load(top_p_ptr + b)
     seed = tl.load(seed_ptr + b)
     # -- all uniforms of the sequence in one Philox call: counter = offset | stream | draw --
     # lanes [0, BLOCK_K): stream 0 draw i = acceptance uniform of draft i;

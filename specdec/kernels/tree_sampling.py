@@ -54,7 +54,7 @@ from .reference import (
     _check_tree_layout,
     _raise_if_flagged,
 )
-from .rejection_sampling import _cdf_block, _key, _load_scaled, _row_stats, _thresholds
+from .rejection_sampling import _cdf_block, _key, _load_scaled, _row_stats, _sequence, _thresholds
 
 __all__ = ["tree_rejection_sample"]
 
@@ -126,20 +126,10 @@ def _tree_rejection_sample_kernel(
     HAS_Q: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    # -- this sequence's slice; a bad layout is flagged, never read out of bounds --
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    end = tl.load(cu_ptr + b + 1).to(tl.int64)
-    n = end - start
-    bad = (start < 0) | (n < 0) | (n > BLOCK_N) | (end > n_nodes)
-    n = tl.where(bad, 0, n)
-    start = tl.where(bad, 0, start)
+    start, n, bad, greedy, t, top_k, top_p = _sequence(b, cu_ptr, BLOCK_N, n_nodes, temp_ptr, top_k_ptr,
+                                                        top_p_ptr)
     ids_ptr += start
     par_ptr += start
-    temp = tl.load(temp_ptr + b)
-    greedy = temp <= 0.0
-    t = tl.where(greedy, 1.0, temp)
-    top_k = tl.load(top_k_ptr + b)
-    top_p = tl.load(top_p_ptr + b)
     seed = tl.load(seed_ptr + b)
     # -- all uniforms of the sequence in one Philox call: counter = offset | stream | draw --
     # lanes [0, 2 BLOCK_N): stream 2, draw = node index (acceptance uniform of that node);

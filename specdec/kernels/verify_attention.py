@@ -263,10 +263,6 @@ class _Config:
     num_splits: int = 1  # KV splits (flash-decoding); > 1 adds a combine launch
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -283,7 +279,7 @@ def _pick_config(num_seqs: int, h_kv: int, group: int, head_dim: int, max_query_
     """Tile sizes from host-known sizes only (no device read)."""
     rows = max_query_len * group  # tile rows one (sequence, KV head) needs
     if _interpreting():  # few, large programs: the interpreter pays per program and op
-        block_m = min(128, max(16, _next_pow2(rows), _next_pow2(group)))
+        block_m = min(128, max(16, triton.next_power_of_2(rows), triton.next_power_of_2(group)))
         return _Config(block_m, 128, 1, 1)
     wide = head_dim > 128 or dtype == torch.float32  # registers / shared memory bound
     sms = _sm_count(device)
@@ -291,7 +287,8 @@ def _pick_config(num_seqs: int, h_kv: int, group: int, head_dim: int, max_query_
     def programs(block_m: int) -> int:  # grid size before KV splits
         return num_seqs * h_kv * triton.cdiv(max_query_len, max(1, block_m // group))
 
-    block_m = max(min(64 if wide else 128, max(16, _next_pow2(rows))), _next_pow2(group))
+    block_m = max(min(64 if wide else 128, max(16, triton.next_power_of_2(rows))),
+                  triton.next_power_of_2(group))
     if block_m == 128 and group <= 64 and programs(128) < 2 * sms:
         block_m = 64  # more, smaller programs when 128-row tiles would not fill the GPU
     # K and V tiles of BLOCK_N x D per pipeline stage: 64 x 128 x 2 B x 2 x 3 = 96 KiB
@@ -432,7 +429,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
-    block_m = max(cfg.block_m, _next_pow2(group), 16)
+    block_m = max(cfg.block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group  # queries per tile
     splits = cfg.num_splits
     if splits > 1:  # fp32 partial outputs [S, T, H, D] and their log2-sum-exp2 [S, T, H]
@@ -456,7 +453,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
         block_table.stride(0),
         stride_os, dst_t, dst_h,
         stride_ls, stride_lt,
-        HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)), PAGE_SIZE=page, GROUP=group,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE_SIZE=page, GROUP=group,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
         HAS_TREE=tree_mask is not None, UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
@@ -467,7 +464,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
             part, lse, out,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=_next_pow2(D), NUM_SPLITS=splits,
-            BLOCK_S=max(2, _next_pow2(splits)), num_warps=4 if D >= 128 else 2,
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4 if D >= 128 else 2,
         )
     return out
