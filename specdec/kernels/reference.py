@@ -276,18 +276,27 @@ def _check_rejection_args(
     return batch, vocab
 
 
-def _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft: int, vocab: int) -> None:
-    """Checks that read device values (one host copy): cu_num_draft and draft token ids."""
-    cu = cu_num_draft.cpu().long()
-    n_draft = draft_token_ids.shape[0]
-    if cu[0] != 0 or cu[-1] != n_draft:
-        raise ValueError(f"cu_num_draft must run from 0 to sum n_b = {n_draft}, "
+def _host_counts(cu_t: torch.Tensor, total: int, cu_name: str, counts: str, limit: int,
+                 limit_text: str) -> torch.Tensor:
+    """Copy cumulative counts to the host and check them: from 0 to ``total``, each count
+    in [0, limit]. Returns the host int64 copy."""
+    cu = cu_t.cpu().long()
+    symbol = counts.split()[-1]  # n_b or N_b
+    if cu[0] != 0 or cu[-1] != total:
+        raise ValueError(f"{cu_name} must run from 0 to sum {symbol} = {total}, "
                          f"got {int(cu[0])} .. {int(cu[-1])}")
     n = cu[1:] - cu[:-1]
-    wrong = ((n < 0) | (n > max_num_draft)).nonzero().flatten().tolist()
+    wrong = ((n < 0) | (n > limit)).nonzero().flatten().tolist()
     if wrong:
-        raise ValueError(f"draft counts n_b must be in [0, max_num_draft={max_num_draft}]; "
+        raise ValueError(f"{counts} must be in [0, {limit_text}]; "
                          f"sequence(s) {wrong} have {n[wrong].tolist()}")
+    return cu
+
+
+def _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft: int, vocab: int) -> None:
+    """Checks that read device values (one host copy): cu_num_draft and draft token ids."""
+    cu = _host_counts(cu_num_draft, draft_token_ids.shape[0], "cu_num_draft", "draft counts n_b",
+                      max_num_draft, f"max_num_draft={max_num_draft}")
     ids = draft_token_ids.cpu()
     out_of_range = ((ids < 0) | (ids >= vocab)).nonzero().flatten()
     if out_of_range.numel():
@@ -539,16 +548,8 @@ def _check_tree_layout(cu_num_nodes, draft_token_ids, parents, max_depth: int,
                        vocab: int) -> None:
     """Checks that read device values (host copies): node counts, token ids, parents,
     depths. Raises ValueError naming the sequences."""
-    cu = cu_num_nodes.cpu().long()
-    n_nodes = draft_token_ids.shape[0]
-    if cu[0] != 0 or cu[-1] != n_nodes:
-        raise ValueError(f"cu_num_nodes must run from 0 to sum N_b = {n_nodes}, "
-                         f"got {int(cu[0])} .. {int(cu[-1])}")
-    n = cu[1:] - cu[:-1]
-    wrong = ((n < 0) | (n > MAX_TREE_NODES)).nonzero().flatten().tolist()
-    if wrong:
-        raise ValueError(f"node counts N_b must be in [0, {MAX_TREE_NODES}]; "
-                         f"sequence(s) {wrong} have {n[wrong].tolist()}")
+    cu = _host_counts(cu_num_nodes, draft_token_ids.shape[0], "cu_num_nodes", "node counts N_b",
+                      MAX_TREE_NODES, str(MAX_TREE_NODES))
     tok, n, _, _ = _tree_table(cu, draft_token_ids.cpu(), 0)
     par, _, _, _ = _tree_table(cu, parents.cpu(), -1)
     j = torch.arange(MAX_TREE_NODES)
