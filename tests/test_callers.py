@@ -28,6 +28,7 @@ from specdec.detokenize import TextStream
 from specdec.drafters.ngram import NgramDrafter
 from specdec.sampling_params import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 from specdec.sequence import Sequence
+from test_distribution import ScheduledK
 
 SPACE = "\u2581"
 WORDS = (string.ascii_letters + string.digits + string.punctuation)[:92]  # ids 3 .. 94
@@ -260,36 +261,13 @@ def test_tree_drafts_keep_seeded_batch_invariance(tiny):
 # ---------------------------------------------------------------------- 7. fixed-shape step
 
 
-class _ChainLengths:
-    """Stands in for the adaptive controller: plays a fixed cycle of chain lengths."""
-
-    alpha = float("nan")
-
-    def __init__(self, ks):
-        self.ks = ks
-        self.n = 0
-
-    def choose(self, batch_size):
-        self.n += 1
-        return self.ks[(self.n - 1) % len(self.ks)]
-
-    def observe(self, proposed, accepted):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def has_costs(self, batch_size):
-        return True
-
-
-@pytest.mark.parametrize("max_tokens, ks", [(1, None), (6, [0, 3])])
+@pytest.mark.parametrize("max_tokens, ks", [(1, None), (6, [0, 3])])  # ks: the adaptive k of each step
 def test_fixed_shape_step_with_a_one_token_prompt_and_a_draft_model(tiny, draft_dir, max_tokens, ks):
     """A step that drafts nothing (max_tokens=1, or an adaptive k of 0) on one-token prompts."""
     llm = make(tiny, str(draft_dir), num_draft_tokens=3)
     llm.engine.runner = llm.decode_runner(use_graphs=False)
     if ks is not None:
-        llm.engine.speculation = _ChainLengths(ks)
+        llm.engine.speculation = ScheduledK(ks * 6)
     p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     want = [o.token_ids for o in make(tiny).generate([[5], [6]], p)]
     assert [o.token_ids for o in llm.generate([[5], [6]], p)] == want
@@ -396,8 +374,9 @@ DOOM, INTERRUPT = 3, 4  # a prompt starting with DOOM fails at run time; INTERRU
 
 
 def _random_request(rng, first=None):
-    prompt = [first if first is not None else rng.randrange(5, 95)] + [rng.randrange(5, 95)
-                                                                       for _ in range(rng.randrange(0, 9))]
+    """(prompt, params): greedy or seeded sampling, sometimes a stop string or EOS."""
+    prompt = [first if first is not None else rng.randrange(5, 95)]
+    prompt += [rng.randrange(5, 95) for _ in range(rng.randrange(0, 9))]
     if first in (DOOM, INTERRUPT):  # long enough to reach its failure (after 2 tokens, or 2 steps)
         return prompt, SamplingParams(max_tokens=rng.randrange(10, 16), temperature=0, ignore_eos=True)
     kw = dict(max_tokens=rng.randrange(3, 16), ignore_eos=rng.random() < 0.7)
@@ -410,9 +389,21 @@ def _random_request(rng, first=None):
     return prompt, SamplingParams(**kw)
 
 
+@dataclasses.dataclass
+class _Job:
+    kind: str  # "stream", "handle" or "generate"
+    requests: list  # [(prompt, params)]
+    cut: int | None = None  # stream: stop reading after this many pieces (cancel)
+    live: object = None  # the stream's iterator or the Request handle, once started
+    text: str = ""
+    pieces: int = 0
+
+
 def _interleave(llm, solo, order_seed):
+    """Start and advance jobs in a random order on ``llm``; returns how many requests
+    completed. Every completed request must equal its run alone on ``solo``."""
     rng = random.Random(order_seed)
-    armed = [None]  # steps until the injected Ctrl-C, while an INTERRUPT generate() runs
+    armed = [None]  # verify calls until the injected Ctrl-C, while an INTERRUPT generate() runs
 
     def doomed_or_interrupted(seqs):
         if any(s.tokens[0] == DOOM and s.num_generated >= 2 for s in seqs):
@@ -425,32 +416,34 @@ def _interleave(llm, solo, order_seed):
         return False
 
     fail_when(llm, doomed_or_interrupted)
-    jobs = [("stream", [_random_request(rng)], rng.choice([None, None, 1, 2])) for _ in range(4)]
-    jobs += [("stream", [_random_request(rng, DOOM)], None)]
-    jobs += [("handle", [_random_request(rng, DOOM if i == 0 else None)], None) for i in range(3)]
-    jobs += [("generate", [_random_request(rng) for _ in range(rng.randrange(1, 4))], None) for _ in range(2)]
-    jobs += [("generate", [_random_request(rng), _random_request(rng, DOOM)], None)]
-    jobs += [("generate", [_random_request(rng, INTERRUPT), _random_request(rng)], None)]
+    jobs = [_Job("stream", [_random_request(rng)], cut=rng.choice([None, None, 1, 2])) for _ in range(4)]
+    jobs += [_Job("stream", [_random_request(rng, DOOM)])]
+    jobs += [_Job("handle", [_random_request(rng, DOOM if i == 0 else None)]) for i in range(3)]
+    jobs += [_Job("generate", [_random_request(rng) for _ in range(rng.randrange(1, 4))]) for _ in range(2)]
+    jobs += [_Job("generate", [_random_request(rng), _random_request(rng, DOOM)])]
+    jobs += [_Job("generate", [_random_request(rng, INTERRUPT), _random_request(rng)])]
     rng.shuffle(jobs)
-    completed, failed = [], []  # (prompt, params, text[, token_ids, finish_reason])
+    completed, failed, interrupted = [], [], 0  # completed: (prompt, params, text, output or None)
     active = []
     while jobs or active:
-        if jobs and (not active or rng.random() < 0.3):
-            kind, reqs, cut = jobs.pop()
-            if kind == "stream":
-                (prompt, params), = reqs
-                active.append(["stream", prompt, params, llm.stream(prompt, params), "", cut])
-            elif kind == "handle":
-                (prompt, params), = reqs
-                active.append(["handle", prompt, params, llm.submit(prompt, params), ""])
-            else:
-                prompts, params = [p for p, _ in reqs], [p for _, p in reqs]
+        if jobs and (not active or rng.random() < 0.3):  # start a job
+            job = jobs.pop()
+            (prompt, params), *_ = job.requests
+            if job.kind == "stream":
+                job.live = llm.stream(prompt, params)
+                active.append(job)
+            elif job.kind == "handle":
+                job.live = llm.submit(prompt, params)
+                active.append(job)
+            else:  # runs to completion now, stepping everyone else's requests too
+                prompts, params = [p for p, _ in job.requests], [q for _, q in job.requests]
                 interrupt = prompts[0][0] == INTERRUPT
                 armed[0] = 2 if interrupt else None
                 try:
                     outs = llm.generate(prompts, params)
                 except KeyboardInterrupt:
                     assert interrupt
+                    interrupted += 1
                     continue
                 except RuntimeError as e:
                     assert any(p[0] == DOOM for p in prompts) and "injected failure" in str(e)
@@ -459,50 +452,52 @@ def _interleave(llm, solo, order_seed):
                 finally:
                     armed[0] = None
                 assert not interrupt, "the interrupt should have hit this call"
-                completed += [(p, q, o.text, o.token_ids, o.finish_reason) for p, q, o in zip(prompts, params, outs)]
+                completed += [(p, q, o.text, o) for p, q, o in zip(prompts, params, outs)]
             continue
-        job = rng.choice(active)
-        if job[0] == "stream":
-            _, prompt, params, gen, _, cut = job
+        job = rng.choice(active)  # advance a started job
+        (prompt, params), = job.requests
+        if job.kind == "stream":
             try:
-                job[4] += next(gen)
+                job.text += next(job.live)
+                job.pieces += 1
             except StopIteration:
                 active.remove(job)
-                completed.append((prompt, params, job[4]))
+                completed.append((prompt, params, job.text, None))
             except RuntimeError as e:
                 assert prompt[0] == DOOM and "injected failure" in str(e)
                 active.remove(job)
                 failed.append(prompt)
             else:
-                if cut is not None and job[4]:
-                    gen.close()  # the caller stops reading: cancelled
+                if job.cut is not None and job.pieces >= job.cut:
+                    job.live.close()  # the caller stops reading: cancelled
                     active.remove(job)
         else:
-            _, prompt, params, req, _ = job
+            req = job.live
             if not req.finished:
                 llm.step()
-            job[4] += req.new_text()
+            job.text += req.new_text()
             if req.finished:
                 active.remove(job)
                 if prompt[0] == DOOM:
                     assert req.finish_reason == "error" and "injected failure" in str(req.error)
                     failed.append(prompt)
                 else:
-                    assert req.finish_reason in ("stop", "length")
-                    assert job[4] == req.output().text
-                    completed.append((prompt, params, job[4], req.token_ids, req.finish_reason))
+                    assert req.finish_reason in ("stop", "length") and job.text == req.output().text
+                    completed.append((prompt, params, job.text, req.output()))
     assert_idle(llm)
-    assert len(failed) == 3  # the doomed stream, handle and generate call
-    for prompt, params, text, *rest in completed:
+    assert len(failed) == 3 and interrupted == 1  # the doomed stream, handle and generate call; the Ctrl-C
+    for prompt, params, text, out in completed:
         want = solo.generate([prompt], params)[0]
         assert text == want.text, (prompt, params)
-        if rest:
-            assert rest == [want.token_ids, want.finish_reason], (prompt, params)
+        if out is not None:
+            assert (out.token_ids, out.finish_reason) == (want.token_ids, want.finish_reason), (prompt, params)
     return len(completed)
 
 
-@pytest.mark.parametrize("order_seed", [0, 1, 2])
-def test_random_interleaving_of_streams_handles_and_generate_calls(sp_dir, order_seed):
-    llm = make(sp_dir, "early-exit:1", num_draft_tokens=3, block_size=4, max_num_seqs=3)
-    solo = make(sp_dir, "early-exit:1", num_draft_tokens=3, block_size=4)
+@pytest.mark.parametrize("order_seed, drafter", [(0, "early-exit:1"), (1, "draft-model"), (2, "draft-model")])
+def test_random_interleaving_of_streams_handles_and_generate_calls(sp_dir, draft_dir, order_seed, drafter):
+    """A separate draft model keeps a cache of its own: a failed step must roll it back too."""
+    draft = str(draft_dir) if drafter == "draft-model" else drafter
+    llm = make(sp_dir, draft, num_draft_tokens=3, block_size=4, max_num_seqs=3)
+    solo = make(sp_dir, draft, num_draft_tokens=3, block_size=4)
     assert _interleave(llm, solo, order_seed) >= 5
