@@ -19,6 +19,7 @@ if "triton" not in _sys.modules and not _torch.cuda.is_available():
 from .api import LLM  # noqa: E402
 from .engine import NonFiniteLogitsError  # noqa: E402
 from .kv_cache import CacheCapacityError  # noqa: E402
+from .request import Request  # noqa: E402
 from .sampling_params import SamplingParams  # noqa: E402
 from .sequence import RequestMetrics, RequestOutput  # noqa: E402
 
@@ -26,6 +27,7 @@ __all__ = [
     "LLM",
     "CacheCapacityError",
     "NonFiniteLogitsError",
+    "Request",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",

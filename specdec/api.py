@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .cuda_graphs import DecodeRunner
-from .detokenize import TextStream, output_text
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
 from .drafters.ngram import NgramDrafter
@@ -22,12 +21,15 @@ from .kernels import BACKENDS, get_backend
 from .kv_cache import BlockManager, KVCache, cdiv
 from .models import load_model
 from .sampling_params import SamplingParams
-from .sequence import RequestMetrics, RequestOutput, Sequence
+from .request import Request
+from .sequence import RequestOutput, Sequence, Status
 from .speculation import AdaptiveSpeculation
 from .tree import TreeShape
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DRAFTER_NAMES = ("a model directory", "'ngram'", "'early-exit:N'")
+NGRAM = "ngram"
+EARLY_EXIT = "early-exit:"
 
 
 def _default_device() -> torch.device:
@@ -93,6 +95,15 @@ class LLM:
         if block_size < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}")
         self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(self.device)!r} was asked for but this torch build or machine has no "
+                             "CUDA device: pass device='cpu'")
+        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, numbers.Real) or
+                                            isinstance(kv_cache_memory, bool) or not kv_cache_memory > 0):
+            raise ValueError(f"kv_cache_memory must be a number of bytes > 0 (or None for the default), "
+                             f"got {kv_cache_memory!r}")
+        if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -148,7 +159,7 @@ class LLM:
         if draft_model is not None:
             dc = draft_model.config
             per_block += KVCache.bytes_per_block(dc.num_layers, block_size, dc.num_kv_heads, dc.head_dim, self.dtype)
-        budget = kv_cache_memory if kv_cache_memory is not None else self._default_budget()
+        budget = int(kv_cache_memory) if kv_cache_memory is not None else self._default_budget()
         full = max_num_seqs * cdiv(cfg.max_position_embeddings + k, block_size)
         num_blocks = min(budget // per_block - 1, full)  # one more: the scratch block of padded rows
         if num_blocks < 1:
@@ -176,25 +187,29 @@ class LLM:
                              speculation=AdaptiveSpeculation(k) if adaptive else None)
         if cuda_graphs:
             self.engine.runner = self.decode_runner(use_graphs=True)
-        self._rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self._rng = random.Random(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._next_id = 0
-        self._totals = RequestMetrics()
-        self._busy_seconds = 0.0
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
     def _draft_kind(draft) -> str:
+        """'none', 'ngram', 'early-exit' or 'model'. The reserved names win over a folder of
+        the same name (pass ``Path("ngram")`` or ``"./ngram"`` for that); a path must be a
+        directory with a config.json."""
         if draft is None:
             return "none"
-        if isinstance(draft, Path) or (isinstance(draft, str) and Path(draft).exists()):
-            return "model"
-        if draft == "ngram":
+        if isinstance(draft, str) and draft == NGRAM:
             return "ngram"
-        if isinstance(draft, str) and draft.startswith("early-exit:"):
-            n = draft.split(":", 1)[1]
+        if isinstance(draft, str) and draft.startswith(EARLY_EXIT):
+            n = draft[len(EARLY_EXIT):]
             if not n.isdigit():
                 raise ValueError(f"early-exit drafter needs a layer count, e.g. 'early-exit:2'; got {draft!r}")
             return "early-exit"
+        if isinstance(draft, (str, Path)) and Path(draft).exists():
+            if not (Path(draft) / "config.json").is_file():
+                raise ValueError(f"draft {str(draft)!r} is not a model directory (no config.json in it); "
+                                 f"use one of {', '.join(DRAFTER_NAMES)}")
+            return "model"
         raise ValueError(
             f"draft {draft!r} is not a known drafter nor an existing path; use one of {', '.join(DRAFTER_NAMES)}"
         )
@@ -233,8 +248,7 @@ class LLM:
     # ------------------------------------------------------------------ requests
     def _make_sequences(self, prompts, params) -> list[Sequence]:
         """Validate every prompt and parameter set before any work starts."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
-                                        all(isinstance(t, int) for t in prompts)):
+        if _is_prompt(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a str, a list of str, or a list of token-id lists (non-empty)")
@@ -262,9 +276,10 @@ class LLM:
                 ids, text = list(prompt), None
                 if not ids:
                     raise ValueError(f"prompt {i} is an empty token list")
-                bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+                bad = [t for t in ids if not _is_token_id(t) or not 0 <= t < vocab]
                 if bad:
                     raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+                ids = [int(t) for t in ids]
             else:
                 raise TypeError(f"prompt {i} is a {type(prompt).__name__}; expected str or list of int")
             if len(ids) > context or (len(ids) == context and p.max_tokens > 0):
@@ -279,10 +294,43 @@ class LLM:
         self._next_id += len(seqs)
         return seqs
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        text = "" if self.tokenizer is None else output_text(self.tokenizer, seq.output_ids, seq.params.stop)
-        return RequestOutput(seq.seq_id, seq.prompt, seq.tokens[:seq.num_prompt], seq.output_ids, text,
-                             seq.finish_reason, seq.metrics)
+    def _register(self, seq: Sequence) -> Request:
+        """Hand ``seq`` to the engine (max_tokens=0 finishes at once); returns its handle."""
+        request = Request(seq, self.engine, self.tokenizer)
+        if seq.params.max_tokens == 0:
+            seq.finish_reason, seq.status = "length", Status.FINISHED
+        else:
+            self.engine.add(seq)
+        return request
+
+    def submit(self, prompt, params: SamplingParams | None = None) -> Request:
+        """Queue one request and return its handle; it advances whenever anyone steps the
+        engine (``step()``, ``generate()``, a ``stream()``). Validated before it is queued.
+
+        >>> req = llm.submit("Once upon a time", SamplingParams(max_tokens=8))  # doctest: +SKIP
+        >>> while not req.finished:
+        ...     llm.step()
+        >>> req.output().text
+        """
+        if not _is_prompt(prompt):
+            raise TypeError("submit() takes one prompt: a str or a list of token ids")
+        (seq,) = self._make_sequences([prompt], params)
+        return self._register(seq)
+
+    def step(self) -> list[int]:
+        """One engine step over every queued request, whoever submitted it; returns the ids
+        of the requests that finished in it (a failed one with reason 'error')."""
+        return [s.seq_id for s in self.engine.step()]
+
+    def has_work(self) -> bool:
+        """Whether any request is queued or running."""
+        return self.engine.has_work()
+
+    def _step_until_progress(self, request: Request) -> None:
+        """Step the engine for an unfinished ``request`` (it is queued, so there is work)."""
+        if not self.engine.has_work():
+            raise RuntimeError(f"request {request.id} is unfinished but not in the engine")
+        self.engine.step()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool | None = None) -> list[RequestOutput]:
@@ -294,7 +342,10 @@ class LLM:
                   is a terminal and there is more than one prompt
 
         Every prompt and parameter set is checked before any work starts: one bad prompt
-        raises and nothing is generated.
+        raises and nothing is generated. If one of the requests fails at run time (see
+        ``RequestOutput.error``), its exception is raised and the call's other requests
+        are cancelled; so are all of them when the call is interrupted. Other callers'
+        requests on this instance are not affected either way.
 
         >>> outs = llm.generate(["def add(a, b):", "import os"],            # doctest: +SKIP
         ...                     SamplingParams(max_tokens=16, temperature=0))
@@ -305,58 +356,66 @@ class LLM:
         if progress is None:
             progress = len(seqs) > 1 and sys.stderr.isatty()
         bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
-        start = time.perf_counter()
+        requests = []
         try:
-            for seq in seqs:
-                if seq.params.max_tokens == 0:
-                    seq.finish_reason = "length"
-                    bar.update(1)
-                else:
-                    self.engine.add(seq)
-            while self.engine.has_work():
-                bar.update(len(self.engine.step()))
+            requests = [self._register(seq) for seq in seqs]
+            pending = [r for r in requests if not r.finished]
+            bar.update(len(requests) - len(pending))
+            while pending:
+                self._step_until_progress(pending[0])
+                failed = next((r for r in requests if r.finish_reason == "error"), None)
+                if failed is not None:
+                    raise failed.error
+                still = [r for r in pending if not r.finished]
+                bar.update(len(pending) - len(still))
+                pending = still
         finally:
             bar.close()
-            self._busy_seconds += time.perf_counter() - start
-        for seq in seqs:
-            self._totals.merge(seq.metrics)
-        return [self._output(s) for s in seqs]
+            for r in requests:
+                r.cancel()  # a no-op for the finished; frees the rest after an error or interrupt
+        return [r.output() for r in requests]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the generated text of one prompt in increments, as tokens are accepted.
 
         A character split across tokens is held back until it is complete, and text that
         could be the start of a stop string is held back until it is known not to be.
+        The prompt and parameters are checked here, before anything is queued; the
+        request is queued when iteration starts. Other callers may step the engine in
+        between: the stream still yields exactly its own full text. Leaving the loop
+        early (``break``, an exception, ``close()``) cancels the request and frees its
+        blocks; a request that fails raises its error from the iterator.
 
         >>> for piece in llm.stream("Once upon a time", SamplingParams(max_tokens=32)):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
         """
         if self.tokenizer is None:
             raise ValueError("stream() yields text and this model directory has no tokenizer; use generate()")
-        if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt))):
+        if not _is_prompt(prompt):
             raise TypeError("stream() takes one prompt: a str or a list of token ids")
         (seq,) = self._make_sequences([prompt], params)
-        text = TextStream(self.tokenizer, seq.params.stop)
-        start = time.perf_counter()
+        return self._stream(seq)
+
+    def _stream(self, seq: Sequence) -> Iterator[str]:
+        request = self._register(seq)
         try:
-            if seq.params.max_tokens == 0:
-                seq.finish_reason = "length"
-            else:
-                self.engine.add(seq)
-            while seq.finish_reason is None:
-                self.engine.step()
-                piece = text.push(seq.output_ids, seq.finished)
+            while True:
+                done = request.finished  # read before the flush: the flush then holds everything
+                piece = request.new_text()
                 if piece:
-                    yield piece
+                    yield piece  # others may step the engine (and finish this request) meanwhile
+                if done:
+                    break
+                if not request.finished:
+                    self._step_until_progress(request)
+            if request.finish_reason == "error":
+                raise request.error
         finally:
-            if seq.finish_reason is None:  # the caller stopped early
-                self.engine.cancel(seq)
-            self._busy_seconds += time.perf_counter() - start
-            self._totals.merge(seq.metrics)
+            request.cancel()  # a no-op once finished
 
     def metrics(self) -> dict:
         """Totals over every request this instance served."""
-        t = self._totals
+        t = self.engine.totals
         return {
             "num_requests": self._next_id,
             "num_steps": t.num_steps,
@@ -369,7 +428,18 @@ class LLM:
                                             zip(t.accepted_per_position, t.proposed_per_position)],
             "accepted_per_position": list(t.accepted_per_position),
             "proposed_per_position": list(t.proposed_per_position),
-            "tokens_per_second": t.num_generated / self._busy_seconds if self._busy_seconds else 0.0,
+            # generated tokens per second of engine time (steps), not the callers' time between them
+            "tokens_per_second": t.num_generated / self.engine.busy_seconds if self.engine.busy_seconds else 0.0,
             "chain_length": self.engine.last_k,  # the latest step's k (adaptive speculation varies it)
             "measured_alpha": self.engine.speculation.alpha if self.engine.speculation is not None else None,
         }
+
+
+def _is_token_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _is_prompt(prompt) -> bool:
+    """One prompt: a str or a non-empty list / tuple of integer token ids."""
+    return isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt) and
+                                       all(_is_token_id(t) for t in prompt))

@@ -215,6 +215,17 @@ def leviathan_speedup(alpha: float, k: int, c: float) -> float:
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``specdec bench`` and ``bench/e2e.py``."""
     parser.add_argument("--pair", choices=("synthetic", "demo"), default="synthetic",
@@ -224,10 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="synthetic pair only")
     parser.add_argument("--draft-layers", type=int, default=2, help="synthetic pair only")
     parser.add_argument("--eps", type=float, default=0.0, help="synthetic pair only")
-    parser.add_argument("-k", "--num-draft-tokens", type=int, default=4)
+    parser.add_argument("-k", "--num-draft-tokens", type=positive_int, default=4)
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=positive_int, default=32)
+    parser.add_argument("--max-tokens", type=positive_int, default=64)
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                         help="adaptive speculation in the speculative run (default: the engine's)")
@@ -244,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("specdec bench: --target and --draft go together (a model directory and "
                          "early-exit:N or a draft model directory)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but there is no CUDA device: pass --device cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     k = args.num_draft_tokens
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"

@@ -29,8 +29,12 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
+    from pathlib import Path
+
     from .models.convert import convert_llama2c
 
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ValueError(f"{args.out_dir} exists and is not a directory: choose another output directory")
     out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir)
     print(f"wrote {out}")
     return 0
@@ -52,6 +56,9 @@ def _branching(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import benchmark
+    from .benchmark import positive_int
+
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding for llama-style models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -74,13 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="speculative decoding on the embedded demo pair, against plain decoding")
-    demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("--num-draft-tokens", type=int, default=4)
+    demo.add_argument("--max-tokens", type=positive_int, default=64)
+    demo.add_argument("--num-draft-tokens", type=positive_int, default=4)
     demo.add_argument("--device", default=None)
     demo.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     demo.set_defaults(func=_demo)
-
-    from . import benchmark
 
     bench = sub.add_parser("bench", help="end-to-end tokens/s: plain, speculative and transformers, one table",
                            description=benchmark.__doc__.split("\n\n")[0])
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2
 

@@ -254,8 +254,8 @@ class DecodeRunner:
             return False
         for s in seqs:
             n = len(s.tokens)
-            if s.target_len != n - 1:  # a prompt (or a preempted sequence) to prefill
-                return False
+            if s.target_len != n - 1 or n < self.width:  # a prompt (or a preempted sequence) to
+                return False  # prefill, or fewer tokens than the first draft forward takes
             if k > 0 and self.width == 2 and (n < 2 or s.draft_len < n - 2):
                 return False  # the draft model's cache lags further (after plain steps)
         return True

@@ -13,6 +13,14 @@ One ``step()`` for every running sequence at once:
   6. emit      append tokens, stop on EOS / stop ids / stop strings / max_tokens /
                context; finished sequences leave and free their blocks
 
+Failures stay with the requests they concern. A step that raises is rolled back (no
+token appended, each sequence's cached lengths restored) and, when it held several
+sequences, re-run one sequence at a time: a sequence whose own step raises finishes
+with reason 'error' and the exception in ``seq.error``, the others advance as usual.
+Non-finite logits are detected per row and finish only their request. A
+``BaseException`` (KeyboardInterrupt) rolls the step back and propagates: every request
+is left as it was, and the caller cancels its own.
+
 Prefill is not a separate phase: a new sequence's uncached tokens are its whole prompt,
 so its first verify forward is its prefill (chunk-free, ragged with the decodes).
 
@@ -28,16 +36,18 @@ Two things shape a step when they are given:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
 
 from .batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
 from .cuda_graphs import StepClock, sampling_mode
+from .detokenize import stop_window_text
 from .drafters.base import Drafter
 from .kv_cache import BlockManager, CacheCapacityError, KVCache, cdiv
 from .models.llama import LlamaForCausalLM
-from .sequence import Sequence, Status
+from .sequence import RequestMetrics, Sequence, Status
 from .speculation import AdaptiveSpeculation
 from .tree import tree_layout
 
@@ -75,6 +85,8 @@ class Engine:
         self.last_k = self.draft_depth  # the chain length the latest step asked for
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.totals = RequestMetrics()  # every retired request's metrics
+        self.busy_seconds = 0.0  # wall time spent inside step()
 
     # ------------------------------------------------------------------ requests
     def max_tokens_held(self, seq: Sequence) -> int:
@@ -99,21 +111,32 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def cancel(self, seq: Sequence) -> None:
-        """Remove one request wherever it is and release its blocks."""
+        """Stop one request wherever it is (finish reason 'abort') and release its blocks;
+        a request that already finished is left as it is."""
+        if seq.finished:
+            return
+        self._finish(seq, "abort")
+        self._retire(seq)
+
+    def abort_all(self) -> list[Sequence]:
+        """Cancel every request (finish reason 'abort'); returns them."""
+        dropped = self.running + list(self.waiting)
+        for seq in dropped:
+            self.cancel(seq)
+        return dropped
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.error = error
+        self._finish(seq, "error")
+
+    def _retire(self, seq: Sequence) -> None:
+        """A finished request leaves the engine: blocks freed, metrics counted once."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
-        self._finish(seq, "abort")
-
-    def abort_all(self) -> list[Sequence]:
-        """Drop every request and release its blocks (after an error, so the engine stays usable)."""
-        dropped = self.running + list(self.waiting)
-        for seq in dropped:
-            self.blocks.free(seq.seq_id)
-        self.running, self.waiting = [], deque()
-        return dropped
+        self.totals.merge(seq.metrics)
 
     # ------------------------------------------------------------------ scheduling
     def _slots_needed(self, seq: Sequence) -> int:
@@ -153,11 +176,71 @@ class Engine:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Advance every running sequence by one speculative step; returns the finished."""
-        self._schedule()
-        seqs = list(self.running)
-        if not seqs:
-            return []
+        """Advance every running sequence by one speculative step; returns those that
+        finished in it (stopped, at their length, or failed with reason 'error').
+
+        An ``Exception`` never escapes: the step is rolled back and re-run one sequence
+        at a time, and only a sequence whose own step raises fails (see the module
+        docstring). A ``BaseException`` rolls the step back and propagates.
+        """
+        start = time.perf_counter()
+        try:
+            self._schedule()
+            seqs = list(self.running)
+            if not seqs:
+                return []
+            try:
+                self._step(seqs)
+            except Exception as error:
+                if len(seqs) == 1:
+                    self._fail(seqs[0], error)
+                else:  # find the request(s) it concerns: each alone
+                    for seq in seqs:
+                        try:
+                            self._step([seq])
+                        except Exception as own:
+                            self._fail(seq, own)
+            finished = [s for s in seqs if s.finished]
+            for seq in finished:
+                self._retire(seq)
+            return finished
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+
+    def _step(self, seqs: list[Sequence]) -> None:
+        """One step of ``seqs`` (running, with their blocks allocated): compute, then
+        commit. Raises only from the compute half, after restoring every sequence's
+        cached lengths (what the step wrote past them is never read)."""
+        saved = [(s.target_len, s.draft_len) for s in seqs]
+        try:
+            host, counts, depths, k, timing = self._compute(seqs)
+        except BaseException:
+            for seq, (target_len, draft_len) in zip(seqs, saved):
+                seq.target_len, seq.draft_len = target_len, draft_len
+            raise
+        self.last_k = k
+        ok = [row[0] >= 0 for row in host]  # n_accepted < 0: non-finite logits in the row
+        spec = self.speculation
+        if spec is not None:
+            spec.observe([n for n, good in zip(counts, ok) if good], [row[0] for row in host if row[0] >= 0])
+            if timing is not None and all(ok):
+                spec.record(len(seqs), k, *timing)
+        for seq, row, n_draft, depth in zip(seqs, host, counts, depths):
+            if row[0] < 0:
+                self._fail(seq, NonFiniteLogitsError(
+                    f"the target produced NaN or +inf logits for request {seq.seq_id} at step {seq.step}; "
+                    "that request was stopped, the others continue. Check the checkpoint and the dtype "
+                    "(fp16 overflows on some models)."))
+                continue
+            try:
+                self._commit(seq, row, n_draft, depth)
+            except Exception as error:
+                self._fail(seq, error)
+
+    def _compute(self, seqs: list[Sequence]):
+        """Draft, verify, accept: -> (host rows [B, 1 + (D + 1)] of n_accepted and the
+        emitted tokens, draft counts, draft depths, k, the controller's timing or None).
+        Appends nothing; moves accepted tree paths in the caches."""
         spec = self.speculation
         k = self.draft_depth if spec is None else spec.choose(len(seqs))
         limits = [min(k, self._draft_limit(s)) for s in seqs]
@@ -184,45 +267,38 @@ class Engine:
                 depths = [max(tree_layout(tuple(p))[0], default=0) for p in draft.parents]
                 out, n_acc, nodes = self._verify_tree(seqs, draft, sampling, max(depths))
             marks = (t0, t1, mark())
-        self.last_k = k
 
-        # -- commit: the one device-to-host copy of the step --
+        # -- the one device-to-host copy of the step --
         host = torch.cat([n_acc.to(torch.int64)[:, None], out] + ([nodes.to(torch.int64)] if nodes is not None else []),
                          dim=1).tolist()  # [B, 1 + (D + 1) (+ D)]
         width = out.shape[1]
-        bad = [s for s, row in zip(seqs, host) if row[0] < 0]
-        if bad:
-            self.abort_all()
-            names = ", ".join(f"request {s.seq_id} at step {s.step}" for s in bad)
-            raise NonFiniteLogitsError(
-                f"the target produced NaN or +inf logits for {names}; every request in flight "
-                "was aborted. Check the checkpoint and the dtype (fp16 overflows on some models)."
-            )
         if nodes is not None:
-            self._keep_path(seqs, [row[0] for row in host], [row[1 + width:] for row in host])
-        if spec is not None:
-            spec.observe(counts, [row[0] for row in host])
-            # time only steps like the next one: no prefill, every sequence drafting k, and
-            # the fixed-shape path whenever there is one (an eager step costs more)
-            if decode_only and all(n == k for n in counts) and (fixed_shape or self.runner is None):
-                t0, t1, t2 = marks
-                spec.record(len(seqs), k, clock.seconds(t0, t1), clock.seconds(t1, t2))
-        finished = []
-        for seq, row, n_draft, depth in zip(seqs, host, counts, depths):
-            a = row[0]
-            emitted = row[1:a + 2]
-            self.drafter.commit(seq, a)
-            seq.target_len = len(seq.tokens) + a  # pending token + accepted drafts are cached
-            self.blocks.truncate(seq.seq_id, max(seq.target_len, seq.draft_len))
-            seq.step += 1
-            n_kept = self._append(seq, emitted)
-            seq.metrics.record_step(n_draft, min(a, n_kept), n_kept, depth)
-            if seq.finished:
-                finished.append(seq)
-        for seq in finished:
-            self.running.remove(seq)
-            self.blocks.free(seq.seq_id)
-        return finished
+            good = [i for i, row in enumerate(host) if row[0] >= 0]
+            self._keep_path([seqs[i] for i in good], [host[i][0] for i in good],
+                            [host[i][1 + width:] for i in good])
+        timing = None
+        # time only steps like the next one: no prefill, every sequence drafting k, and
+        # the fixed-shape path whenever there is one (an eager step costs more)
+        if decode_only and all(n == k for n in counts) and (fixed_shape or self.runner is None):
+            t0, t1, t2 = marks
+            timing = (clock.seconds(t0, t1), clock.seconds(t1, t2))
+        return [row[:1 + width] for row in host], counts, depths, k, timing
+
+    def _commit(self, seq: Sequence, row: list[int], n_draft: int, depth: int) -> None:
+        """Append one sequence's accepted drafts and sampled token (row = [a, tokens...])."""
+        a = row[0]
+        emitted = row[1:a + 2]
+        vocab = self.target.config.vocab_size
+        bad = [t for t in emitted if not 0 <= t < vocab]
+        if bad:
+            raise RuntimeError(f"the sampler returned token id(s) {bad} for request {seq.seq_id} at step "
+                               f"{seq.step}, outside the vocabulary [0, {vocab}); the request was stopped")
+        self.drafter.commit(seq, a)
+        seq.target_len = len(seq.tokens) + a  # pending token + accepted drafts are cached
+        self.blocks.truncate(seq.seq_id, max(seq.target_len, seq.draft_len))
+        seq.step += 1
+        n_kept = self._append(seq, emitted)
+        seq.metrics.record_step(n_draft, min(a, n_kept), n_kept, depth)
 
     def warm_up(self, batch_sizes: list[int], modes: tuple[str, ...]) -> int:
         """Capture and time the decode steps of these batch sizes and sampling modes ahead
@@ -324,10 +400,8 @@ class Engine:
     def _hits_stop_string(self, seq: Sequence) -> bool:
         if self.tokenizer is None:
             return False
-        # a window of recent tokens is enough: a stop string of m characters spans at most
-        # 4 m byte-level tokens (plus a few for a partial character at the window's start)
-        window = 4 * max(len(s) for s in seq.params.stop) + 4
-        tail = self.tokenizer.decode(seq.output_ids[-window:], skip_special_tokens=True)
+        longest = max(len(s) for s in seq.params.stop)
+        tail = stop_window_text(self.tokenizer, seq.tokens, seq.num_prompt, longest)
         return any(s in tail for s in seq.params.stop)
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -78,8 +78,11 @@ class RequestOutput:
     prompt_token_ids: the prompt as token ids
     token_ids:        generated token ids (up to and including a stop token)
     text:             generated text (cut before a stop string; '' without a tokenizer)
-    finish_reason:    'stop' (EOS, stop token or stop string) or 'length'
+    finish_reason:    'stop' (EOS, stop token or stop string), 'length' (max_tokens or the
+                      context), 'abort' (cancelled) or 'error' (see ``error``); None while
+                      the request runs
     metrics:          RequestMetrics
+    error:            the exception that ended the request when finish_reason is 'error'
     """
 
     request_id: int
@@ -89,6 +92,7 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     metrics: RequestMetrics
+    error: BaseException | None = None
 
 
 class Sequence:
@@ -113,6 +117,7 @@ class Sequence:
         self.draft_len = 0
         self.step = 0
         self.finish_reason: str | None = None
+        self.error: BaseException | None = None  # why it finished with reason 'error'
         self.metrics = RequestMetrics()
 
     @property

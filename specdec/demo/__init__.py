@@ -43,6 +43,8 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
     """
     from .. import LLM, SamplingParams
 
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"the demo needs max_tokens >= 1 (it compares tokens/s), got {max_tokens!r}")
     out = sys.stdout if out is None else out
     target, draft = demo_dirs()
     spec = LLM(target, draft=draft, num_draft_tokens=num_draft_tokens, device=device, backend=backend)

@@ -49,7 +49,10 @@ class ModelDrafter(Drafter):
                 device) -> DraftProposal:
         k = max(limits, default=0)
         if k == 0:
-            return super().propose(seqs, limits, sampling, device)
+            empty = super().propose(seqs, limits, sampling, device)
+            if self.tree is not None:  # empty trees: the step keeps the tree sampler's streams
+                empty.parents = [[] for _ in seqs]
+            return empty
         if self.tree is not None:
             return self._propose_tree(seqs, limits, sampling, device)
         ids = [s.seq_id for s in seqs]
