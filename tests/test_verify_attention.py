@@ -254,18 +254,104 @@ def test_split_kv_row_that_sees_nothing():
     torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
 
 
-def test_gpu_config_choice(monkeypatch):
-    # the GPU branch of the tile heuristic, on a pretend 132-SM device
+def _pretend_gpu(monkeypatch, sms=132, arch=90):
     monkeypatch.setattr(va, "_interpreting", lambda: False)
-    monkeypatch.setattr(va, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda")
+    monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
+    return torch.device("cuda")
+
+
+def test_gpu_config_choice(monkeypatch):
+    # the GPU branch of the policy, on a pretend H100/H200 (132 SMs, sm_90)
+    cuda = _pretend_gpu(monkeypatch)
+    # headline tree: B=8, 32/8 heads, D=128, 64 nodes over a 4,096 prefix: 128-row tiles
+    # (32 queries x 4 heads), so each KV head's K/V is streamed by 2 tiles, and 2 KV
+    # splits fill 2 CTAs on each SM
     head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
-    assert head.num_splits == 1 and head.block_m in (64, 128)
-    decode = va._pick_config(4, 8, 4, 128, 1, 16384, torch.bfloat16, cuda)
-    assert decode.block_m == 16 and decode.num_splits > 1
-    assert va._pick_config(4, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
+    assert head.block_m == 128 and math.ceil(64 * 4 / head.block_m) <= 2
+    programs = 8 * 8 * math.ceil(64 * 4 / head.block_m)
+    assert head.num_splits == 2 and programs * head.num_splits <= 2 * 132
+    # decode at B=1 over 4,096 positions: >= 64 programs through KV splits
+    decode = va._pick_config(1, 8, 4, 128, 1, 4097, torch.bfloat16, cuda)
+    assert decode.block_m == 16 and 8 * decode.num_splits >= 64
+    assert decode.num_splits * 2 * decode.block_n <= 4097  # each split streams >= 2 tiles
+    assert va._pick_config(1, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
+    # a short sequence is not split below two KV tiles per split
+    assert va._pick_config(1, 8, 4, 128, 1, 100, torch.bfloat16, cuda).num_splits == 1
+    # a grid that fills the GPU is not split
+    assert va._pick_config(64, 8, 4, 128, 64, 4160, torch.bfloat16, cuda).num_splits == 1
     mqa = va._pick_config(2, 1, 64, 64, 1, None, torch.float16, cuda)
     assert mqa.block_m >= 64  # a tile holds at least one query's whole GQA group
+    assert va._pick_config(1, 8, 4, 128, 2048, None, torch.bfloat16, cuda).block_m == 128
+    # float32: small tiles (no spills); head_dim 256: 128 rows on sm_90
+    fp32 = va._pick_config(8, 8, 4, 128, 64, 4160, torch.float32, cuda)
+    assert fp32.block_m <= 32 and fp32.block_n == 16
+    assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 128
+
+
+def test_gpu_config_choice_on_sm80(monkeypatch):
+    cuda = _pretend_gpu(monkeypatch, sms=108, arch=80)
+    head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
+    assert head.block_m == 128 and head.block_n == 32  # mma.sync: narrower KV tiles
+    assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 64
+
+
+def test_float32_attention_refused_on_a_gpu_where_it_would_spill(monkeypatch):
+    cuda = _pretend_gpu(monkeypatch)
+    case = make_case([3], [chain(2)], h=4, h_kv=2, d=16, seed=13)
+    # the check runs before anything touches the (CPU) tensors
+    q = torch.empty(2, 4, 256)
+    kc = torch.empty(4, 16, 2, 256)
+    case.update(q=q, k_cache=kc, v_cache=kc, scale=0.1)
+    with pytest.raises(ValueError, match="float32 attention on a GPU supports head_dim <= 128"):
+        va._check_gpu_support(torch.float32, 256, 2, cuda)
+    va._check_gpu_support(torch.float32, 128, 4, cuda)  # small tiles: allowed
+    va._check_gpu_support(torch.bfloat16, 256, 4, cuda)
+    with pytest.raises(ValueError, match="query heads per KV head"):
+        va._check_gpu_support(torch.float32, 64, 64, cuda)
+
+
+def _policy_configs() -> list:
+    """Every tile config the GPU policy can choose, over dtypes, head dims, groups, archs."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 128, 256):
+            for group in (1, 4, 8):
+                for arch in (80, 90):
+                    if dtype == torch.float32 and d > 128:
+                        continue  # refused on a GPU
+                    for cfg in va._policy_tiles(dtype, d, group, arch):
+                        if cfg not in out:
+                            out.append(cfg)
+    return out
+
+
+POLICY = _policy_configs()
+
+
+def test_policy_configs_are_enumerated():
+    # the list the parity test below forces covers every tile size the policy names
+    assert {c.block_m for c in POLICY} == {16, 32, 64, 128}
+    assert {c.block_n for c in POLICY} == {16, 32, 64}
+
+
+@pytest.mark.parametrize("causal,splits", [(False, 3), (True, 1)], ids=["tree-split", "causal"])
+@pytest.mark.parametrize("cfg", POLICY, ids=lambda c: f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}")
+def test_every_policy_config_matches_the_reference(cfg, causal, splits):
+    # forced through the public launcher (the interpreter's own config covers tree without
+    # splits, test_split_kv_and_small_tiles causal with them): two query tiles for the long sequence at the
+    # smaller tiles, a short sequence whose later splits are empty, a page of 8 so KV
+    # tiles straddle pages
+    trees = [20, 3, 9] if causal else [random_forest(20, 1), chain(3), wide(9)]
+    case = make_case([0, 5, 70], trees, h=4, h_kv=2, d=16, page=8, causal=causal, seed=17)
+    with va._forcing(va.dataclasses.replace(cfg, num_splits=splits)):
+        check(case, max_query_len=20, max_seq_len=79)
+
+
+def test_many_splits_most_of_them_empty():
+    case = make_case([0, 2, 40], [random_tree(5, 3), chain(1), wide(7)], seed=18)
+    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=va._MAX_SPLITS)
+    with va._forcing(cfg):
+        check(case, max_query_len=7, max_seq_len=47)
 
 
 # --------------------------------------------------------------------------- validation
