@@ -90,6 +90,23 @@ def test_uniform_range_and_extreme_word():
     assert float(u.max()) < 1.0 and float(u.min()) == 0.0
 
 
+def test_uniform_scale_is_a_float32_multiply():
+    # the scale is a Python float (no host tensor inside a CUDA-graph step); the product
+    # must stay bit-identical to float32 word x float32(scale), Triton's definition
+    from specdec.kernels.philox import _UNIFORM_SCALE, _uint32_to_uniform
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.randint(0, 2**32, (1 << 16,), generator=g, dtype=torch.int64),
+                       torch.tensor([0, 1, 2**24, 2**24 + 1, 2**31 - 2, 2**31 - 1, 2**31,
+                                     2**31 + 1, 2**32 - 1], dtype=torch.int64)])
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    folded = torch.where(signed < 0, -signed - 1, signed).to(torch.float32)
+    want = folded * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    got = _uint32_to_uniform(words)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def _uniform_chi_square(u: torch.Tensor, bins: int = 100) -> float:
     counts = torch.histc(u.double(), bins=bins, min=0.0, max=1.0)
     return chi_square_pvalue(counts, torch.full((bins,), u.numel() / bins))
