@@ -411,3 +411,26 @@ def test_docstring_examples():
 
     result = doctest.testmod(va, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- engine batches
+
+
+def test_eager_batches_pass_the_longest_sequence_as_the_split_hint(monkeypatch):
+    # the eager engine path (prefill, chains, trees, drafter steps) hands attention the
+    # host-known longest sequence, so decode at B=1 over 4,096 positions fills the GPU
+    from specdec.batch import build_forward_batch, build_tree_batch
+    from specdec.kv_cache import BlockManager
+
+    blocks = BlockManager(num_blocks=600, block_size=16)
+    blocks.allocate(0, 4200)
+    blocks.allocate(1, 300)
+    tokens = torch.zeros(6, dtype=torch.int64)
+    chain_batch = build_forward_batch(blocks, [0, 1], [4096, 200], [1, 5], [1, 5], tokens, "cpu")
+    assert chain_batch.max_seq_len == 4097 and chain_batch.max_query_len == 5
+    tree_batch = build_tree_batch(blocks, [0, 1], [4095, 100], [[-1, 0], [-1]], torch.zeros(5, dtype=torch.int64),
+                                  "cpu")
+    assert tree_batch.max_seq_len == 4098
+    cuda = _pretend_gpu(monkeypatch)
+    decode = va._pick_config(1, 8, 4, 128, 1, chain_batch.max_seq_len, torch.bfloat16, cuda)
+    assert 8 * decode.num_splits >= 64
