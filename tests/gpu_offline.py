@@ -1,6 +1,6 @@
 """Compile specdec's Triton kernels for sm_90 and sm_80 on a machine without a GPU.
 
-    env -u TRITON_INTERPRET python tests/gpu_offline.py 90 80 > out.json
+    env -u TRITON_INTERPRET python tests/gpu_offline.py 90 80 [--full] [--only=attn] > out.json
 
 A stand-in Triton driver reports a CUDA target, so each of the project's real launchers
 runs its own host code on CPU tensors of realistic shapes (argument checks, the launch
@@ -107,7 +107,8 @@ def _install(arch: int) -> None:
             self.variant = len(VARIANTS)
             VARIANTS.append(dict(kernel=metadata.name, arch=arch, shared=metadata.shared,
                                  num_warps=metadata.num_warps, num_stages=metadata.num_stages,
-                                 constexprs=consts, **_parse_ptxas(log)))
+                                 constexprs=consts, signature=str(getattr(src, "signature", "")),
+                                 attrs=str(getattr(src, "attrs", "")), **_parse_ptxas(log)))
 
         def __call__(self, gx, gy, gz, *rest):
             LAUNCHES.append(dict(variant=self.variant, grid=[gx, gy, gz]))
@@ -187,40 +188,74 @@ def _attention(model, B, n, prefix, tree, hint="real", dtype=None):
                                     D ** -0.5, max_query_len=n, max_seq_len=max_seq_len)
 
 
-def _attention_cases():
+def _attention_cases(arch: int, full: bool):
+    """One launch per branch of the attention policy, plus launches at other batch sizes
+    that must reuse those variants (the split count and block-table width are runtime
+    ints); on sm_80 the variants whose tiles differ there. ``full``: the whole matrix of
+    both models (B in {1, 16, 64} x decode / chains k in {4, 8} / 64-node tree)."""
     import torch
 
-    out = []
-    for model in ("1B", "8B"):
-        for B in (1, 16, 64):
-            out.append((f"attn {model} decode B={B}", _attention(model, B, 1, 4096, False)))
-            out.append((f"attn {model} decode B={B} graph", _attention(model, B, 1, 4096, False, "graph")))
-            for k in (4, 8):
-                out.append((f"attn {model} chain k={k} B={B}", _attention(model, B, k + 1, 4096, False)))
-                out.append((f"attn {model} chain k={k} B={B} graph",
-                            _attention(model, B, k + 1, 4096, False, "graph")))
-            out.append((f"attn {model} tree64 B={B}", _attention(model, B, 64, 4096, True)))
-        out.append((f"attn {model} tree64 B=8", _attention(model, 8, 64, 4096, True)))
-        out.append((f"attn {model} prefill 2048", _attention(model, 1, 2048, 0, False)))
-    out.append(("attn D256 tree64 B=8 fp16", _attention("D256", 8, 64, 4096, True, dtype=torch.float16)))
-    out.append(("attn D256 chain k=4 B=1 fp16", _attention("D256", 1, 5, 4096, False, dtype=torch.float16)))
-    out.append(("attn D256 prefill 2048", _attention("D256", 1, 2048, 0, False)))
-    out.append(("attn 8B fp16 chain k=4 B=16", _attention("8B", 16, 5, 4096, False, dtype=torch.float16)))
-    for model in ("1B", "8B"):  # float32 on a GPU (the CUDA-graph tests' dtype)
-        out.append((f"attn {model} fp32 decode B=1", _attention(model, 1, 1, 4096, False, dtype=torch.float32)))
-        out.append((f"attn {model} fp32 tree64 B=8", _attention(model, 8, 64, 4096, True, dtype=torch.float32)))
-    out.append(("attn D256 fp32 chain k=4 B=1", _attention("D256", 1, 5, 512, False, dtype=torch.float32)))
+    fp16, fp32 = torch.float16, torch.float32
+    att = _attention
+    if full:
+        out = []
+        for model in ("8B", "1B"):
+            for B in (1, 16, 64):
+                out.append((f"attn {model} decode B={B}", att(model, B, 1, 4096, False)))
+                for k in (4, 8):
+                    out.append((f"attn {model} chain k={k} B={B}", att(model, B, k + 1, 4096, False)))
+                out.append((f"attn {model} tree64 B={B}", att(model, B, 64, 4096, True)))
+            out.append((f"attn {model} decode B=1 graph", att(model, 1, 1, 4096, False, "graph")))
+            out.append((f"attn {model} tree64 B=8", att(model, 8, 64, 4096, True)))
+            out.append((f"attn {model} prefill 2048", att(model, 1, 2048, 0, False)))
+    elif arch == 90:
+        out = [
+            ("attn 8B decode B=1", att("8B", 1, 1, 4096, False)),  # BM 16, split
+            ("attn 8B decode B=16", att("8B", 16, 1, 4096, False)),  # same variant, 2 splits
+            ("attn 8B decode B=1 graph", att("8B", 1, 1, 4096, False, "graph")),
+            ("attn 8B chain k=4 B=1", att("8B", 1, 5, 4096, False)),  # BM 32, split
+            ("attn 8B chain k=4 B=16", att("8B", 16, 5, 4096, False)),
+            ("attn 8B chain k=8 B=64", att("8B", 64, 9, 4096, False)),  # BM 64, no split
+            ("attn 8B tree64 B=8", att("8B", 8, 64, 4096, True)),  # BM 128 tree, split
+            ("attn 8B tree64 B=1", att("8B", 1, 64, 4096, True)),
+            ("attn 8B prefill 2048", att("8B", 1, 2048, 0, False)),  # BM 128 causal
+            ("attn 8B chain k=4 B=16 fp16", att("8B", 16, 5, 4096, False, dtype=fp16)),
+            ("attn 1B tree64 B=8", att("1B", 8, 64, 4096, True)),
+        ]
+    else:
+        out = [
+            ("attn 8B decode B=1", att("8B", 1, 1, 4096, False)),
+            ("attn 8B chain k=8 B=64", att("8B", 64, 9, 4096, False)),  # BM 64, 32-wide KV
+            ("attn 8B tree64 B=8", att("8B", 8, 64, 4096, True)),  # BM 128, 32-wide KV
+            ("attn 1B tree64 B=8", att("1B", 8, 64, 4096, True)),
+        ]
+    out.append(("attn D256 tree64 B=8 fp16", att("D256", 8, 64, 4096, True, dtype=fp16)))
+    # float32 on a GPU (the CUDA-graph tests' dtype): small tiles, or refused up front
+    out.append(("attn 8B fp32 tree64 B=8", att("8B", 8, 64, 4096, True, dtype=fp32)))
+    out.append(("attn D256 fp32 chain k=4 B=1 refused", att("D256", 1, 5, 512, False, dtype=fp32)))
+    if arch == 90:  # a control: 32 x 32 fp32 tiles do spill, so the spill check can fail
+        out.append(("control: attn 8B fp32 tree64 B=8 forced 32x32 tiles must spill",
+                    _forced(att("8B", 8, 64, 4096, True, dtype=fp32), (32, 32, 4, 2))))
     return out
 
 
-def _fused_cases():
+def _forced(launch, tiles):
+    def run():
+        from specdec.kernels import verify_attention as va
+
+        with va._forcing(va._Config(*tiles)):
+            launch()
+    return run
+
+
+def _fused_cases(arch: int, full: bool):
     import torch
 
     from specdec.kernels import fused_ops, kv_cache_ops
 
     bf16 = torch.bfloat16
     out = []
-    for model in ("1B", "8B"):
+    for model in ("1B", "8B") if full else ("8B",):
         hidden, H, H_kv, D, inter, _, _ = MODELS[model]
         for T in (1, 2048):
             x = torch.empty(T, hidden, dtype=bf16)
@@ -247,71 +282,78 @@ def _fused_cases():
     return out
 
 
-def _sampler_cases():
+def _sampler_cases(arch: int, full: bool):
     """Both samplers at V = 128,256 through today's public launchers (one place to
-    change when their signatures do)."""
+    change when their signatures do): sampled with q, top-k/top-p and the per-sequence
+    cap (bf16 logits), greedy (fp32 logits), the tree sampler with q."""
     import torch
 
     from specdec.kernels import rejection_sampling, tree_sampling
 
     V = 128256
     out = []
-    for B, k in ((1, 4), (64, 8)):
-        for dtype in (torch.float32, torch.bfloat16):
-            for has_q, cap, filtered in ((True, False, False), (False, True, False), (True, True, True)):
-                rows = B * (k + 1)
-                logits = torch.empty(rows, V, dtype=dtype)
-                ids = torch.zeros(B * k, dtype=torch.int64)
-                q = torch.empty(B * k, V) if has_q else None
-                cu = torch.arange(0, B * k + 1, k, dtype=torch.int32)
-                top_k = torch.full((B,), 50 if filtered else 0, dtype=torch.int32)
-                top_p = torch.full((B,), 0.9 if filtered else 1.0)
-                num_draft = torch.full((B,), k, dtype=torch.int32) if cap else None
-                z64 = torch.zeros(B, dtype=torch.int64)
-                name = f"rejection B={B} k={k} {str(dtype)[6:]} q={has_q} cap={cap} filtered={filtered}"
-                out.append((name, lambda a=(logits, ids, q, cu, k, torch.ones(B), top_k, top_p, z64, z64),
-                            nd=num_draft: rejection_sampling.rejection_sample(*a, check_finite=False,
-                                                                              num_draft=nd)))
-    for B in (1, 64):
-        for has_q in (True, False):
-            nodes, depth = 63, 6
-            logits = torch.empty(B * (nodes + 1), V)
-            q = torch.empty(B * (nodes + 1), V) if has_q else None
-            args = (logits, torch.zeros(B * nodes, dtype=torch.int64),
-                    torch.full((B * nodes,), -1, dtype=torch.int32), q,
-                    torch.arange(0, B * nodes + 1, nodes, dtype=torch.int32), depth, torch.ones(B),
-                    torch.zeros(B, dtype=torch.int32), torch.ones(B), torch.zeros(B, dtype=torch.int64),
-                    torch.zeros(B, dtype=torch.int64))
-            out.append((f"tree B={B} nodes={nodes} q={has_q}",
-                        lambda a=args: tree_sampling.tree_rejection_sample(*a, check_finite=False)))
+    combos = [(True, True, True, torch.bfloat16), (False, True, False, torch.float32)]
+    if full:
+        combos += [(True, False, False, torch.float32), (True, False, False, torch.bfloat16)]
+    combos = combos if arch == 90 or full else combos[:1]
+    for B, k in ((1, 4), (64, 8)) if full else ((1, 4),):
+        for has_q, cap, filtered, dtype in combos:
+            rows = B * (k + 1)
+            logits = torch.empty(rows, V, dtype=dtype)
+            ids = torch.zeros(B * k, dtype=torch.int64)
+            q = torch.empty(B * k, V) if has_q else None
+            cu = torch.arange(0, B * k + 1, k, dtype=torch.int32)
+            top_k = torch.full((B,), 50 if filtered else 0, dtype=torch.int32)
+            top_p = torch.full((B,), 0.9 if filtered else 1.0)
+            num_draft = torch.full((B,), k, dtype=torch.int32) if cap else None
+            z64 = torch.zeros(B, dtype=torch.int64)
+            name = f"rejection B={B} k={k} {str(dtype)[6:]} q={has_q} cap={cap} filtered={filtered}"
+            out.append((name, lambda a=(logits, ids, q, cu, k, torch.ones(B), top_k, top_p, z64, z64),
+                        nd=num_draft: rejection_sampling.rejection_sample(*a, check_finite=False,
+                                                                          num_draft=nd)))
+    for B in (1, 64) if full else (1,):
+        nodes, depth = 63, 6
+        args = (torch.empty(B * (nodes + 1), V), torch.zeros(B * nodes, dtype=torch.int64),
+                torch.full((B * nodes,), -1, dtype=torch.int32), torch.empty(B * (nodes + 1), V),
+                torch.arange(0, B * nodes + 1, nodes, dtype=torch.int32), depth, torch.ones(B),
+                torch.zeros(B, dtype=torch.int32), torch.ones(B), torch.zeros(B, dtype=torch.int64),
+                torch.zeros(B, dtype=torch.int64))
+        out.append((f"tree B={B} nodes={nodes} q=True",
+                    lambda a=args: tree_sampling.tree_rejection_sample(*a, check_finite=False)))
     return out
 
 
-def cases() -> list[tuple[str, object]]:
-    return _attention_cases() + _fused_cases() + _sampler_cases()
+def cases(arch: int, full: bool = False) -> list[tuple[str, object]]:
+    """(label, launch) pairs for ``arch``; the default set is the CI one (every kernel,
+    every attention variant the 8B shapes use on sm_90, the arch-specific ones on sm_80)."""
+    fused = _fused_cases(arch, full) if arch == 90 or full else []
+    return _attention_cases(arch, full) + fused + _sampler_cases(arch, full)
 
 
 # --------------------------------------------------------------------------- run
 
 
-def run(arch: int, only: str | None = None) -> list[dict]:
+def run(arch: int, only: str | None = None, full: bool = False) -> list[dict]:
     """Every case on ``arch``: [{label, arch, seconds, error, launches: [{..variant}]}]."""
     _install(arch)
     results = []
-    for label, fn in cases():
+    for label, fn in cases(arch, full):
         if only and only not in label:
             continue
-        first = len(LAUNCHES)
+        first, known = len(LAUNCHES), len(VARIANTS)
         error = None
+        _LOG.seek(0)
+        _LOG.truncate()
         start = time.perf_counter()
         with contextlib.redirect_stdout(_LOG):
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - recorded; the test judges it
                 error = f"{type(exc).__name__}: {str(exc)[:2000]}"
-        launches = [dict(VARIANTS[rec["variant"]], grid=rec["grid"]) for rec in LAUNCHES[first:]]
+        launches = [dict(VARIANTS[rec["variant"]], grid=rec["grid"], variant=rec["variant"])
+                    for rec in LAUNCHES[first:]]
         results.append(dict(label=label, arch=arch, seconds=round(time.perf_counter() - start, 2),
-                            error=error, launches=launches))
+                            error=error, launches=launches, new_variants=len(VARIANTS) - known))
     return results
 
 
@@ -328,7 +370,7 @@ def main(argv: list[str]) -> int:
     archs = [int(a) for a in argv if a.isdigit()] or [90, 80]
     results = []
     for arch in archs:
-        results += run(arch, only)
+        results += run(arch, only, full="--full" in argv)
     print(json.dumps({"results": results}))
     return 0
 
