@@ -576,3 +576,44 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
             num_warps=4 if D >= 128 else 2,
         )
     return out
+
+
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scratch_block: int,
+               *, trees: bool = True) -> int:
+    """Launch every kernel variant the policy can choose for this cache once, ahead of
+    serving, so that no request waits for a Triton compile (a few seconds each).
+
+    k_cache/v_cache: [num_blocks, block_size, H_kv, D], one layer of a model's cache
+    num_heads:       the model's query heads H
+    scratch_block:   a block no sequence owns; the launches read it and write nothing
+    trees:           also the tree-mask variants
+    returns:         the number of launches
+
+    A variant is a tile config (``_policy_tiles``) x split or not x tree or causal; the
+    split count, batch size and block-table width are runtime ints, so one launch of one
+    query over the scratch block compiles what every batch of that kind will run.
+    """
+    check_kv_cache(k_cache, v_cache)
+    _, _, h_kv, d = k_cache.shape
+    dtype, device = k_cache.dtype, k_cache.device
+    require(num_heads % h_kv == 0, f"num_heads {num_heads} is not a multiple of {h_kv} KV heads")
+    group = num_heads // h_kv
+    _check_gpu_support(dtype, d, group, device)
+    gpu = _gpu(device)
+    if gpu is None or _interpreting():  # one config: the interpreter's
+        tiles = [_pick_config(1, h_kv, group, d, 1, None, dtype, device)]
+    else:
+        tiles = _policy_tiles(dtype, d, group, gpu.arch)
+    q = torch.zeros(1, num_heads, d, dtype=dtype, device=device)
+    block_table = torch.full((1, 1), scratch_block, dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    q_start = torch.arange(2, dtype=torch.int32, device=device)
+    masks = [None] + ([torch.ones(1, dtype=torch.int64, device=device)] if trees else [])
+    launches = 0
+    for cfg in tiles:
+        for splits in (1, 2):
+            for mask in masks:
+                _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, mask,
+                                  d ** -0.5, 1, dataclasses.replace(cfg, num_splits=splits))
+                launches += 1
+    return launches
