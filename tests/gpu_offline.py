@@ -41,6 +41,7 @@ MODELS = {  # hidden, H, H_kv, D, intermediate, vocab, context
     "1B": (2048, 32, 8, 64, 8192, 128256, 131072),
     "8B": (4096, 32, 8, 128, 14336, 128256, 131072),
     "D256": (4096, 16, 4, 256, 8192, 128256, 8192),
+    "MQA256": (4096, 32, 1, 256, 8192, 128256, 8192),  # 32 query heads on one KV head
 }
 
 
@@ -232,7 +233,8 @@ def _attention_cases(arch: int, full: bool):
     out.append(("attn D256 tree64 B=8 fp16", att("D256", 8, 64, 4096, True, dtype=fp16)))
     # float32 on a GPU (the CUDA-graph tests' dtype): small tiles, or refused up front
     out.append(("attn 8B fp32 tree64 B=8", att("8B", 8, 64, 4096, True, dtype=fp32)))
-    out.append(("attn D256 fp32 chain k=4 B=1 refused", att("D256", 1, 5, 512, False, dtype=fp32)))
+    out.append(("attn D256 fp32 chain k=4 B=1", att("D256", 1, 5, 512, False, dtype=fp32)))
+    out.append(("attn MQA256 fp32 chain k=4 B=1 refused", att("MQA256", 1, 5, 512, False, dtype=fp32)))
     if arch == 90:  # a control: 32 x 32 fp32 tiles do spill, so the spill check can fail
         out.append(("control: attn 8B fp32 tree64 B=8 forced 32x32 tiles must spill",
                     _forced(att("8B", 8, 64, 4096, True, dtype=fp32), (32, 32, 4, 2))))

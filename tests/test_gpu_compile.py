@@ -77,7 +77,7 @@ def test_every_case_compiles_or_is_refused_up_front(compiled, arch):
     assert not errors, "\n".join(errors)
     for r in results:
         if "refused" in r["label"]:
-            assert r["error"] and "float32 attention on a GPU supports head_dim" in r["error"], r
+            assert r["error"] and "float32 attention on a GPU supports at most" in r["error"], r
             assert r["launches"] == [], "refused only after launching"
     kernels = {launch["kernel"] for _, launch in _launches(results)}
     want = {"_verify_attention_kernel", "_combine_splits_kernel", "_rejection_sample_kernel",

@@ -285,6 +285,7 @@ def test_gpu_config_choice(monkeypatch):
     # float32: small tiles (no spills); head_dim 256: 128 rows on sm_90
     fp32 = va._pick_config(8, 8, 4, 128, 64, 4160, torch.float32, cuda)
     assert fp32.block_m <= 32 and fp32.block_n == 16
+    assert va._pick_config(8, 8, 4, 256, 64, 4160, torch.float32, cuda).block_m == 16
     assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 128
 
 
@@ -297,17 +298,19 @@ def test_gpu_config_choice_on_sm80(monkeypatch):
 
 def test_float32_attention_refused_on_a_gpu_where_it_would_spill(monkeypatch):
     cuda = _pretend_gpu(monkeypatch)
-    case = make_case([3], [chain(2)], h=4, h_kv=2, d=16, seed=13)
-    # the check runs before anything touches the (CPU) tensors
-    q = torch.empty(2, 4, 256)
-    kc = torch.empty(4, 16, 2, 256)
-    case.update(q=q, k_cache=kc, v_cache=kc, scale=0.1)
-    with pytest.raises(ValueError, match="float32 attention on a GPU supports head_dim <= 128"):
-        va._check_gpu_support(torch.float32, 256, 2, cuda)
-    va._check_gpu_support(torch.float32, 128, 4, cuda)  # small tiles: allowed
-    va._check_gpu_support(torch.bfloat16, 256, 4, cuda)
-    with pytest.raises(ValueError, match="query heads per KV head"):
+    va._check_gpu_support(torch.float32, 128, 32, cuda)  # 32 x 16 tiles: allowed
+    va._check_gpu_support(torch.float32, 256, 16, cuda)  # 16 x 16 tiles: allowed
+    va._check_gpu_support(torch.bfloat16, 256, 64, cuda)
+    with pytest.raises(ValueError, match="at most 16 query heads per KV head at head_dim 256"):
+        va._check_gpu_support(torch.float32, 256, 32, cuda)
+    with pytest.raises(ValueError, match="at most 32 query heads per KV head at head_dim 64"):
         va._check_gpu_support(torch.float32, 64, 64, cuda)
+    # through the launcher: refused before any work (the CPU tensors are never touched)
+    q, kc = torch.empty(2, 64, 64), torch.empty(4, 16, 1, 64)
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="float32 attention on a GPU"):
+        va.verify_attention(q, kc, kc, bt, torch.tensor([2], dtype=torch.int32),
+                            torch.tensor([0, 2], dtype=torch.int32), None, 0.125, max_query_len=2)
 
 
 def _policy_configs() -> list:
@@ -317,8 +320,6 @@ def _policy_configs() -> list:
         for d in (64, 128, 256):
             for group in (1, 4, 8):
                 for arch in (80, 90):
-                    if dtype == torch.float32 and d > 128:
-                        continue  # refused on a GPU
                     for cfg in va._policy_tiles(dtype, d, group, arch):
                         if cfg not in out:
                             out.append(cfg)

@@ -27,9 +27,11 @@ Kernel design (``_verify_attention_kernel``):
 * Two loops: positions every row of the tile sees (the prefix; for causal also the new
   tokens up to the tile's first query) run without masks, the rest with the causal or
   tree-bit mask. Online softmax in base 2 with fp32 statistics (FlashAttention-2).
-* Split-KV (flash-decoding) when the grid is too small to fill the GPU (decode with
-  few sequences): each split handles a slice of the KV range and writes an fp32 partial
-  output and its log-sum-exp; ``_combine_splits_kernel`` merges them.
+* Split-KV (flash-decoding) when the grid is too small to fill the GPU (decode, small
+  batches, trees at B <= 8): each split handles a slice of the KV range and writes an
+  fp32 partial output and its log-sum-exp; ``_combine_splits_kernel`` merges them.
+  Query tiles are never shrunk to make programs: each query tile of a (sequence, KV
+  head) streams that head's whole K/V (see the launch-config policy below).
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def _combine_splits_kernel(
 
 # --------------------------------------------------------------------------- launch config
 #
-# Policy (host-side, from shapes only; see NOTES / GPU bring-up):
+# Policy (host-side, from shapes only):
 #
 # * Query tiles keep every query row of a (sequence, KV head) together, up to 128 rows
 #   (GQA group folded in): each extra query tile re-streams that KV head's K/V, so tiles
@@ -272,15 +274,15 @@ def _combine_splits_kernel(
 #   smallest that reaches ~85 % of the best wave efficiency (as FlashAttention's
 #   ``num_splits_heuristic``), each split streaming at least _MIN_SPLIT_TILES KV tiles.
 # * Register budget (``_tiles``): D = 256 and sm_80 use narrower KV tiles; float32 (ieee
-#   dots) uses <= 32-row tiles and is refused on a GPU for head_dim > 128 or more than 32
-#   query heads per KV head. tests/test_gpu_compile.py compiles the variants for sm_80
+#   dots) uses 16x16 / 32x16 tiles and is refused on a GPU when a query's GQA group does
+#   not fit them (more than 32 query heads per KV head, 16 for head_dim > 128). tests/test_gpu_compile.py compiles the variants for sm_80
 #   and sm_90 and fails on any spill.
 # * Split counts are runtime ints and the split flag a constexpr, so one model has a
 #   handful of compiled variants (``_policy_tiles`` x tree/causal x split/not).
 
 _MAX_SPLITS = 32  # partials the combine kernel merges (its BLOCK_S)
 _MIN_SPLIT_TILES = 2  # KV tiles a split streams at least
-_MAX_FP32_HEAD_DIM = 128  # float32 ieee dots past this spill on every tile shape
+_MAX_FP32_GROUP = {128: 32, 256: 16}  # float32: query heads per KV head a tile can hold
 
 
 @dataclass(frozen=True)
@@ -333,12 +335,12 @@ def _tiles(dtype: torch.dtype, head_dim: int, rows: int, group: int, arch: int) 
     bf16 D=128 BM=128 w8: 182-214 regs sm_90 (98.5 KiB smem, 2 CTAs/SM); on sm_80
     mma.sync holds Q, S and acc in registers, so BM >= 64 takes 32-wide KV tiles (178-202
     regs; 64-wide spill 172 B). D=256: BM 128 on sm_90 (249 regs), 64 on sm_80 (255).
-    fp32 ieee: BM <= 32 with 16-wide KV tiles and 8 warps (60-79 regs; 32x32 spills).
+    fp32 ieee: BM <= 32 (16 for D=256) with 16-wide KV tiles (60-136 regs; 32x32 spills).
     """
     min_m = max(16, triton.next_power_of_2(group))  # a tile holds a query's whole group
     if dtype == torch.float32:
-        block_m = max(min(32, triton.next_power_of_2(rows)), min_m)
-        return _Config(block_m, 16, 8 if block_m >= 32 else 4, 2)
+        block_m = max(min(32 if head_dim <= 128 else 16, triton.next_power_of_2(rows)), min_m)
+        return _Config(block_m, 16, 8 if block_m >= 32 or head_dim > 128 else 4, 2)
     if head_dim > 128:
         cap = 128 if arch >= 90 else 64
         return _Config(max(min(cap, triton.next_power_of_2(rows)), min_m), 32, 8, 2)
@@ -402,10 +404,11 @@ def _check_gpu_support(dtype: torch.dtype, head_dim: int, group: int,
     if _gpu(device) is None or _interpreting():
         return
     if dtype == torch.float32:
-        require(head_dim <= _MAX_FP32_HEAD_DIM and group <= 32,
-                f"float32 attention on a GPU supports head_dim <= {_MAX_FP32_HEAD_DIM} and "
-                f"<= 32 query heads per KV head (got head_dim {head_dim}, group {group}): its "
-                "fp32 dots would spill registers; load the model in bfloat16 or float16")
+        most = _MAX_FP32_GROUP[128 if head_dim <= 128 else 256]
+        require(group <= most,
+                f"float32 attention on a GPU supports at most {most} query heads per KV head at "
+                f"head_dim {head_dim} (got {group}): a tile holding a query's whole group would "
+                "spill registers in fp32; load the model in bfloat16 or float16")
 
 
 # --------------------------------------------------------------------------- validation
