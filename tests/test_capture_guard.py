@@ -81,7 +81,7 @@ class _Ops(TorchDispatchMode):
                     raise CaptureViolation(f"boolean-mask indexing ({func}) inside a captured step")
             if name in ("aten._to_copy", "aten.copy_"):
                 src = args[1] if name == "aten.copy_" else args[0]
-                dst_device = args[0].device if name == "aten.copy_" else kwargs.get("device", src.device)
+                dst_device = args[0].device if name == "aten.copy_" else (kwargs.get("device") or src.device)
                 if isinstance(src, torch.Tensor) and torch.device(dst_device) != src.device:
                     raise CaptureViolation(f"{func} from {src.device} to {dst_device} inside a captured step")
         return func(*args, **kwargs)
