@@ -15,8 +15,9 @@ starting parts that would not fit in TOTAL_S. Children print every row as it is 
   graphs     warm_up() with the default modes for the none / early-exit / draft-model
              drafters (nothing captured while serving afterwards), CUDA-graph replays vs
              eager steps token for token in every mode, and no host sync in a replay
-  kernels    the kernel tests on the GPU (attention, Philox bit-identity, fused and KV
-             ops, both samplers)
+  kernels    the kernel tests that run on the GPU when there is one: Philox (tl.rand and
+             the torch Philox on the GPU, bit for bit), attention (every policy config),
+             fused ops, both samplers
   tables     the verification-attention and rejection-sampling tables
   e2e        ``specdec bench`` on the synthetic llama-3.2-1B-shaped pair, batches 1 and 16
              (transformers' contenders left out: each compile costs a minute)
@@ -39,9 +40,8 @@ PARTS = {
                        "run_budget_table as t; sys.exit(0 if t() else 1)"]),
     "graphs": (150, PYTEST + ["tests/test_cuda_graphs.py", "-k",
                               "warm_up_with_default_modes or cuda_graphs_give or no_host_sync"]),
-    "kernels": (110, PYTEST + ["tests/test_verify_attention.py", "tests/test_philox.py", "tests/test_fused_ops.py",
-                               "tests/test_kv_cache_ops.py", "tests/test_rejection_sampling.py",
-                               "tests/test_tree_sampling.py"]),
+    "kernels": (110, PYTEST + ["tests/test_philox.py", "tests/test_verify_attention.py", "tests/test_fused_ops.py",
+                               "tests/test_rejection_sampling.py", "tests/test_tree_sampling.py"]),
     "tables": (60, [sys.executable, "-c", "from bench.bench_verify_attention import run_gpu_table as a; "
                     "from bench.bench_rejection_sampling import run_gpu_table as r; a(); r()"]),
     "e2e": (60, [sys.executable, "-m", "specdec", "bench", "--shape", "llama-3.2-1b", "--batches", "1,16",

@@ -1,7 +1,7 @@
 """verify_attention (Triton) against the PyTorch reference.
 
 On CPU the kernels run through Triton's interpreter, so every case keeps its grid tiny
-(a few programs). Cache slots that no sequence owns are filled with NaN: a kernel that
+(a few programs); with CUDA the same cases run on the GPU (bench/gpu_check.py). Cache slots that no sequence owns are filled with NaN: a kernel that
 reads a position it should not (past seq_len, another sequence's block, an unused block
 table entry) turns its output into NaN and the comparison fails.
 """
@@ -19,6 +19,7 @@ from specdec.kernels import reference as ref
 
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {
     torch.float32: dict(atol=2e-5, rtol=1e-4),
@@ -102,9 +103,10 @@ def make_case(prefixes, trees, *, h=4, h_kv=2, d=64, page=16, dtype=torch.float3
     q = torch.randn(T, h, d, generator=g)
     q_start = torch.tensor([0] + list(torch.tensor(ns).cumsum(0).tolist()), dtype=torch.int32)
     tree_mask = None if causal else torch.cat([ancestor_mask(p) for p in parents])
-    return dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype),
+    case = dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype),
                 block_table=block_table, seq_lens=torch.tensor(lens, dtype=torch.int32),
-                q_start=q_start, tree_mask=tree_mask, scale=d ** -0.5)
+                q_start=q_start, tree_mask=tree_mask)
+    return dict({k: v if v is None else v.to(DEVICE) for k, v in case.items()}, scale=d ** -0.5)
 
 
 def check(case, **kwargs):
@@ -196,7 +198,7 @@ def test_sequence_without_new_tokens_and_max_query_len_from_device():
 def test_query_that_sees_nothing_gives_zeros():
     # no prefix; node 1 does not see itself (nor anything), node 2 only node 0
     case = make_case([0], [[-1, 0, 0]], seed=9)
-    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b001], dtype=torch.int64)
+    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b001], dtype=torch.int64, device=DEVICE)
     out = check(case)
     assert torch.count_nonzero(out[1]) == 0
     assert torch.count_nonzero(out[0]) > 0
@@ -207,11 +209,11 @@ def test_strided_inputs():
     # q is a head slice of a wider tensor, K and V interleave in one buffer, the block
     # table is a column slice of a wider table
     T, h, d = base["q"].shape
-    wide_q = torch.randn(T, 2 * h, d)
+    wide_q = torch.randn(T, 2 * h, d, device=DEVICE)
     wide_q[:, 1::2] = base["q"]
     kv = torch.stack([base["k_cache"], base["v_cache"]], dim=2)  # [nb, page, 2, H_kv, D]
     bt = torch.zeros(base["block_table"].shape[0], base["block_table"].shape[1] + 3,
-                     dtype=torch.int32)
+                     dtype=torch.int32, device=DEVICE)
     bt[:, : base["block_table"].shape[1]] = base["block_table"]
     case = dict(base, q=wide_q[:, 1::2], k_cache=kv[:, :, 0], v_cache=kv[:, :, 1],
                 block_table=bt[:, : base["block_table"].shape[1]])
@@ -247,7 +249,7 @@ def test_unmasked_region_ends_at_tile_boundaries(causal):
 
 def test_split_kv_row_that_sees_nothing():
     case = make_case([0], [[-1, 0, 0]], seed=12)
-    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b011], dtype=torch.int64)
+    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b011], dtype=torch.int64, device=DEVICE)
     cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=2)
     out = va._launch_attention(**case, max_query_len=3, cfg=cfg)
     assert not out.isnan().any() and torch.count_nonzero(out[1]) == 0
@@ -389,7 +391,7 @@ def _bad(**changes):
           v_cache=lambda c: torch.randn(4, 16, 2, 32)[..., ::2]), {},
      r"k_cache must have stride 1"),
     (_bad(q=lambda c: torch.empty(2, 4, 16, device="meta")), {},
-     r"k_cache is on cpu but q is on meta"),
+     r"k_cache is on \w+(:\d)? but q is on meta"),
     (_bad(scale=lambda c: float("nan")), {}, r"scale must be a finite float"),
     (_valid(), dict(max_query_len=-1), r"max_query_len must be None or an int >= 0"),
     (_valid(), dict(max_query_len=0), r"q has 2 rows but max_query_len is 0"),
@@ -402,11 +404,12 @@ def test_attention_validation(case, kwargs, match):
 def test_tree_too_large_but_causal_is_fine():
     case = make_case([0], [70], causal=True, seed=14)
     check(case, max_query_len=70)
-    case["tree_mask"] = torch.zeros(70, dtype=torch.int64)
+    case["tree_mask"] = torch.zeros(70, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="tree_mask holds 64 nodes"):
         va.verify_attention(**case)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the examples run CPU tensors through the interpreter")
 def test_docstring_examples():
     import doctest
 
