@@ -53,6 +53,10 @@ def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, s
     assert not missing, f"warm-up misses {missing}"
 
 
+on_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="interprets the kernels on CPU")
+
+
+@on_cpu
 def test_precompile_on_the_interpreter_reads_only_the_scratch_block():
     k = torch.full((3, 4, 2, 16), float("nan"))
     v = torch.full((3, 4, 2, 16), float("nan"))
@@ -68,6 +72,7 @@ def target(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("warm") / "target", num_layers=2, seed=0)
 
 
+@on_cpu
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 def test_eager_warm_up_pieces_run_with_todays_launchers(target):
     # CPU: warm_up_eager itself compiles nothing (returns 0); its pieces run on the
