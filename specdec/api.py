@@ -223,8 +223,9 @@ class LLM:
                             scratch_block=self.blocks.num_blocks, use_graphs=use_graphs)
 
     def warm_up(self, batch_sizes: list[int] | None = None, modes: tuple[str, ...] = ("greedy", "sample")) -> int:
-        """Capture the CUDA graphs of decode steps ahead of serving, and time them for
-        adaptive speculation, so that the first requests do not pay for it.
+        """Compile every Triton kernel variant a step can launch (graph and eager paths),
+        capture the CUDA graphs of decode steps and time them for adaptive speculation,
+        ahead of serving, so that the first requests do not pay for it.
 
         batch_sizes: the batch sizes to prepare (rounded up to their graph buckets);
                      default every bucket up to ``max_num_seqs``

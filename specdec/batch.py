@@ -79,6 +79,7 @@ def build_forward_batch(
         tree_mask=None,
         logits_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         max_query_len=max(lengths, default=0),
+        max_seq_len=max(seq_lens, default=0),  # host-known: lets attention split long KV ranges
     )
 
 
@@ -99,6 +100,7 @@ def build_tree_batch(
     Logits are returned for every new token (the root's and each node's).
     """
     positions, slots, masks, q_start = [], [], [], [0]
+    seq_lens = [r + 1 + len(p) for r, p in zip(roots, parents)]
     for seq_id, root, ps in zip(seq_ids, roots, parents):
         n = 1 + len(ps)
         depths, tree_mask = tree_layout(tuple(ps))
@@ -111,11 +113,12 @@ def build_tree_batch(
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_table=blocks.block_table_tensor(seq_ids, device=device),
-        seq_lens=torch.tensor([r + 1 + len(p) for r, p in zip(roots, parents)], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         q_start=torch.tensor(q_start, dtype=torch.int32, device=device),
         tree_mask=torch.tensor(masks, dtype=torch.int64, device=device),
         logits_rows=None,
         max_query_len=max(1 + len(p) for p in parents),
+        max_seq_len=max(seq_lens),
     )
 
 

@@ -50,6 +50,7 @@ from .models.llama import LlamaForCausalLM
 from .sequence import RequestMetrics, Sequence, Status
 from .speculation import AdaptiveSpeculation
 from .tree import tree_layout
+from .warmup import warm_up_eager
 
 
 def _cumsum(counts: list[int], device) -> torch.Tensor:
@@ -301,8 +302,10 @@ class Engine:
         seq.metrics.record_step(n_draft, min(a, n_kept), n_kept, depth)
 
     def warm_up(self, batch_sizes: list[int], modes: tuple[str, ...]) -> int:
-        """Capture and time the decode steps of these batch sizes and sampling modes ahead
-        of serving; returns how many (bucket, mode, k) steps were prepared."""
+        """Compile the general path's kernels (specdec/warmup.py), then capture and time
+        the decode steps of these batch sizes and sampling modes ahead of serving; returns
+        how many (bucket, mode, k) steps were prepared."""
+        warm_up_eager(self, modes)
         if self.runner is None:
             return 0
         costs = self.runner.warm_up(batch_sizes, modes)

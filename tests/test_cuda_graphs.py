@@ -206,3 +206,24 @@ def test_graph_step_makes_no_host_sync(dirs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (len(seqs), K + 1) and bool((n_acc >= 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", [None, "early-exit:2", "near"])
+def test_warm_up_with_default_modes_then_serving_captures_nothing_new(dirs, draft):
+    """warm_up() with its default modes (greedy, sample) captures every step a batch of
+    up to max_num_seqs needs, for each drafter the runner covers; serving then replays."""
+    from specdec.speculation import bucket_of
+
+    draft = str(dirs[draft]) if draft in dirs else draft
+    llm = LLM(str(dirs["target"]), draft=draft, num_draft_tokens=K, device="cuda", block_size=4,
+              max_num_seqs=4, adaptive=False)
+    runner = llm.engine.runner
+    ks = runner.max_k + 1
+    assert llm.warm_up() == len({bucket_of(b) for b in range(1, 5)}) * 2 * ks
+    assert all(step.graphs is not None for step in runner._steps.values())
+    captured = set(runner._steps)
+    for params in (SamplingParams(max_tokens=9, temperature=0), SamplingParams(max_tokens=9, temperature=1.0, seed=5)):
+        outs = llm.generate(PROMPTS, params)
+        assert all(len(o.token_ids) == 9 or o.finish_reason == "stop" for o in outs)
+    assert set(runner._steps) == captured, "a step was captured while serving"

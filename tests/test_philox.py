@@ -47,19 +47,26 @@ SEEDS = torch.tensor([0, 1, -1, 2**62 + 12345, -(2**63), 987654321, 42], dtype=t
 OFFSETS = torch.tensor([0, 5, 2**32 + 7, -3, 2**40, 123, 2**31], dtype=torch.int64)
 
 
+# with CUDA, tl.rand runs compiled on the GPU and the torch Philox runs there too
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.mark.parametrize("stream,n", [(0, 1), (1, 300), (16, 1000), (255, 17)])
 def test_matches_tl_rand_bit_for_bit(stream, n):
-    out = torch.full((len(SEEDS), n), -1.0)
-    _tl_rand_kernel[(len(SEEDS),)](SEEDS, OFFSETS, out, n, stream, BLOCK=triton.next_power_of_2(n))
-    ref = philox_uniform(SEEDS, OFFSETS, n, stream=stream)
-    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    seeds, offsets = SEEDS.to(DEVICE), OFFSETS.to(DEVICE)
+    out = torch.full((len(SEEDS), n), -1.0, device=DEVICE)
+    _tl_rand_kernel[(len(SEEDS),)](seeds, offsets, out, n, stream, BLOCK=triton.next_power_of_2(n))
+    ref = philox_uniform(SEEDS, OFFSETS, n, stream=stream)  # on the CPU
+    assert torch.equal(out.cpu().view(torch.int32), ref.view(torch.int32))
+    here = philox_uniform(seeds, offsets, n, stream=stream)  # the same on DEVICE
+    assert torch.equal(here.cpu().view(torch.int32), ref.view(torch.int32))
 
 
 def test_scalar_counter_matches():
-    out = torch.zeros(len(SEEDS))
-    _tl_rand_scalar_kernel[(len(SEEDS),)](SEEDS, OFFSETS, out, 1, 5)
+    out = torch.zeros(len(SEEDS), device=DEVICE)
+    _tl_rand_scalar_kernel[(len(SEEDS),)](SEEDS.to(DEVICE), OFFSETS.to(DEVICE), out, 1, 5)
     ref = philox_uniform(SEEDS, OFFSETS, 6, stream=1)[:, 5]
-    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(out.cpu().view(torch.int32), ref.view(torch.int32))
 
 
 def test_rows_do_not_depend_on_batch_position():
@@ -88,6 +95,23 @@ def test_uniform_range_and_extreme_word():
     words = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)
     u = _uint32_to_uniform(words)
     assert float(u.max()) < 1.0 and float(u.min()) == 0.0
+
+
+def test_uniform_scale_is_a_float32_multiply():
+    # the scale is a Python float (no host tensor inside a CUDA-graph step); the product
+    # must stay bit-identical to float32 word x float32(scale), Triton's definition
+    from specdec.kernels.philox import _UNIFORM_SCALE, _uint32_to_uniform
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.randint(0, 2**32, (1 << 16,), generator=g, dtype=torch.int64),
+                       torch.tensor([0, 1, 2**24, 2**24 + 1, 2**31 - 2, 2**31 - 1, 2**31,
+                                     2**31 + 1, 2**32 - 1], dtype=torch.int64)])
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    folded = torch.where(signed < 0, -signed - 1, signed).to(torch.float32)
+    want = folded * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    got = _uint32_to_uniform(words)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 def _uniform_chi_square(u: torch.Tensor, bins: int = 100) -> float:

@@ -1,7 +1,7 @@
 """verify_attention (Triton) against the PyTorch reference.
 
 On CPU the kernels run through Triton's interpreter, so every case keeps its grid tiny
-(a few programs). Cache slots that no sequence owns are filled with NaN: a kernel that
+(a few programs); with CUDA the same cases run on the GPU (bench/gpu_check.py). Cache slots that no sequence owns are filled with NaN: a kernel that
 reads a position it should not (past seq_len, another sequence's block, an unused block
 table entry) turns its output into NaN and the comparison fails.
 """
@@ -19,6 +19,7 @@ from specdec.kernels import reference as ref
 
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {
     torch.float32: dict(atol=2e-5, rtol=1e-4),
@@ -102,9 +103,10 @@ def make_case(prefixes, trees, *, h=4, h_kv=2, d=64, page=16, dtype=torch.float3
     q = torch.randn(T, h, d, generator=g)
     q_start = torch.tensor([0] + list(torch.tensor(ns).cumsum(0).tolist()), dtype=torch.int32)
     tree_mask = None if causal else torch.cat([ancestor_mask(p) for p in parents])
-    return dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype),
+    case = dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype),
                 block_table=block_table, seq_lens=torch.tensor(lens, dtype=torch.int32),
-                q_start=q_start, tree_mask=tree_mask, scale=d ** -0.5)
+                q_start=q_start, tree_mask=tree_mask)
+    return dict({k: v if v is None else v.to(DEVICE) for k, v in case.items()}, scale=d ** -0.5)
 
 
 def check(case, **kwargs):
@@ -196,7 +198,7 @@ def test_sequence_without_new_tokens_and_max_query_len_from_device():
 def test_query_that_sees_nothing_gives_zeros():
     # no prefix; node 1 does not see itself (nor anything), node 2 only node 0
     case = make_case([0], [[-1, 0, 0]], seed=9)
-    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b001], dtype=torch.int64)
+    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b001], dtype=torch.int64, device=DEVICE)
     out = check(case)
     assert torch.count_nonzero(out[1]) == 0
     assert torch.count_nonzero(out[0]) > 0
@@ -207,11 +209,11 @@ def test_strided_inputs():
     # q is a head slice of a wider tensor, K and V interleave in one buffer, the block
     # table is a column slice of a wider table
     T, h, d = base["q"].shape
-    wide_q = torch.randn(T, 2 * h, d)
+    wide_q = torch.randn(T, 2 * h, d, device=DEVICE)
     wide_q[:, 1::2] = base["q"]
     kv = torch.stack([base["k_cache"], base["v_cache"]], dim=2)  # [nb, page, 2, H_kv, D]
     bt = torch.zeros(base["block_table"].shape[0], base["block_table"].shape[1] + 3,
-                     dtype=torch.int32)
+                     dtype=torch.int32, device=DEVICE)
     bt[:, : base["block_table"].shape[1]] = base["block_table"]
     case = dict(base, q=wide_q[:, 1::2], k_cache=kv[:, :, 0], v_cache=kv[:, :, 1],
                 block_table=bt[:, : base["block_table"].shape[1]])
@@ -247,25 +249,112 @@ def test_unmasked_region_ends_at_tile_boundaries(causal):
 
 def test_split_kv_row_that_sees_nothing():
     case = make_case([0], [[-1, 0, 0]], seed=12)
-    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b011], dtype=torch.int64)
+    case["tree_mask"] = torch.tensor([0b001, 0b000, 0b011], dtype=torch.int64, device=DEVICE)
     cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=2)
     out = va._launch_attention(**case, max_query_len=3, cfg=cfg)
     assert not out.isnan().any() and torch.count_nonzero(out[1]) == 0
     torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
 
 
-def test_gpu_config_choice(monkeypatch):
-    # the GPU branch of the tile heuristic, on a pretend 132-SM device
+def _pretend_gpu(monkeypatch, sms=132, arch=90):
     monkeypatch.setattr(va, "_interpreting", lambda: False)
-    monkeypatch.setattr(va, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda")
+    monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
+    return torch.device("cuda")
+
+
+def test_gpu_config_choice(monkeypatch):
+    # the GPU branch of the policy, on a pretend H100/H200 (132 SMs, sm_90)
+    cuda = _pretend_gpu(monkeypatch)
+    # headline tree: B=8, 32/8 heads, D=128, 64 nodes over a 4,096 prefix: 128-row tiles
+    # (32 queries x 4 heads), so each KV head's K/V is streamed by 2 tiles, and 2 KV
+    # splits fill 2 CTAs on each SM
     head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
-    assert head.num_splits == 1 and head.block_m in (64, 128)
-    decode = va._pick_config(4, 8, 4, 128, 1, 16384, torch.bfloat16, cuda)
-    assert decode.block_m == 16 and decode.num_splits > 1
-    assert va._pick_config(4, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
+    assert head.block_m == 128 and math.ceil(64 * 4 / head.block_m) <= 2
+    programs = 8 * 8 * math.ceil(64 * 4 / head.block_m)
+    assert head.num_splits == 2 and programs * head.num_splits <= 2 * 132
+    # decode at B=1 over 4,096 positions: >= 64 programs through KV splits
+    decode = va._pick_config(1, 8, 4, 128, 1, 4097, torch.bfloat16, cuda)
+    assert decode.block_m == 16 and 8 * decode.num_splits >= 64
+    assert decode.num_splits * 2 * decode.block_n <= 4097  # each split streams >= 2 tiles
+    assert va._pick_config(1, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
+    # a short sequence is not split below two KV tiles per split
+    assert va._pick_config(1, 8, 4, 128, 1, 100, torch.bfloat16, cuda).num_splits == 1
+    # a grid that fills the GPU is not split
+    assert va._pick_config(64, 8, 4, 128, 64, 4160, torch.bfloat16, cuda).num_splits == 1
     mqa = va._pick_config(2, 1, 64, 64, 1, None, torch.float16, cuda)
     assert mqa.block_m >= 64  # a tile holds at least one query's whole GQA group
+    assert va._pick_config(1, 8, 4, 128, 2048, None, torch.bfloat16, cuda).block_m == 128
+    # float32: small tiles (no spills); head_dim 256: 128 rows on sm_90
+    fp32 = va._pick_config(8, 8, 4, 128, 64, 4160, torch.float32, cuda)
+    assert fp32.block_m <= 32 and fp32.block_n == 16
+    assert va._pick_config(8, 8, 4, 256, 64, 4160, torch.float32, cuda).block_m == 16
+    assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 128
+
+
+def test_gpu_config_choice_on_sm80(monkeypatch):
+    cuda = _pretend_gpu(monkeypatch, sms=108, arch=80)
+    head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
+    assert head.block_m == 128 and head.block_n == 32  # mma.sync: narrower KV tiles
+    assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 64
+
+
+def test_float32_attention_refused_on_a_gpu_where_it_would_spill(monkeypatch):
+    cuda = _pretend_gpu(monkeypatch)
+    va._check_gpu_support(torch.float32, 128, 32, cuda)  # 32 x 16 tiles: allowed
+    va._check_gpu_support(torch.float32, 256, 16, cuda)  # 16 x 16 tiles: allowed
+    va._check_gpu_support(torch.bfloat16, 256, 64, cuda)
+    with pytest.raises(ValueError, match="at most 16 query heads per KV head at head_dim 256"):
+        va._check_gpu_support(torch.float32, 256, 32, cuda)
+    with pytest.raises(ValueError, match="at most 32 query heads per KV head at head_dim 64"):
+        va._check_gpu_support(torch.float32, 64, 64, cuda)
+    # through the launcher: refused before any work (the CPU tensors are never touched)
+    q, kc = torch.empty(2, 64, 64), torch.empty(4, 16, 1, 64)
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="float32 attention on a GPU"):
+        va.verify_attention(q, kc, kc, bt, torch.tensor([2], dtype=torch.int32),
+                            torch.tensor([0, 2], dtype=torch.int32), None, 0.125, max_query_len=2)
+
+
+def _policy_configs() -> list:
+    """Every tile config the GPU policy can choose, over dtypes, head dims, groups, archs."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 128, 256):
+            for group in (1, 4, 8):
+                for arch in (80, 90):
+                    for cfg in va._policy_tiles(dtype, d, group, arch):
+                        if cfg not in out:
+                            out.append(cfg)
+    return out
+
+
+POLICY = _policy_configs()
+
+
+def test_policy_configs_are_enumerated():
+    # the list the parity test below forces covers every tile size the policy names
+    assert {c.block_m for c in POLICY} == {16, 32, 64, 128}
+    assert {c.block_n for c in POLICY} == {16, 32, 64}
+
+
+@pytest.mark.parametrize("causal,splits", [(False, 3), (True, 1)], ids=["tree-split", "causal"])
+@pytest.mark.parametrize("cfg", POLICY, ids=lambda c: f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}")
+def test_every_policy_config_matches_the_reference(cfg, causal, splits):
+    # forced through the public launcher (the interpreter's own config covers tree without
+    # splits, test_split_kv_and_small_tiles causal with them): two query tiles for the long sequence at the
+    # smaller tiles, a short sequence whose later splits are empty, a page of 8 so KV
+    # tiles straddle pages
+    trees = [20, 3, 9] if causal else [random_forest(20, 1), chain(3), wide(9)]
+    case = make_case([0, 5, 70], trees, h=4, h_kv=2, d=16, page=8, causal=causal, seed=17)
+    with va._forcing(va.dataclasses.replace(cfg, num_splits=splits)):
+        check(case, max_query_len=20, max_seq_len=79)
+
+
+def test_many_splits_most_of_them_empty():
+    case = make_case([0, 2, 40], [random_tree(5, 3), chain(1), wide(7)], seed=18)
+    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=va._MAX_SPLITS)
+    with va._forcing(cfg):
+        check(case, max_query_len=7, max_seq_len=47)
 
 
 # --------------------------------------------------------------------------- validation
@@ -302,7 +391,7 @@ def _bad(**changes):
           v_cache=lambda c: torch.randn(4, 16, 2, 32)[..., ::2]), {},
      r"k_cache must have stride 1"),
     (_bad(q=lambda c: torch.empty(2, 4, 16, device="meta")), {},
-     r"k_cache is on cpu but q is on meta"),
+     r"k_cache is on \w+(:\d)? but q is on meta"),
     (_bad(scale=lambda c: float("nan")), {}, r"scale must be a finite float"),
     (_valid(), dict(max_query_len=-1), r"max_query_len must be None or an int >= 0"),
     (_valid(), dict(max_query_len=0), r"q has 2 rows but max_query_len is 0"),
@@ -315,13 +404,37 @@ def test_attention_validation(case, kwargs, match):
 def test_tree_too_large_but_causal_is_fine():
     case = make_case([0], [70], causal=True, seed=14)
     check(case, max_query_len=70)
-    case["tree_mask"] = torch.zeros(70, dtype=torch.int64)
+    case["tree_mask"] = torch.zeros(70, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="tree_mask holds 64 nodes"):
         va.verify_attention(**case)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the examples run CPU tensors through the interpreter")
 def test_docstring_examples():
     import doctest
 
     result = doctest.testmod(va, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- engine batches
+
+
+def test_eager_batches_pass_the_longest_sequence_as_the_split_hint(monkeypatch):
+    # the eager engine path (prefill, chains, trees, drafter steps) hands attention the
+    # host-known longest sequence, so decode at B=1 over 4,096 positions fills the GPU
+    from specdec.batch import build_forward_batch, build_tree_batch
+    from specdec.kv_cache import BlockManager
+
+    blocks = BlockManager(num_blocks=600, block_size=16)
+    blocks.allocate(0, 4200)
+    blocks.allocate(1, 300)
+    tokens = torch.zeros(6, dtype=torch.int64)
+    chain_batch = build_forward_batch(blocks, [0, 1], [4096, 200], [1, 5], [1, 5], tokens, "cpu")
+    assert chain_batch.max_seq_len == 4097 and chain_batch.max_query_len == 5
+    tree_batch = build_tree_batch(blocks, [0, 1], [4095, 100], [[-1, 0], [-1]], torch.zeros(5, dtype=torch.int64),
+                                  "cpu")
+    assert tree_batch.max_seq_len == 4098
+    cuda = _pretend_gpu(monkeypatch)
+    decode = va._pick_config(1, 8, 4, 128, 1, chain_batch.max_seq_len, torch.bfloat16, cuda)
+    assert 8 * decode.num_splits >= 64

@@ -106,7 +106,8 @@ def _rope_heads(x_ptr, out_ptr, n_heads, stride_h, stride_out_h, cos, sin,
                  mask=mask)
 
 
-@triton.jit
+# head counts only bound a loop and mask whole heads: no need to specialise on them
+@triton.jit(do_not_specialize=["n_q_heads", "n_k_heads"])
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr, n_q_heads, n_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,

@@ -28,7 +28,8 @@ __all__ = ["write_kv", "move_kv"]
 # --------------------------------------------------------------------------- kernel
 
 
-@triton.jit
+# num_slots and h_kv only bound checks and masks of whole rows: not specialised
+@triton.jit(do_not_specialize=["num_slots", "h_kv"])
 def _copy_slots_kernel(
     src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, src_slot_ptr, dst_slot_ptr, num_slots, h_kv,
     stride_sk0, stride_sk1, stride_skh, stride_sv0, stride_sv1, stride_svh,

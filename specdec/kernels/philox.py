@@ -96,12 +96,15 @@ def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for 32-bit words: [0, 2**32) -> [0, 1) float32.
 
     The word is read as int32 and folded onto [0, 2**31) (x < 0 -> -x - 1), converted to
-    float32 (round to nearest) and multiplied in float32 by ~2**-31.
+    float32 (round to nearest) and multiplied in float32 by ~2**-31. The scale is a
+    Python float: a float32 tensor times a Python scalar computes in float32 (the scalar
+    is rounded to float32 first, as Triton's constant is), and unlike a
+    ``torch.tensor(..., device=...)`` it copies nothing from the host, so a CUDA graph
+    can capture it.
     """
     signed = torch.where(x >= 2**31, x - 2**32, x)  # bitcast uint32 -> int32
     folded = torch.where(signed < 0, -signed - 1, signed)
-    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
-    return folded.to(torch.float32) * scale
+    return folded.to(torch.float32) * _UNIFORM_SCALE
 
 
 def philox_counter(offset: torch.Tensor, stream: int, j: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,17 @@ Kernel design (``_verify_attention_kernel``):
 * Two loops: positions every row of the tile sees (the prefix; for causal also the new
   tokens up to the tile's first query) run without masks, the rest with the causal or
   tree-bit mask. Online softmax in base 2 with fp32 statistics (FlashAttention-2).
-* Split-KV (flash-decoding) when the grid is too small to fill the GPU (decode with
-  few sequences): each split handles a slice of the KV range and writes an fp32 partial
-  output and its log-sum-exp; ``_combine_splits_kernel`` merges them.
+* Split-KV (flash-decoding) when the grid is too small to fill the GPU (decode, small
+  batches, trees at B <= 8): each split handles a slice of the KV range and writes an
+  fp32 partial output and its log-sum-exp; ``_combine_splits_kernel`` merges them.
+  Query tiles are never shrunk to make programs: each query tile of a (sequence, KV
+  head) streams that head's whole K/V (see the launch-config policy below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -139,24 +143,29 @@ def _attend_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Ints that vary from call to call (the block table's width, the KV split count and the
+# partial buffers' split strides) are not specialised: one compiled variant serves every
+# batch. Split strides are passed in units of 16 elements and multiplied back in the
+# kernel, so the compiler still knows they keep 16-element alignment.
+@triton.jit(do_not_specialize=["max_positions", "stride_bt", "num_splits", "stride_os16",
+                               "stride_ls16"])
 def _verify_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr,
     tree_mask_ptr, out_ptr, lse_ptr,
-    scale_log2, max_positions,
+    scale_log2, max_positions, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
-    stride_os, stride_ot, stride_oh,
-    stride_ls, stride_lt,
+    stride_os16, stride_ot, stride_oh,
+    stride_ls16, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_TREE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_TREE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0) // NUM_SPLITS
-    split = tl.program_id(0) % NUM_SPLITS
+    tile = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     kvh = tl.program_id(1)
     b = tl.program_id(2)
 
@@ -195,9 +204,9 @@ def _verify_attention_kernel(
     kv_end = tl.minimum(kv_end, max_positions)  # never read past the block table row
     lo = 0
     hi = kv_end
-    if NUM_SPLITS > 1:  # this split's slice, a whole number of KV tiles
-        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * chunk
+    if SPLIT:  # this split's slice, a whole number of KV tiles (possibly empty)
+        chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+        lo = tl.minimum(split * chunk, kv_end)
         hi = tl.minimum(lo + chunk, kv_end)
     dense_stop = tl.maximum(lo, (tl.minimum(dense_end, hi) // BLOCK_N) * BLOCK_N)
 
@@ -220,38 +229,60 @@ def _verify_attention_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_off = tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + d[None, :]
-    o_off += split.to(tl.int64) * stride_os
+    if SPLIT:
+        o_off += split.to(tl.int64) * stride_os16 * 16
     tl.store(out_ptr + o_off, out, mask=row_ok[:, None] & d_ok[None, :])
-    if NUM_SPLITS > 1:  # log2-sum-exp2 of the split's scores, -inf when it saw nothing
+    if SPLIT:  # log2-sum-exp2 of the split's scores, -inf when it saw nothing
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        l_off = split.to(tl.int64) * stride_ls + tok * stride_lt + head
+        l_off = split.to(tl.int64) * stride_ls16 * 16 + tok * stride_lt + head
         tl.store(lse_ptr + l_off, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_ps16", "stride_ls16"])
 def _combine_splits_kernel(
-    part_ptr, lse_ptr, out_ptr,
-    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    part_ptr, lse_ptr, out_ptr, num_splits,
+    stride_ps16, stride_pt, stride_ph, stride_ls16, stride_lt, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out[t, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, BLOCK_S).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + s * stride_ls + t * stride_lt + h, mask=s < NUM_SPLITS,
+    s_ok = s < num_splits
+    lse = tl.load(lse_ptr + s * stride_ls16 * 16 + t * stride_lt + h, mask=s_ok,
                   other=float("-inf"))
     top = tl.max(lse, 0)
     w = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [BLOCK_S]
     den = tl.sum(w, 0)
-    part = tl.load(part_ptr + s[:, None] * stride_ps + t * stride_pt + h * stride_ph + d[None, :],
-                   mask=(s[:, None] < NUM_SPLITS) & (d[None, :] < HEAD_DIM), other=0.0)
+    part = tl.load(part_ptr + s[:, None] * stride_ps16 * 16 + t * stride_pt + h * stride_ph
+                   + d[None, :], mask=s_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out, mask=d < HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- launch config
+#
+# Policy (host-side, from shapes only):
+#
+# * Query tiles keep every query row of a (sequence, KV head) together, up to 128 rows
+#   (GQA group folded in): each extra query tile re-streams that KV head's K/V, so tiles
+#   are never shrunk to make more programs.
+# * The GPU is filled along the KV range instead (flash-decoding): when the grid has
+#   fewer programs than two per SM, each program's KV range is split and
+#   ``_combine_splits_kernel`` merges the partial results. The split count is the
+#   smallest that reaches ~85 % of the best wave efficiency (as FlashAttention's
+#   ``num_splits_heuristic``), each split streaming at least _MIN_SPLIT_TILES KV tiles.
+# * Register budget (``_tiles``): D = 256 and sm_80 use narrower KV tiles; float32 (ieee
+#   dots) uses 16x16 / 32x16 tiles and is refused on a GPU when a query's GQA group does
+#   not fit them (more than 32 query heads per KV head, 16 for head_dim > 128). tests/test_gpu_compile.py compiles the variants for sm_80
+#   and sm_90 and fails on any spill.
+# * Split counts are runtime ints and the split flag a constexpr, so one model has a
+#   handful of compiled variants (``_policy_tiles`` x tree/causal x split/not).
+
+_MAX_SPLITS = 32  # partials the combine kernel merges (its BLOCK_S)
+_MIN_SPLIT_TILES = 2  # KV tiles a split streams at least
+_MAX_FP32_GROUP = {128: 32, 256: 16}  # float32: query heads per KV head a tile can hold
 
 
 @dataclass(frozen=True)
@@ -263,45 +294,121 @@ class _Config:
     num_splits: int = 1  # KV splits (flash-decoding); > 1 adds a combine launch
 
 
+@dataclass(frozen=True)
+class _Gpu:
+    sms: int
+    arch: int  # compute capability major * 10 + minor: 80 (A100), 90 (H100/H200)
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _gpu_of(index: int) -> _Gpu:
+    props = torch.cuda.get_device_properties(index)
+    return _Gpu(props.multi_processor_count, props.major * 10 + props.minor)
 
 
-def _sm_count(device: torch.device) -> int:
+def _gpu(device: torch.device) -> _Gpu | None:
+    """SM count and architecture of a CUDA device (host-only, cached); None off CUDA."""
     if device.type != "cuda":
+        return None
+    return _gpu_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# test-only: a config every launch uses instead of the policy's (see ``_forcing``)
+_FORCED: _Config | None = None
+
+
+@contextlib.contextmanager
+def _forcing(cfg: _Config):
+    """Test-only override: every ``verify_attention`` call inside uses ``cfg``."""
+    global _FORCED
+    before, _FORCED = _FORCED, cfg
+    try:
+        yield
+    finally:
+        _FORCED = before
+
+
+def _tiles(dtype: torch.dtype, head_dim: int, rows: int, group: int, arch: int) -> _Config:
+    """Tile shape for ``rows`` query rows per (sequence, KV head) on a GPU of ``arch``.
+
+    Register/shared-memory budget per variant, as compiled offline (ptxas 12.8, no spills):
+    bf16 D=128 BM=128 w8: 182-214 regs sm_90 (98.5 KiB smem, 2 CTAs/SM); on sm_80
+    mma.sync holds Q, S and acc in registers, so BM >= 64 takes 32-wide KV tiles (178-202
+    regs; 64-wide spill 172 B). D=256: BM 128 on sm_90 (249 regs), 64 on sm_80 (255).
+    fp32 ieee: BM <= 32 (16 for D=256) with 16-wide KV tiles (60-136 regs; 32x32 spills).
+    """
+    min_m = max(16, triton.next_power_of_2(group))  # a tile holds a query's whole group
+    if dtype == torch.float32:
+        block_m = max(min(32 if head_dim <= 128 else 16, triton.next_power_of_2(rows)), min_m)
+        return _Config(block_m, 16, 8 if block_m >= 32 or head_dim > 128 else 4, 2)
+    if head_dim > 128:
+        cap = 128 if arch >= 90 else 64
+        return _Config(max(min(cap, triton.next_power_of_2(rows)), min_m), 32, 8, 2)
+    block_m = max(min(128, triton.next_power_of_2(rows)), min_m)
+    if arch < 90 and head_dim > 64 and block_m >= 64:
+        return _Config(block_m, 32, 8, 2)
+    return _Config(block_m, 64, 8 if block_m >= 128 else 4, 3)
+
+
+def _num_splits(programs: int, kv_len: int, block_n: int, slots: int) -> int:
+    """KV splits for a grid of ``programs`` over ``kv_len`` positions on ``slots`` CTA slots.
+
+    Efficiency of s splits = waves / ceil(waves), waves = programs * s / slots; the
+    smallest s within 85 % of the best wins (fewer splits: less combine traffic).
+    """
+    if programs >= slots:
         return 1
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    most = max(1, min(_MAX_SPLITS, kv_len // (_MIN_SPLIT_TILES * block_n)))
+    eff = [0.0]
+    for s in range(1, most + 1):
+        waves = programs * s / slots
+        eff.append(waves / math.ceil(waves))
+    best = max(eff)
+    return next(s for s in range(1, most + 1) if eff[s] >= 0.85 * best)
 
 
 def _pick_config(num_seqs: int, h_kv: int, group: int, head_dim: int, max_query_len: int,
                  max_seq_len: int | None, dtype: torch.dtype, device: torch.device) -> _Config:
-    """Tile sizes from host-known sizes only (no device read)."""
+    """Tile sizes and KV splits from host-known sizes only (no device read)."""
+    if _FORCED is not None:
+        return _FORCED
     rows = max_query_len * group  # tile rows one (sequence, KV head) needs
-    if _interpreting():  # few, large programs: the interpreter pays per program and op
+    gpu = _gpu(device)
+    if _interpreting() or gpu is None:  # few, large programs: the interpreter pays per program
         block_m = min(128, max(16, triton.next_power_of_2(rows), triton.next_power_of_2(group)))
         return _Config(block_m, 128, 1, 1)
-    wide = head_dim > 128 or dtype == torch.float32  # registers / shared memory bound
-    sms = _sm_count(device)
+    cfg = _tiles(dtype, head_dim, rows, group, gpu.arch)
+    if max_seq_len is None:
+        return cfg
+    programs = num_seqs * h_kv * triton.cdiv(max_query_len, max(1, cfg.block_m // group))
+    splits = _num_splits(programs, max_seq_len, cfg.block_n, 2 * gpu.sms)
+    return dataclasses.replace(cfg, num_splits=splits)
 
-    def programs(block_m: int) -> int:  # grid size before KV splits
-        return num_seqs * h_kv * triton.cdiv(max_query_len, max(1, block_m // group))
 
-    block_m = max(min(64 if wide else 128, max(16, triton.next_power_of_2(rows))),
-                  triton.next_power_of_2(group))
-    if block_m == 128 and group <= 64 and programs(128) < 2 * sms:
-        block_m = 64  # more, smaller programs when 128-row tiles would not fill the GPU
-    # K and V tiles of BLOCK_N x D per pipeline stage: 64 x 128 x 2 B x 2 x 3 = 96 KiB
-    block_n = 32 if wide else 64
-    num_warps = 8 if block_m >= 128 or head_dim > 128 else 4
-    num_stages = 2 if wide else 3
-    num_splits = 1
-    if max_seq_len is not None and programs(block_m) < sms:
-        # flash-decoding: fill ~2 waves, each split still streams >= 4 KV tiles
-        num_splits = min(triton.cdiv(2 * sms, programs(block_m)),
-                         max_seq_len // (4 * block_n), 32)
-        num_splits = max(1, num_splits)
-    return _Config(block_m, block_n, num_warps, num_stages, num_splits)
+def _policy_tiles(dtype: torch.dtype, head_dim: int, group: int, arch: int,
+                  max_rows: int = 1 << 16) -> list[_Config]:
+    """Every tile config ``_tiles`` can return for this model (num_splits 1)."""
+    seen = []
+    rows = 1
+    while rows <= max_rows:
+        cfg = _tiles(dtype, head_dim, rows, group, arch)
+        if cfg not in seen:
+            seen.append(cfg)
+        rows *= 2
+    return seen
+
+
+def _check_gpu_support(dtype: torch.dtype, head_dim: int, group: int,
+                       device: torch.device) -> None:
+    """Refuse, before any work, what would compile to a spilling kernel on a GPU."""
+    if _gpu(device) is None or _interpreting():
+        return
+    if dtype == torch.float32:
+        most = _MAX_FP32_GROUP[128 if head_dim <= 128 else 256]
+        require(group <= most,
+                f"float32 attention on a GPU supports at most {most} query heads per KV head at "
+                f"head_dim {head_dim} (got {group}): a tile holding a query's whole group would "
+                "spill registers in fp32; load the model in bfloat16 or float16")
 
 
 # --------------------------------------------------------------------------- validation
@@ -414,6 +521,7 @@ def verify_attention(
     require(T == 0 or (B > 0 and max_query_len > 0),
             f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
     h_kv = k_cache.shape[2]
+    _check_gpu_support(q.dtype, D, H // h_kv, q.device)
     cfg = _pick_config(B, h_kv, H // h_kv, D, max_query_len, max_seq_len, q.dtype, q.device)
     return _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
                              scale, max_query_len, cfg)
@@ -431,40 +539,84 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
         return out
     block_m = max(cfg.block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group  # queries per tile
-    splits = cfg.num_splits
-    if splits > 1:  # fp32 partial outputs [S, T, H, D] and their log2-sum-exp2 [S, T, H]
-        part = torch.empty(splits, T, H, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(splits, T, H, dtype=torch.float32, device=q.device)
-        dst, stride_os, stride_ls, stride_lt = part, part.stride(0), lse.stride(0), lse.stride(1)
+    splits = min(cfg.num_splits, _MAX_SPLITS)
+    if splits > 1:
+        # fp32 partial outputs [S, T16, H, D] and their log2-sum-exp2 [S, T16, H], with
+        # T16 = T rounded up to 16 so that the split strides are multiples of 16
+        t16 = triton.cdiv(T, 16) * 16
+        part = torch.empty(splits, t16, H, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, t16, H, dtype=torch.float32, device=q.device)
+        dst, stride_os16, stride_ls16, stride_lt = part, part.stride(0) // 16, lse.stride(0) // 16, lse.stride(1)
         dst_t, dst_h = part.stride(1), part.stride(2)
     else:
         lse = out  # unused
-        dst, stride_os, stride_ls, stride_lt = out, 0, 0, 0
+        dst, stride_os16, stride_ls16, stride_lt = out, 0, 0, 0
         dst_t, dst_h = out.stride(0), out.stride(1)
     upcast = _interpreting() and q.dtype == torch.bfloat16
     grid = (triton.cdiv(max_query_len, block_q) * splits, h_kv, B)
     _verify_attention_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, q_start,
         tree_mask if tree_mask is not None else seq_lens, dst, lse,
-        float(scale) * _LOG2E, block_table.shape[1] * page,
+        float(scale) * _LOG2E, block_table.shape[1] * page, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
-        stride_os, dst_t, dst_h,
-        stride_ls, stride_lt,
+        stride_os16, dst_t, dst_h,
+        stride_ls16, stride_lt,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE_SIZE=page, GROUP=group,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=splits > 1,
         HAS_TREE=tree_mask is not None, UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _combine_splits_kernel[(T, H)](
-            part, lse, out,
-            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits,
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4 if D >= 128 else 2,
+            part, lse, out, splits,
+            part.stride(0) // 16, part.stride(1), part.stride(2), lse.stride(0) // 16,
+            lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=_MAX_SPLITS,
+            num_warps=4 if D >= 128 else 2,
         )
     return out
+
+
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scratch_block: int,
+               *, trees: bool = True) -> int:
+    """Launch every kernel variant the policy can choose for this cache once, ahead of
+    serving, so that no request waits for a Triton compile (a few seconds each).
+
+    k_cache/v_cache: [num_blocks, block_size, H_kv, D], one layer of a model's cache
+    num_heads:       the model's query heads H
+    scratch_block:   a block no sequence owns; the launches read it and write nothing
+    trees:           also the tree-mask variants
+    returns:         the number of launches
+
+    A variant is a tile config (``_policy_tiles``) x split or not x tree or causal; the
+    split count, batch size and block-table width are runtime ints, so one launch of one
+    query over the scratch block compiles what every batch of that kind will run.
+    """
+    check_kv_cache(k_cache, v_cache)
+    _, _, h_kv, d = k_cache.shape
+    dtype, device = k_cache.dtype, k_cache.device
+    require(num_heads % h_kv == 0, f"num_heads {num_heads} is not a multiple of {h_kv} KV heads")
+    group = num_heads // h_kv
+    _check_gpu_support(dtype, d, group, device)
+    gpu = _gpu(device)
+    if gpu is None or _interpreting():  # one config: the interpreter's
+        tiles = [_pick_config(1, h_kv, group, d, 1, None, dtype, device)]
+    else:
+        tiles = _policy_tiles(dtype, d, group, gpu.arch)
+    q = torch.zeros(1, num_heads, d, dtype=dtype, device=device)
+    block_table = torch.full((1, 1), scratch_block, dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    q_start = torch.arange(2, dtype=torch.int32, device=device)
+    masks = [None] + ([torch.ones(1, dtype=torch.int64, device=device)] if trees else [])
+    launches = 0
+    for cfg in tiles:
+        for splits in (1, 2):
+            for mask in masks:
+                _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, mask,
+                                  d ** -0.5, 1, dataclasses.replace(cfg, num_splits=splits))
+                launches += 1
+    return launches

@@ -1,0 +1,88 @@
+"""warm_up compiles every attention variant a served step can choose, and the eager
+path's other kernels, ahead of the first request.
+
+On a GPU each launch compiles once per variant (tests/test_gpu_compile.py checks that
+batch size and split count make no new variant); here the policy is asked, on a pretend
+GPU, which configs eager and graph steps can pick over a sweep of shapes, and
+``verify_attention.precompile`` must launch each of them. The warm-up's pieces also run
+on the interpreter, so a changed launcher signature breaks this test, not a GPU run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from specdec import LLM
+from specdec.cuda_graphs import SAMPLING_MODES
+from specdec import warmup
+
+va = importlib.import_module("specdec.kernels.verify_attention")
+
+
+def _variant(cfg, tree):
+    return dataclasses.replace(cfg, num_splits=1), cfg.num_splits > 1, tree
+
+
+@pytest.mark.parametrize("arch,sms", [(90, 132), (80, 108)])
+@pytest.mark.parametrize("dtype,h,h_kv,d", [
+    (torch.bfloat16, 32, 8, 128), (torch.bfloat16, 32, 8, 64), (torch.float16, 16, 4, 256),
+    (torch.float32, 4, 2, 16),
+], ids=["8B", "1B", "d256", "tiny-fp32"])
+def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, sms, dtype, h, h_kv, d):
+    monkeypatch.setattr(va, "_interpreting", lambda: False)
+    monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
+    launched = set()
+    monkeypatch.setattr(va, "_launch_attention", lambda *a: launched.add(_variant(a[-1], a[6] is not None)))
+    cache = torch.zeros(4, 16, h_kv, d, dtype=dtype)
+    assert va.precompile(cache, cache, h, scratch_block=3) == len(launched)
+    group = h // h_kv
+    picked = set()
+    for B in (1, 2, 3, 8, 16, 33, 64, 128):
+        for n in (1, 2, 4, 5, 8, 9, 16, 17, 33, 64, 100, 500, 2048):
+            for seq_len in (n, n + 15, n + 300, n + 4096, n + 131072, None):
+                cfg = va._pick_config(B, h_kv, group, d, n, seq_len, dtype, torch.device("cuda"))
+                picked.add(_variant(cfg, False))
+                if n <= 64:
+                    picked.add(_variant(cfg, True))
+    missing = picked - launched
+    assert not missing, f"warm-up misses {missing}"
+
+
+on_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="interprets the kernels on CPU")
+
+
+@on_cpu
+def test_precompile_on_the_interpreter_reads_only_the_scratch_block():
+    k = torch.full((3, 4, 2, 16), float("nan"))
+    v = torch.full((3, 4, 2, 16), float("nan"))
+    k[1], v[1] = 0.5, 0.25  # the scratch block
+    before = (k.clone(), v.clone())
+    assert va.precompile(k, v, 4, scratch_block=1) == 4  # 1 config x split or not x tree or not
+    torch.testing.assert_close(k, before[0], equal_nan=True)
+    torch.testing.assert_close(v, before[1], equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("warm") / "target", num_layers=2, seed=0)
+
+
+@on_cpu
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+def test_eager_warm_up_pieces_run_with_todays_launchers(target):
+    # CPU: warm_up_eager itself compiles nothing (returns 0); its pieces run on the
+    # interpreter against the real launchers, the tree sampler and keep-path included
+    llm = LLM(str(target), draft="early-exit:1", num_draft_tokens=3, device="cpu", dtype=torch.float32,
+              backend="triton", block_size=4, seed=0, draft_tree=(2, 1))
+    engine = llm.engine
+    assert warmup.warm_up_eager(engine, SAMPLING_MODES) == 0
+    scratch = engine.blocks.num_blocks
+    assert warmup._one_token_forward(engine.target, engine.cache, engine.ops, scratch, None) == 1
+    assert torch.isfinite(engine.cache.k[:, scratch]).all()
+    n = warmup._sampler_warm_up(engine, SAMPLING_MODES, trees=True)
+    assert n == len(SAMPLING_MODES) * ((engine.draft_depth + 1) + engine.draft_depth)
