@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from specdec import LLM, SamplingParams
 from specdec.demo import SNIPPETS, demo_dirs
 from specdec.server import ServerThread
+from specdec.server.load import drive
 
 MODEL = "specdec-demo"
 KEY = "test-key"
@@ -160,6 +161,13 @@ def test_chat_completions_need_a_chat_template(client, llm, references):
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == ref.text
     assert streamed[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_the_load_benchmark_drives_the_server(server):
+    seconds, samples = asyncio.run(drive(server.url, concurrency=2, requests_per_client=1, max_tokens=3,
+                                         api_key=KEY))
+    assert seconds > 0 and [s.tokens for s in samples] == [3, 3]
+    assert all(s.ttft > 0 and s.itl >= 0 for s in samples)
 
 
 def test_models_and_health(client, server):
@@ -453,7 +461,8 @@ def _free_port() -> int:
 
 def test_specdec_serve_command_serves_and_exits_cleanly_on_sigterm():
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "specdec", "serve", "--port", str(port), "--backend", "torch",
                              "--device", "cpu", "--log-level", "warning", "--shutdown-timeout", "5"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
