@@ -243,6 +243,32 @@ def test_a_client_that_disconnects_is_cancelled_and_its_blocks_freed(server, llm
     assert _idle(server, llm)
 
 
+def test_a_non_streaming_client_that_leaves_is_cancelled_too(server, llm):
+    body = {"model": MODEL, "prompt": SNIPPETS[0], "max_tokens": 900, "ignore_eos": True}
+    before = _metric(server, "specdec_requests")[(("status", "abort"),)]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=0.5))
+    _wait_idle(server, llm)
+    assert _metric(server, "specdec_requests")[(("status", "abort"),)] == before + 1
+
+
+def test_an_engine_failure_outside_any_request_ends_the_requests_not_the_server(llm):
+    with ServerThread(llm, MODEL) as server:
+        step = llm.step
+        llm.step = lambda: (_ for _ in ()).throw(RuntimeError("injected"))
+        try:
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=30)
+        finally:
+            llm.step = step
+        assert r.status_code == 500
+        _assert_error_shape(r.json(), None, "generation_error")
+        assert "injected" in r.json()["error"]["message"] and "Traceback" not in r.text
+        assert not llm.has_work()
+        ok = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4, "ignore_eos": True},
+                        timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
 def test_max_waiting_answers_503_with_retry_after(llm):
     long = {"prompt": SNIPPETS[0], "max_tokens": 900, "ignore_eos": True, "stream": True}
     llm.engine.max_num_seqs = 1  # one running request: the next one waits

@@ -16,6 +16,7 @@ the loop hands them to the waiting handlers' queues:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ..kv_cache import CacheCapacityError
 from .metrics import ServerMetrics
 from .protocol import APIError, GenerationRequest, invalid
 
+logger = logging.getLogger("specdec.server")
 
 @dataclass
 class Event:
@@ -108,7 +110,11 @@ class EngineLoop:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            events, self._has_work = await self._call(self._step)
+            try:
+                events, self._has_work = await self._call(self._step)
+            except Exception as error:  # the engine keeps request failures to themselves; anything
+                logger.exception("engine step failed")  # else ends the requests in flight, not the server
+                events, self._has_work = await self._call(self._fail_all, error), False
             self._deliver(events)
 
     @staticmethod
@@ -230,5 +236,19 @@ class EngineLoop:
         for c in list(self._active.values()):
             c.request.cancel()
             events.append(self._collect(c, time.perf_counter()))
+        self.metrics.refresh(self.llm)
+        return events
+
+    def _fail_all(self, error: Exception) -> list:
+        """After a step raised outside any request: end every active request with reason
+        'error' (their blocks freed) so that no client waits forever."""
+        events = []
+        for c in list(self._active.values()):
+            c.request.cancel()
+            del self._active[c.request.id]
+            self.metrics.requests.labels("error").inc()
+            events.append((c.handle, Event(c.index, c.request.new_text() if self.llm.tokenizer else "",
+                                           len(c.request.new_token_ids()), "error", len(c.request.token_ids),
+                                           error=f"{type(error).__name__}: {error}")))
         self.metrics.refresh(self.llm)
         return events
