@@ -194,7 +194,16 @@ def _sampling(body: dict, req: GenerationRequest, max_tokens_name: str) -> None:
 
 
 def parse_completion(body) -> GenerationRequest:
-    """POST /v1/completions body -> GenerationRequest (raises APIError 400)."""
+    """POST /v1/completions body -> GenerationRequest (raises APIError 400).
+
+    >>> parse_completion({"prompt": "def f(x):", "max_tokens": 8, "n": 2}).sampling_params(8, 1).max_tokens
+    8
+    >>> try:
+    ...     parse_completion({"prompt": "def f(x):", "top_p": 2})
+    ... except APIError as e:
+    ...     print(e.status, e.body()["error"]["param"], "-", e.message)
+    400 top_p - 'top_p' must be a number in [1e-06, 1], got 2
+    """
     if not isinstance(body, dict):
         raise invalid(None, "the request body must be a JSON object", "invalid_type")
     _check_fields(body, _COMPLETION, _COMPLETION_NEUTRAL)
