@@ -156,9 +156,12 @@ class EngineLoop:
                              f"{self.max_waiting}): retry later")
         context = llm.config.max_position_embeddings
         tokenized = []
+        param = "messages" if req.kind == "chat" else "prompt"
         for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str) and llm.tokenizer is None:
+                raise invalid(param, "this model directory has no tokenizer: send prompts as lists of token ids",
+                              "invalid_value")
             ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            param = "messages" if req.kind == "chat" else "prompt"
             bad = [t for t in ids if t >= llm.config.vocab_size]
             if bad:
                 raise invalid(param, f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary "
