@@ -348,6 +348,8 @@ BAD = [
     ("stream as a string", "/v1/completions", {**COMPLETION, "stream": "yes"}, AUTH, 400, "stream", None),
     ("unknown field", "/v1/completions", {**COMPLETION, "foo": 1}, AUTH, 400, "foo", "unknown_parameter"),
     ("logprobs", "/v1/completions", {**COMPLETION, "logprobs": 2}, AUTH, 400, "logprobs", "unsupported_parameter"),
+    ("logprobs 0 (one log-probability)", "/v1/completions", {**COMPLETION, "logprobs": 0}, AUTH, 400, "logprobs",
+     "unsupported_parameter"),
     ("presence penalty", "/v1/completions", {**COMPLETION, "presence_penalty": 0.5}, AUTH, 400,
      "presence_penalty", "unsupported_parameter"),
     ("empty prompt", "/v1/completions", {**COMPLETION, "prompt": ""}, AUTH, 400, "prompt", None),
@@ -386,6 +388,12 @@ def test_bad_requests_get_the_documented_error(server, name, path, body, headers
                    timeout=30)
     assert r.status_code == status, r.text
     _assert_error_shape(r.json(), param, code)
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(client):
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=None, echo=False,
+                                    presence_penalty=0, frequency_penalty=0.0, logit_bias={}, best_of=1)
+    assert len(out.choices) == 1
 
 
 def test_bad_requests_do_not_disturb_requests_in_flight(server, llm, client):

@@ -82,7 +82,7 @@ _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 
 # parameter -> (its neutral values, why it cannot be honoured otherwise)
 _NEUTRAL = {
-    "logprobs": ((None, False, 0), "log-probabilities are not implemented"),
+    "logprobs": ((None, False), "log-probabilities are not implemented"),  # completions' 0 still asks for one
     "top_logprobs": ((None, 0), "log-probabilities are not implemented"),
     "echo": ((None, False), "echoing the prompt is not implemented"),
     "suffix": ((None, ""), "suffixes (insertion) are not implemented"),
@@ -130,6 +130,13 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
+def _same(value, neutral) -> bool:
+    """``value == neutral`` without True == 1 or False == 0."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral
+
+
 def _check_fields(body: dict, allowed: set[str], neutral: tuple[str, ...]) -> None:
     for name in body:
         if name in allowed:
@@ -143,7 +150,7 @@ def _check_fields(body: dict, allowed: set[str], neutral: tuple[str, ...]) -> No
                                     f"generated, never ranked): omit it or set it to n, got {value!r}",
                               "unsupported_parameter")
             values, why = _NEUTRAL[name]
-            if value is None or any(value == v for v in values if v is not None):
+            if value is None or any(_same(value, v) for v in values if v is not None):
                 continue
             raise invalid(name, f"'{name}' is not supported: {why}; omit it or leave it at its default",
                           "unsupported_parameter")
