@@ -67,10 +67,17 @@ def _serve(args) -> int:
         draft = None
     llm = LLM(target, draft=draft, num_draft_tokens=args.num_draft_tokens, device=args.device,
               backend=args.backend, draft_tree=args.draft_tree, max_num_seqs=args.max_num_seqs)
+    llm.warm_up()  # with CUDA graphs: capture and time every batch bucket before the first request
     serve(llm, name, args.host, args.port, api_key=args.api_key or os.environ.get("SPECDEC_API_KEY"),
           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     return 0
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {text!r}")
+    return int(text)
 
 
 def _branching(text: str) -> tuple[int, ...]:
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-draft-tokens", type=positive_int, default=4)
     srv.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECDEC_API_KEY, else open)")
     srv.add_argument("--max-waiting", type=positive_int, default=None,

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         llm = LLM(target, draft=draft if mode == "speculative" else None, num_draft_tokens=args.num_draft_tokens,
                   device=args.device, backend=args.backend, max_num_seqs=max(levels))
+        llm.warm_up()  # CUDA graphs (if any) captured before the clock starts
         with ServerThread(llm, mode) as server:
             run_levels(server.url, mode, levels, args.requests_per_client, args.max_tokens)
         del llm
