@@ -54,6 +54,13 @@ def llm():
 
 
 @pytest.fixture(scope="module")
+def small():
+    """Plain decoding of the demo target, one sequence at a time, a KV cache of 11 blocks of 16 tokens."""
+    target, _ = demo_dirs()
+    return LLM(target, device="cpu", backend="torch", max_num_seqs=1, kv_cache_memory=12 * (32 << 10))
+
+
+@pytest.fixture(scope="module")
 def references(llm):
     """Offline LLM.generate outputs for what the tests later ask the server."""
     tok = llm.tokenizer
@@ -269,25 +276,21 @@ def test_an_engine_failure_outside_any_request_ends_the_requests_not_the_server(
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 
 
-def test_max_waiting_answers_503_with_retry_after(llm):
-    long = {"prompt": SNIPPETS[0], "max_tokens": 900, "ignore_eos": True, "stream": True}
-    llm.engine.max_num_seqs = 1  # one running request: the next one waits
-    try:
-        with ServerThread(llm, MODEL, max_waiting=1) as server, httpx.Client(base_url=server.url, timeout=60) as http:
-            with http.stream("POST", "/v1/completions", json=long) as running:
-                lines = running.iter_lines()  # kept: a dropped iterator closes the connection
-                next(lines)  # it runs
-                with http.stream("POST", "/v1/completions", json=long) as waiting:
-                    assert waiting.status_code == 200  # admitted, waiting for the batch
-                    refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
-                    assert refused.status_code == 503
-                    assert int(refused.headers["Retry-After"]) >= 1
-                    _assert_error_shape(refused.json(), None, "overloaded")
-            _wait_idle(server, llm)  # both clients left: their requests are cancelled
-            ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
-            assert ok.status_code == 200
-    finally:
-        llm.engine.max_num_seqs = 64
+def test_max_waiting_answers_503_with_retry_after(small):
+    long = {"prompt": SNIPPETS[0], "max_tokens": 150, "ignore_eos": True, "stream": True}
+    with ServerThread(small, MODEL, max_waiting=1) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=long) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # it runs (max_num_seqs=1: the next one waits)
+            with http.stream("POST", "/v1/completions", json=long) as waiting:
+                assert waiting.status_code == 200  # admitted, waiting for the batch
+                refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                assert refused.status_code == 503
+                assert int(refused.headers["Retry-After"]) >= 1
+                _assert_error_shape(refused.json(), None, "overloaded")
+        _wait_idle(server, small)  # both clients left: their requests are cancelled
+        ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
 
 
 def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits(llm):
@@ -414,9 +417,7 @@ def test_bad_requests_do_not_disturb_requests_in_flight(server, llm, client):
     http.close()
 
 
-def test_a_request_that_can_never_fit_the_kv_cache_is_refused():
-    target, _ = demo_dirs()
-    small = LLM(target, device="cpu", backend="torch", kv_cache_memory=12 * (32 << 10))  # 11 blocks of 16 tokens
+def test_a_request_that_can_never_fit_the_kv_cache_is_refused(small):
     assert small.blocks.num_blocks * small.blocks.block_size < 200
     with ServerThread(small, MODEL) as server:
         r = httpx.post(server.url + "/v1/completions", json={"prompt": SNIPPETS[0], "max_tokens": 200})
