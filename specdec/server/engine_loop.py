@@ -138,10 +138,17 @@ class EngineLoop:
     def cancel_soon(self, handle: Handle) -> None:
         """Cancel a handle's unfinished choices on the worker, after the current step;
         safe to call from a ``finally`` of a cancelled task (it does not wait)."""
-        if not self._closed:
-            future = self._executor.submit(self._cancel, handle)
-            loop = asyncio.get_running_loop()
-            future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._deliver, f.result()))
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+
+        def deliver(future):
+            try:
+                loop.call_soon_threadsafe(self._deliver, future.result())
+            except RuntimeError:  # the event loop has closed: nobody waits for these events
+                pass
+
+        self._executor.submit(self._cancel, handle).add_done_callback(deliver)
 
     async def abort_all(self) -> None:
         """Cancel every active choice (finish reason 'abort'); their streams end normally."""

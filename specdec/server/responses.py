@@ -28,8 +28,7 @@ async def respond(state, request: Request, req: GenerationRequest, handle: Handl
     rid = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     state.handles[rid] = handle
     if req.stream:
-        return StreamingResponse(_stream(state, req, handle, rid), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(state, req, handle, rid)
     try:
         return await _complete(state, request, req, handle, rid)
     finally:
@@ -106,29 +105,41 @@ async def _stream(state, req: GenerationRequest, handle: Handle, rid: str):
         return _sse(head | {"choices": [choice]})
 
     left, completion, error = len(handle.choices), 0, None
-    try:
-        if chat:
-            for c in handle.choices:
-                yield chunk(c.index, "", role=True)
-        while left:
-            event = await handle.queue.get()
-            if event.finish_reason is None:
-                if event.text:
-                    yield chunk(event.index, event.text)
-                continue
-            left -= 1
-            completion += event.completion_tokens
-            error = error or event.error
-            yield chunk(event.index, event.text, event)
-        if error is not None:
-            yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error",
-                                  "param": None, "code": "generation_error"}})
-        if req.include_usage:
-            yield _sse(head | {"choices": [], "usage": {"prompt_tokens": handle.prompt_tokens,
-                                                        "completion_tokens": completion,
-                                                        "total_tokens": handle.prompt_tokens + completion}})
-        yield "data: [DONE]\n\n"
-    finally:
-        state.handles.pop(rid, None)
-        if left:  # the client went away (the task was cancelled): free the blocks now
-            state.engine.cancel_soon(handle)
+    if chat:
+        for c in handle.choices:
+            yield chunk(c.index, "", role=True)
+    while left:
+        event = await handle.queue.get()
+        if event.finish_reason is None:
+            if event.text:
+                yield chunk(event.index, event.text)
+            continue
+        left -= 1
+        completion += event.completion_tokens
+        error = error or event.error
+        yield chunk(event.index, event.text, event)
+    if error is not None:
+        yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error",
+                              "param": None, "code": "generation_error"}})
+    if req.include_usage:
+        yield _sse(head | {"choices": [], "usage": {"prompt_tokens": handle.prompt_tokens,
+                                                    "completion_tokens": completion,
+                                                    "total_tokens": handle.prompt_tokens + completion}})
+    yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that, however it ends (finished, client gone before or during the
+    stream, server cancelled), cancels the handle's unfinished requests at once."""
+
+    def __init__(self, state, req: GenerationRequest, handle: Handle, rid: str):
+        super().__init__(_stream(state, req, handle, rid), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._state, self._handle, self._rid = state, handle, rid
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._state.handles.pop(self._rid, None)
+            self._state.engine.cancel_soon(self._handle)  # a no-op for finished requests
