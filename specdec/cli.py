@@ -1,9 +1,11 @@
-"""``specdec`` command line: generate, demo, convert, bench."""
+"""``specdec`` command line: generate, demo, convert, bench, serve."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def _generate(args) -> int:
@@ -46,6 +48,36 @@ def _demo(args) -> int:
     run_demo(max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens, device=args.device,
              backend=args.backend)
     return 0
+
+
+def _serve(args) -> int:
+    from . import LLM
+    from .demo import demo_dirs
+    from .server import serve
+
+    if args.target is None:
+        if args.draft is not None:
+            raise ValueError("--draft needs --target (without --target the embedded demo pair is served)")
+        target, draft = demo_dirs()
+        name = args.served_model_name or "specdec-demo"
+    else:
+        target, draft = args.target, args.draft
+        name = args.served_model_name or Path(args.target).resolve().name
+    if args.no_draft:
+        draft = None
+    llm = LLM(target, draft=draft, num_draft_tokens=args.num_draft_tokens, device=args.device,
+              backend=args.backend, draft_tree=args.draft_tree, max_num_seqs=args.max_num_seqs)
+    llm.warm_up()  # with CUDA graphs: capture and time every batch bucket before the first request
+    serve(llm, name, args.host, args.port, api_key=args.api_key or os.environ.get("SPECDEC_API_KEY"),
+          max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    return 0
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {text!r}")
+    return int(text)
 
 
 def _branching(text: str) -> tuple[int, ...]:
@@ -91,6 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
                            description=benchmark.__doc__.split("\n\n")[0])
     benchmark.add_arguments(bench)
     bench.set_defaults(func=benchmark.run)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)",
+                         description="Serve a target (and drafter) over an OpenAI-compatible HTTP API. "
+                                     "Without --target: the embedded demo pair.")
+    srv.add_argument("--target", default=None, help="target model directory (default: the embedded demo target)")
+    srv.add_argument("--draft", default=None, help="draft model directory, 'ngram', or 'early-exit:N' "
+                     "(default with the demo: the demo draft)")
+    srv.add_argument("--no-draft", action="store_true", help="plain decoding (no drafter)")
+    srv.add_argument("--num-draft-tokens", type=positive_int, default=4)
+    srv.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=_port, default=8000)
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECDEC_API_KEY, else open)")
+    srv.add_argument("--max-waiting", type=positive_int, default=None,
+                     help="answer 503 + Retry-After while this many requests wait for the batch")
+    srv.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests decoded together")
+    srv.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    srv.set_defaults(func=_serve)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an HF-style directory")
     conv_sub = conv.add_subparsers(dest="format", required=True)

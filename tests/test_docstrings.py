@@ -7,7 +7,7 @@ import pytest
 import torch
 
 MODULES = ["specdec.tree", "specdec.drafters.ngram", "specdec.sampling_params", "specdec.detokenize",
-           "specdec.benchmark",
+           "specdec.benchmark", "specdec.server.protocol",
            # its examples pass CPU tensors, which only the interpreter (no CUDA) can run
            pytest.param("specdec.kernels.fused_ops", marks=pytest.mark.skipif(
                torch.cuda.is_available(), reason="Triton examples use CPU tensors"))]
