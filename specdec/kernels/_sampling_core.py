@@ -40,6 +40,10 @@ class DraftDist(NamedTuple):
     z: torch.Tensor  # [n] float32: sum over kept v of exp(x_v - m)
     thr: torch.Tensor  # [n] int32: v is kept iff key(x_v) >= thr (INT32_MIN: nothing filtered)
 
+    def narrow(self, start: int, length: int) -> "DraftDist":
+        """Rows ``start .. start + length`` of every field (views)."""
+        return DraftDist(*(t.narrow(0, start, length) for t in self))
+
     def index_select(self, rows: torch.Tensor) -> "DraftDist":
         """The rows ``rows`` ([r] int64) of every field, in that order."""
         return DraftDist(*(t.index_select(0, rows) for t in self))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import require, require_same_device, require_tensor, require_unit_stride, shape_of
+from ._sampling_core import INT32_MIN, DraftDist, inverse_temperature, key_of
 from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
     "move_kv",
     "verify_attention",
     "sampling_probs",
+    "draft_dist",
+    "draft_dist_probs",
+    "draft_sample",
     "rejection_sample",
     "tree_rejection_sample",
     "add_rms_norm",
@@ -137,6 +141,86 @@ def verify_attention(
     return out.to(q.dtype)
 
 
+def _keep_thresholds(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row int32 threshold on ``key_of(x)`` that top-k then top-p keep.
+
+    x: [N, V] float32 (temperature applied); top_k [N] int32; top_p [N] float32
+    returns: [N] int32 thr, the row keeps v iff key_of(x_v) >= thr (INT32_MIN: nothing cut)
+
+    Ties are kept together:
+      top-k keeps key >= the k-th largest key (k <= 0 or k >= V: off);
+      top-p keeps key >= t*, the smallest key whose strictly-greater mass (over the top-k
+            survivors, in units of exp(x - m)) is < top_p * z_k; top_p >= 1 is off exactly
+            (a rounded-up running sum never cuts the tail of an unfiltered row).
+    """
+    n, v = x.shape
+    keys = key_of(x)  # [N, V]
+    thr = torch.full((n,), INT32_MIN, dtype=torch.int32, device=x.device)
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [N, V]
+    sorted_keys = keys.gather(1, order)
+    # -- top-k: the k-th largest key --
+    use_k = (top_k > 0) & (top_k < v)
+    k = torch.where(use_k, top_k, torch.full_like(top_k, v)).long()
+    thr = torch.where(use_k, sorted_keys.gather(1, (k - 1)[:, None])[:, 0], thr)
+    # -- top-p over the top-k survivors: mass strictly above each sorted entry --
+    use_p = top_p < 1.0
+    if bool(use_p.any()) if x.device.type == "cpu" else True:
+        m = sorted_x[:, :1]  # [N, 1]
+        w = torch.where(sorted_keys >= thr[:, None], torch.exp(sorted_x - m), 0.0)  # [N, V]
+        cum = torch.cumsum(w, dim=-1)  # cum[i] = mass of the i + 1 largest
+        z = cum[:, -1:]  # [N, 1]
+        # entries strictly greater than sorted entry i: the first index of its tie group
+        first = torch.searchsorted(-sorted_x.contiguous(), -sorted_x.contiguous(), side="left")
+        above = torch.where(first > 0, cum.gather(1, (first - 1).clamp(min=0)), 0.0)  # [N, V]
+        keep = (above < top_p.float()[:, None] * z) & (w > 0)
+        t_p = torch.where(keep, sorted_keys, torch.iinfo(torch.int32).max).amin(-1)  # [N]
+        thr = torch.where(use_p, torch.maximum(thr, t_p), thr)
+    return thr
+
+
+def draft_dist(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    *,
+    filtered: bool | None = None,
+) -> DraftDist:
+    """The processed distribution of each row as a ``DraftDist`` (no [N, V] probabilities).
+
+    logits: [N, V] any float dtype (kept as is in the result); temperature [N] float32
+    (<= 0: greedy, inv_t = 1); top_k [N] int32; top_p [N] float32
+    returns: DraftDist with q(v) = [key(x_v) >= thr] exp(x_v - m) / z, x = logit.float() * inv_t
+
+    filtered=False promises no row uses top-k or top-p (skips the sorts); None reads it
+    off CPU tensors and assumes it on a GPU.
+    """
+    inv_t = inverse_temperature(temperature)  # [N]
+    x = logits.float() * inv_t[:, None]  # [N, V]
+    n, v = x.shape
+    if filtered is None:
+        filtered = (x.device.type != "cpu"
+                    or bool((((top_k > 0) & (top_k < v)) | (top_p < 1)).any()))
+    if filtered:
+        thr = _keep_thresholds(x, top_k, top_p)
+    else:
+        thr = torch.full((n,), INT32_MIN, dtype=torch.int32, device=x.device)
+    m = x.amax(-1)  # [N]; the max is always kept
+    kept = key_of(x) >= thr[:, None]
+    z = torch.where(kept, torch.exp(x - m[:, None]), 0.0).sum(-1)
+    return DraftDist(logits, inv_t, m, z, thr)
+
+
+def draft_dist_probs(dist: DraftDist) -> torch.Tensor:
+    """Materialise q: DraftDist -> [n, V] float32, q(v) = [key(x_v) >= thr] exp(x_v - m) / z.
+
+    For the reference samplers and tests only; the kernels read the logits instead.
+    """
+    x = dist.logits.float() * dist.inv_t[:, None]
+    kept = key_of(x) >= dist.thr[:, None]
+    return torch.where(kept, torch.exp(x - dist.m[:, None]), 0.0) / dist.z[:, None]
+
+
 def sampling_probs(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -151,12 +235,12 @@ def sampling_probs(
     logits:      [N, V] any float dtype
     temperature: [N] float32; 0 means greedy (a point mass on the first argmax)
     top_k:       [N] int32; 0 (or >= V) disables it
-    top_p:       [N] float32 in (0, 1]; 1 disables it
+    top_p:       [N] float32 in (0, 1]; 1 disables it (exactly: nothing is cut)
     returns:     [N, V] float32 probabilities, each row sums to 1
 
-    Ties are kept together, so the rule is a pair of thresholds a kernel can find with a
-    pivot search instead of a sort:
-      top-k keeps x  iff  logit(x) >= the k-th largest logit;
+    Ties are kept together, so the rule is a pair of thresholds on the monotone key of
+    x = logit * (1 / T) (``_keep_thresholds``):
+      top-k keeps x  iff  key(x) >= the k-th largest key;
       top-p keeps x  iff  the (top-k renormalised) mass of tokens strictly more likely
                           than x is < top_p (the token crossing p is kept).
 
@@ -165,38 +249,52 @@ def sampling_probs(
     that every row is greedy. When None they are read off CPU tensors (free) and assumed
     unknown on a GPU (reading them would be a host sync).
     """
-    x = logits.float()
-    n, v = x.shape
-    on_cpu = temperature.device.type == "cpu"
-    if all_greedy is None and on_cpu:
+    onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    onehot.scatter_(1, logits.float().argmax(-1, keepdim=True), 1.0)  # greedy rows
+    if all_greedy is None and temperature.device.type == "cpu":
         all_greedy = bool((temperature <= 0).all())
-    if filtered is None and on_cpu:
-        filtered = bool((((top_k > 0) & (top_k < v)) | (top_p < 1)).any())
-    onehot = torch.zeros_like(x).scatter_(1, x.argmax(-1, keepdim=True), 1.0)  # greedy rows
     if all_greedy:
         return onehot
-    greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    x = x / t[:, None]
-    if filtered is not False:
-        # -- top-k: threshold at the k-th largest logit --
-        k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, v), top_k).long()
-        kth = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [N, 1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if filtered is not False:
-        # -- top-p: mass strictly above each token --
-        sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)  # cum[i] = mass of the i+1 largest
-        # mass strictly greater than p(x): cumulative mass of sorted entries > p(x)
-        # (entries of the descending sort that are > p(x)), found by binary search
-        n_greater = torch.searchsorted(-sorted_p, -probs, side="left")  # [N, V]
-        above = torch.where(
-            n_greater > 0, cum.gather(1, (n_greater - 1).clamp(min=0)), torch.zeros_like(probs)
-        )
-        probs = probs * (above < top_p.float()[:, None])
-        probs = probs / probs.sum(-1, keepdim=True)
-    return torch.where(greedy[:, None], onehot, probs)
+    probs = draft_dist_probs(draft_dist(logits, temperature, top_k, top_p, filtered=filtered))
+    return torch.where((temperature <= 0)[:, None], onehot, probs)
+
+
+def draft_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    offsets: torch.Tensor,
+    stream: int,
+    num_samples: int = 1,
+    *,
+    filtered: bool | None = None,
+    all_greedy: bool | None = None,
+) -> tuple[torch.Tensor, DraftDist]:
+    """Draw ``num_samples`` i.i.d. draft tokens per row from its processed distribution.
+
+    logits:       [N, V] any float dtype; temperature [N] float32 (<= 0: greedy);
+                  top_k [N] int32; top_p [N] float32; seeds, offsets [N] int64
+    stream:       Philox stream of the draws (``DRAFT_STREAM + position`` for drafters);
+                  sample s of row r uses draw j = s
+    returns:      tokens [N, num_samples] int64 (greedy rows: the first argmax, repeated),
+                  DraftDist of the rows (what the tokens were drawn from)
+
+    Inverse CDF (``sample_inverse_cdf``) of q with uniform philox(seed, offset, stream, s).
+    """
+    dist = draft_dist(logits, temperature, top_k, top_p, filtered=filtered)
+    argmax = logits.float().argmax(-1, keepdim=True).expand(-1, num_samples)  # [N, S]
+    if all_greedy is None and temperature.device.type == "cpu":
+        all_greedy = bool((temperature <= 0).all())
+    if all_greedy:
+        return argmax.contiguous(), dist
+    q = draft_dist_probs(dist)  # [N, V]
+    u = philox_uniform(seeds, offsets, num_samples, stream=stream)  # [N, S]
+    n = q.shape[0]
+    flat = sample_inverse_cdf(q.repeat_interleave(num_samples, dim=0), u.reshape(-1))
+    tokens = flat.view(n, num_samples)
+    return torch.where((temperature <= 0)[:, None], argmax, tokens), dist
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,6 +335,29 @@ def _check_ragged(target_logits, draft_token_ids, cu, cu_name: str, count: str) 
     return rows, vocab, cu.shape[0] - 1, draft_token_ids.shape[0]
 
 
+def check_draft_dist(q, rows: int, vocab: int, target_logits: torch.Tensor) -> None:
+    """``q``: None or a DraftDist of ``rows`` rows over ``vocab`` tokens on the logits'
+    device: logits [rows, V] of a logit dtype with stride(1) == 1, inv_t / m / z [rows]
+    float32, thr [rows] int32."""
+    if q is None:
+        return
+    if not isinstance(q, DraftDist):
+        raise TypeError(f"the draft distribution must be a DraftDist or None, got "
+                        f"{type(q).__name__} (build one with reference.draft_dist or the "
+                        f"backend's draft_sample)")
+    if q.logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"q.logits must be float32, float16 or bfloat16, got {q.logits.dtype}")
+    if q.logits.dim() == 2 and q.logits.shape[1] > 1 and q.logits.stride(1) != 1:
+        raise ValueError(f"q.logits must have stride 1 in its last dimension, got {q.logits.stride()}")
+    _check_tensors({
+        "q.logits": (q.logits, q.logits.dtype, (rows, vocab)),
+        "q.inv_t": (q.inv_t, torch.float32, (rows,)),
+        "q.m": (q.m, torch.float32, (rows,)),
+        "q.z": (q.z, torch.float32, (rows,)),
+        "q.thr": (q.thr, torch.int32, (rows,)),
+    }, target_logits, f"{rows} draft rows, V={vocab}")
+
+
 def _per_sequence(batch: int, temperature, top_k, top_p, seeds, offsets) -> dict:
     """The per-sequence sampling tensors' expected dtype and shape, for ``_check_tensors``."""
     return {
@@ -249,7 +370,7 @@ def _per_sequence(batch: int, temperature, top_k, top_p, seeds, offsets) -> dict
 
 
 def _check_rejection_args(
-    target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+    target_logits, draft_token_ids, q, cu_num_draft, max_num_draft,
     temperature, top_k, top_p, seeds, offsets, num_draft=None,
 ) -> tuple[int, int]:
     """Shape, dtype and device checks that need no device read. Returns (B, V)."""
@@ -260,11 +381,10 @@ def _check_rejection_args(
         "cu_num_draft": (cu_num_draft, torch.int32, (batch + 1,)),
         **_per_sequence(batch, temperature, top_k, top_p, seeds, offsets),
     }
-    if draft_probs is not None:
-        expected["draft_probs"] = (draft_probs, torch.float32, (n_draft, vocab))
     if num_draft is not None:
         expected["num_draft"] = (num_draft, torch.int32, (batch,))
     _check_tensors(expected, target_logits, f"B={batch}, sum n_b={n_draft}, V={vocab}")
+    check_draft_dist(q, n_draft, vocab, target_logits)
     if rows != n_draft + batch:
         raise ValueError(f"target_logits has {rows} rows; {batch} sequences with {n_draft} drafts "
                          f"in all need sum (n_b + 1) = {n_draft + batch}")
@@ -315,7 +435,7 @@ def _raise_if_flagged(n_accepted: torch.Tensor) -> None:
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_token_ids: torch.Tensor,
-    draft_probs: torch.Tensor | None,
+    q: DraftDist | None,
     cu_num_draft: torch.Tensor,
     max_num_draft: int,
     temperature: torch.Tensor,
@@ -334,8 +454,9 @@ def rejection_sample(
                      committed token (scores draft 1), then one row per draft token (the
                      last one scores the bonus token).
     draft_token_ids: [sum_b n_b] int64
-    draft_probs:     [sum_b n_b, V] float32, the distribution q each draft was sampled
-                     from, or None for a point-mass drafter (n-gram)
+    q:               DraftDist of sum_b n_b rows, the distribution each draft was sampled
+                     from (``_sampling_core.DraftDist``), or None for a point-mass
+                     drafter (n-gram)
     cu_num_draft:    [B + 1] int32 cumulative draft counts; n_b may be 0
     max_num_draft:   host int, k_max >= max_b n_b
     temperature:     [B] float32, <= 0 means greedy
@@ -378,7 +499,7 @@ def rejection_sample(
         ...                  torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
-    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
                                          max_num_draft, temperature, top_k, top_p, seeds, offsets,
                                          num_draft)
     if check_finite:
@@ -420,7 +541,8 @@ def rejection_sample(
     # -- ratio test: accept x_i iff u_i * q_i(x_i) < p_i(x_i); a point mass has q_i(x_i) = 1 --
     p_at = probs[:, :k_max].gather(2, ids[..., None])[..., 0]  # [B, K]
     q_at = torch.ones_like(p_at)
-    if draft_probs is not None and n_draft:
+    draft_probs = draft_dist_probs(q) if q is not None and n_draft else None  # [sum n_b, V]
+    if draft_probs is not None:
         q_at = draft_probs[drafts, ids]  # [B, K]
     u_accept = (philox_uniform(seeds, offsets, k_max, SAMPLER_ACCEPT_STREAM) if draws
                 else torch.zeros_like(p_at))  # [B, K]
@@ -432,7 +554,7 @@ def rejection_sample(
     dist = p_s
     if k_max and n_draft:
         at = n_acc.clamp(max=k_max - 1)  # the rejected position, where n_acc < n
-        if draft_probs is None:
+        if draft_probs is None:  # point-mass drafts
             residual = p_s.scatter(1, ids.gather(1, at[:, None]), 0.0)  # p without x
         else:
             q_s = draft_probs[(start + at).clamp(max=n_draft - 1)]  # [B, V]
