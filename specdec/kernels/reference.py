@@ -201,8 +201,8 @@ def draft_dist(
     if filtered is None:
         filtered = (x.device.type != "cpu"
                     or bool((((top_k > 0) & (top_k < v)) | (top_p < 1)).any()))
-    if filtered:
-        thr = _keep_thresholds(x, top_k, top_p)
+    if filtered:  # greedy rows are not filtered (their q is never read)
+        thr = torch.where(temperature <= 0, INT32_MIN, _keep_thresholds(x, top_k, top_p))
     else:
         thr = torch.full((n,), INT32_MIN, dtype=torch.int32, device=x.device)
     m = x.amax(-1)  # [N]; the max is always kept
@@ -268,16 +268,19 @@ def draft_sample(
     offsets: torch.Tensor,
     stream: int,
     num_samples: int = 1,
+    first_draw: torch.Tensor | None = None,
     *,
     filtered: bool | None = None,
     all_greedy: bool | None = None,
+    radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, DraftDist]:
     """Draw ``num_samples`` i.i.d. draft tokens per row from its processed distribution.
 
     logits:       [N, V] any float dtype; temperature [N] float32 (<= 0: greedy);
                   top_k [N] int32; top_p [N] float32; seeds, offsets [N] int64
     stream:       Philox stream of the draws (``DRAFT_STREAM + position`` for drafters);
-                  sample s of row r uses draw j = s
+                  sample s of row r uses draw j = first_draw[r] + s (first_draw [N] int64,
+                  None: 0); radix_rounds: the kernel's hint, ignored here
     returns:      tokens [N, num_samples] int64 (greedy rows: the first argmax, repeated),
                   DraftDist of the rows (what the tokens were drawn from)
 
@@ -290,7 +293,7 @@ def draft_sample(
     if all_greedy:
         return argmax.contiguous(), dist
     q = draft_dist_probs(dist)  # [N, V]
-    u = philox_uniform(seeds, offsets, num_samples, stream=stream)  # [N, S]
+    u = philox_uniform(seeds, offsets, num_samples, stream=stream, first=first_draw)  # [N, S]
     n = q.shape[0]
     flat = sample_inverse_cdf(q.repeat_interleave(num_samples, dim=0), u.reshape(-1))
     tokens = flat.view(n, num_samples)
@@ -446,6 +449,8 @@ def rejection_sample(
     check_finite: bool = True,
     *,
     num_draft: torch.Tensor | None = None,
+    filtered: bool | None = None,
+    radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling of chain drafts for a ragged batch.
 
@@ -468,6 +473,8 @@ def rejection_sample(
                      drafts of sequence b, its rows and drafts still laid out by
                      cu_num_draft: a fixed-shape step drafts k for every sequence and caps
                      those near their token limit
+    filtered:        host hint (keyword): False promises no top-k / top-p (skips the
+                     sorts); radix_rounds: the kernel's hint, ignored here
     returns:         out_tokens [B, k_max + 1] int64 padded with -1, n_accepted [B] int32
 
     The rule (Leviathan et al. 2023, Chen et al. 2023), with p_i = ``sampling_probs`` of
@@ -533,7 +540,7 @@ def rejection_sample(
     # -- target distributions of every row: [B, K+1, V] --
     rep = k_max + 1  # per-row copies of the per-sequence parameters
     probs = sampling_probs(raw, temperature.repeat_interleave(rep), top_k.repeat_interleave(rep),
-                           top_p.repeat_interleave(rep)).view(batch, rep, vocab)
+                           top_p.repeat_interleave(rep), filtered=filtered).view(batch, rep, vocab)
     argmax = raw.argmax(-1).view(batch, rep)  # first argmax, greedy rows
     greedy = temperature <= 0  # [B]
     # an all-greedy batch on the CPU needs no random numbers (reading the flag is free there)
