@@ -341,7 +341,7 @@ def test_ngram_tree_proposal_is_ragged():
     seqs = [Sequence(i, p, SamplingParams(), seed=0) for i, p in enumerate(
         [[4, 2, 6, 1, 0, 2, 7, 3, 2, 6, 5, 1, 0, 2], [1, 2, 3], [5, 6, 5, 6, 5], [4, 2, 6, 1, 0, 2, 7, 3, 2]])]
     prop = drafter.propose(seqs, [2, 2, 1, 0], None, "cpu")
-    assert prop.probs is None
+    assert prop.q is None
     assert prop.counts == [5, 0, 1, 0]
     assert prop.parents == [[-1, -1, 0, 1, 1], [], [-1], []]
     assert prop.tokens.tolist() == [7, 6, 3, 5, 1, 6]

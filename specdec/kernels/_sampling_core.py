@@ -104,13 +104,13 @@ def row_inv_t(temp):
 
 _INT32_MAX = tl.constexpr(2147483647)
 CAND = 64  # candidate keys kept per chunk: top-k for k <= CAND and most top-p cuts need no re-read
-_RADIX_BITS = 8  # digits of the radix-select fallback: 4 rounds settle a 32-bit key
+_RADIX_BITS = tl.constexpr(8)  # digits of the radix-select fallback: 4 rounds settle a 32-bit key
 
 
 def chunk_size(vocab: int) -> int:
     """Vocabulary chunk of one program: about 32 chunks a row (so a lone row fills >= 32
-    programs), a power of two in [256, 4096]."""
-    return max(256, min(4096, triton.next_power_of_2(triton.cdiv(vocab, 32))))
+    programs), a power of two in [1024, 4096] (small vocabularies: fewer, larger chunks)."""
+    return max(1024, min(4096, triton.next_power_of_2(triton.cdiv(vocab, 32))))
 
 
 @triton.jit
@@ -321,8 +321,11 @@ def _candidate_thresholds(cand_ptr, tail_ptr, top_ptr, r, n_chunks, m, z, top_k,
             above = tl.sum(tl.where(top[None, :] > top[:, None], w[None, :], 0.0), 1)  # [CAND_K]
             target = top_p * zk
             t = tl.min(tl.where((top > _INT32_MIN) & (above < target), top, _INT32_MAX))
-            lim_ties = (_key_count(grid, smallest, n_eq, lim) - tl.sum((top == lim).to(tl.int32))).to(tl.float32) \
-                * tl.exp(decode_key(lim) - m)
+            # unlisted tokens with key lim (none when lim is the sentinel: every key listed)
+            lim_ties = tl.where(
+                lim == _INT32_MIN, 0.0,
+                (_key_count(grid, smallest, n_eq, lim) - tl.sum((top == lim).to(tl.int32))).to(tl.float32)
+                * tl.exp(decode_key(lim) - m))
             if use_k | (tl.sum(w) + lim_ties >= target):
                 thr = tl.maximum(thr, t)
                 zk = tl.sum(tl.where(top >= thr, w, 0.0)) + tl.where(thr == lim, lim_ties, 0.0)
@@ -397,7 +400,7 @@ def _radix_hist_kernel(
         hn = tl.zeros((1 << _RADIX_BITS,), tl.int32)
         hw = tl.zeros((1 << _RADIX_BITS,), tl.float32)
         hi = tl.minimum(shift + _RADIX_BITS, 31)
-        for s0 in range(0, CHUNK, SUB):
+        for s0 in range(0, tl.minimum(CHUNK, V - c * CHUNK), SUB):  # the chunk's tokens only
             idx = c * CHUNK + s0 + tl.arange(0, SUB)
             mask = idx < V
             x = tl.load(logits_ptr + r * stride_l + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
@@ -565,7 +568,9 @@ def row_statistics(
     cu_t = cu if has_cu else arg
     block_b = triton.next_power_of_2(n_seq) if has_cu else 1
     block_c = triton.next_power_of_2(n_chunks)
-    warps = 8 if chunk >= 2048 else 4
+    # the candidate search holds ~6 values per token: 16 warps keep a 4096 chunk at 8 tokens
+    # a thread (no spills on sm_90 at the 128-register cap)
+    warps = (16 if filtered else 8) if chunk >= 4096 else (8 if chunk >= 2048 else 4)
     _partials_kernel[(rows, n_chunks)](
         logits, logits.stride(0), temperature, top_k, top_p, cu_t, n_seq, vocab, n_chunks,
         part_m, part_z, part_arg, cand_keys, tail,
@@ -576,13 +581,13 @@ def row_statistics(
         part_m, part_z, part_arg, cand_keys, tail, top_scratch, temperature, top_k, top_p, cu_t, n_seq, vocab,
         n_chunks, m, z, thr, arg, inv_t, rad_i, rad_f,
         HAS_CU=has_cu, FILTERED=filtered, CAND_K=cand, BLOCK_C=block_c, BLOCK_B=block_b,
-        num_warps=4,
+        num_warps=8 if filtered else 4,  # the candidate merge: [C, 64] keys and a [64, 64] table
     )
     if filtered:
         if radix_rounds is None:
             radix_rounds = radix_rounds_needed(top_k, top_p, vocab)
         if radix_rounds:
-            bins = 1 << _RADIX_BITS
+            bins = 1 << _RADIX_BITS.value
             hist_n = torch.empty((rows, n_chunks, bins), dtype=i32, device=dev)
             hist_w = torch.empty((rows, n_chunks, bins), dtype=f32, device=dev)
             for _ in range(radix_rounds):
