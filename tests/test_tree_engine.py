@@ -697,8 +697,8 @@ class TreeWalkRecorder:
     def __init__(self, fn):
         self.fn, self.walks = fn, []
 
-    def __call__(self, target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, *args, **kwargs):
-        out, n_acc, path = self.fn(target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes,
+    def __call__(self, target_logits, draft_token_ids, parents, q, cu_num_nodes, *args, **kwargs):
+        out, n_acc, path = self.fn(target_logits, draft_token_ids, parents, q, cu_num_nodes,
                                    *args, **kwargs)
         cu, par, tok = cu_num_nodes.tolist(), parents.tolist(), draft_token_ids.tolist()
         offsets = args[-1].tolist()  # temperature, top_k, top_p, seeds, offsets follow max_depth
@@ -817,8 +817,9 @@ def host_tree_sampler(rule: str):
                    mass: p_u without the rejected tokens), as a chain would;
     "first-child": always accepts the first child of each position.
     """
-    def sample(target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, max_depth,
+    def sample(target_logits, draft_token_ids, parents, q, cu_num_nodes, max_depth,
                temperature, top_k, top_p, seeds, offsets, check_finite=True):
+        draft_probs = reference.draft_dist_probs(q) if q is not None else None  # [rows, V]
         cu = cu_num_nodes.tolist()
         batch = len(cu) - 1
         rows = torch.tensor([cu[b + 1] - cu[b] + 1 for b in range(batch)])
@@ -878,7 +879,9 @@ def _random_tree_inputs(seed, with_q):
     vocab = 8
     # peaked-ish logits and draft tokens that often match, so every branch of the walk runs
     logits = torch.randn(rows, vocab, generator=g) * 1.5
-    q = torch.softmax(logits + torch.randn(rows, vocab, generator=g), -1) if with_q else None
+    q_logits = logits + torch.randn(rows, vocab, generator=g)
+    q = reference.draft_dist(q_logits, torch.ones(rows), torch.zeros(rows, dtype=torch.int32),
+                             torch.ones(rows)) if with_q else None
     tokens = torch.randint(0, vocab, (sum(counts),), generator=g)
     cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32)
     b = len(counts)

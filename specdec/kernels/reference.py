@@ -596,7 +596,7 @@ TREE_SAMPLE_STREAM = 3  # Philox stream of the emitted sample from tree row r (j
 
 
 def _check_tree_args(
-    target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, max_depth,
+    target_logits, draft_token_ids, parents, q, cu_num_nodes, max_depth,
     temperature, top_k, top_p, seeds, offsets,
 ) -> tuple[int, int]:
     """Shape, dtype and device checks of ``tree_rejection_sample`` that read no device
@@ -607,9 +607,6 @@ def _check_tree_args(
                     ("seeds", seeds), ("offsets", offsets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
-        raise TypeError(f"draft_probs must be a torch.Tensor or None, got "
-                        f"{type(draft_probs).__name__}")
     rows, vocab, batch, n_nodes = _check_ragged(target_logits, draft_token_ids, cu_num_nodes,
                                                 "cu_num_nodes", "N_b")
     if rows != n_nodes + batch:
@@ -621,9 +618,8 @@ def _check_tree_args(
         "cu_num_nodes": (cu_num_nodes, torch.int32, (batch + 1,)),
         **_per_sequence(batch, temperature, top_k, top_p, seeds, offsets),
     }
-    if draft_probs is not None:
-        expected["draft_probs"] = (draft_probs, torch.float32, (rows, vocab))
     _check_tensors(expected, target_logits, f"B={batch}, sum N_b={n_nodes}, rows={rows}, V={vocab}")
+    check_draft_dist(q, rows, vocab, target_logits)
     if (not isinstance(max_depth, int) or isinstance(max_depth, bool)
             or not 0 <= max_depth <= MAX_TREE_NODES):
         raise ValueError(f"max_depth must be a host int in [0, {MAX_TREE_NODES}], "
@@ -714,7 +710,7 @@ def tree_rejection_sample(
     target_logits: torch.Tensor,
     draft_token_ids: torch.Tensor,
     parents: torch.Tensor,
-    draft_probs: torch.Tensor | None,
+    q: DraftDist | None,
     cu_num_nodes: torch.Tensor,
     max_depth: int,
     temperature: torch.Tensor,
@@ -737,11 +733,12 @@ def tree_rejection_sample(
     draft_token_ids: [sum_b N_b] int64, the token of each node
     parents:         [sum_b N_b] int32, parent node index within the sequence, -1 for the
                      children of the root
-    draft_probs:     [sum_b (N_b + 1), V] float32 with target_logits' row layout: row r is
-                     the draft distribution q the children of tree position r were drawn
-                     from (after the drafter's own temperature / top-k / top-p); rows of
-                     childless positions are not read. None: the children are
-                     deterministic candidates (top-b of a drafter, n-gram continuations).
+    q:               DraftDist (``_sampling_core``) of sum_b (N_b + 1) rows with
+                     target_logits' row layout: row r is the draft distribution q_r the
+                     children of tree position r were drawn from (after the drafter's own
+                     temperature / top-k / top-p); rows of childless positions are not
+                     read. None: the children are deterministic candidates (top-b of a
+                     drafter, n-gram continuations).
     cu_num_nodes:    [B + 1] int32 cumulative node counts; N_b may be 0
     max_depth:       host int D in [0, 64] >= the depth of every tree (children of the
                      root have depth 1)
@@ -753,10 +750,10 @@ def tree_rejection_sample(
     The walk starts at the root; at position u with p_u = ``sampling_probs`` of its row:
       - greedy (temperature <= 0): move to the first child whose token is the first argmax
         of the raw logits; if none, emit that argmax;
-      - draft_probs None (deterministic candidates): p' = p_u; for each child c in order
+      - q None (deterministic candidates): p' = p_u; for each child c in order
         accept x_c with probability p'(x_c) (u_c < p'(x_c)); on rejection p' <- p' with
         x_c zeroed, renormalised (a duplicate of a rejected sibling has p'(x) = 0);
-      - draft_probs given (children of u i.i.d. from q_u): multi-step speculative sampling
+      - q given (children of u i.i.d. from q_u): multi-step speculative sampling
         (Miao et al. 2024, "SpecInfer", Algorithm 2, Theorem 4.2). p' = p_u; for each child c
         in order accept x_c with probability min(1, p'(x_c) / q_u(x_c)), i.e. iff
         u_c * q_u(x_c) < p'(x_c); on rejection p' <- max(p' - q_u, 0), renormalised;
@@ -780,19 +777,19 @@ def tree_rejection_sample(
     same argument at c gives the next token law p_c, and so on down the path (the bonus
     token after a leaf is a plain sample of p_leaf). The deterministic rule is the same
     argument with q = the point mass at x_c (min(q, r) = r(x_c) at x_c); it holds for
-    any candidates chosen independently of the sampler's uniforms, so draft_probs=None
-    is exact whatever the drafter did — draft_probs only raises the acceptance rate, and
+    any candidates chosen independently of the sampler's uniforms, so q=None
+    is exact whatever the drafter did — q only raises the acceptance rate, and
     is exact only under the contract below.
 
-    What a drafter must do for draft_probs to be right: draw the children of each
-    position u i.i.d. (with replacement, duplicates kept) from exactly q_u = draft_probs
-    row u, with fresh randomness per position (never Philox streams 0..15 of the
+    What a drafter must do for q to be right: draw the children of each
+    position u i.i.d. (with replacement, duplicates kept) from exactly q_u = row u of q,
+    with fresh randomness per position (never Philox streams 0..15 of the
     sequence's (seed, offset)). The number of children of u, and q_u itself, may depend
     on anything outside u's own subtree (a fixed branching, a budget split by the
     ancestors' draft scores), never on the tokens drawn for u's children. Children drawn
     without replacement (Sequoia), de-duplicated, or top-b (EAGLE) break this rule: the
     first two need Jeon et al. 2024's recursive rejection sampling (q renormalised after
-    each rejection), not provided here; for any of them pass draft_probs=None.
+    each rejection), not provided here; for any of them pass q=None.
 
     Bad values (flagged with n_accepted = -1 and all -1 outputs when check_finite=False,
     a ValueError naming the sequences otherwise): NaN / +inf / an all -inf row among the
@@ -809,7 +806,7 @@ def tree_rejection_sample(
         ...                       torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32), tensor([[1]], dtype=torch.int32))
     """
-    batch, vocab = _check_tree_args(target_logits, draft_token_ids, parents, draft_probs,
+    batch, vocab = _check_tree_args(target_logits, draft_token_ids, parents, q,
                                     cu_num_nodes, max_depth, temperature, top_k, top_p,
                                     seeds, offsets)
     if check_finite:
@@ -837,6 +834,7 @@ def tree_rejection_sample(
     path = torch.full((batch, d_max), -1, dtype=torch.int64, device=dev)
     token = torch.full((batch,), -1, dtype=torch.int64, device=dev)
     running = ~bad
+    q_probs = draft_dist_probs(q) if q is not None else None  # [rows, V] q of every row
     for level in range(d_max + 1):
         row = (root_row + 1 + node).clamp(0, n_rows - 1)  # [B] tree row of the position
         raw = target_logits[row].float()  # [B, V]
@@ -845,7 +843,7 @@ def tree_rejection_sample(
         running &= ~row_bad
         p = sampling_probs(raw, temperature, top_k, top_p)  # [B, V] p_u
         argmax = raw.argmax(-1)  # [B] first argmax (greedy)
-        q = draft_probs[row] if draft_probs is not None else None  # [B, V] q_u
+        q_u = q_probs[row] if q_probs is not None else None  # [B, V] q_u
         is_child = valid & (par == node[:, None])  # [B, M]
         chosen = torch.full((batch,), -1, dtype=torch.int64, device=dev)
         p_cur = p  # p': the target less what the rejected siblings took
@@ -855,10 +853,10 @@ def tree_rejection_sample(
                 continue
             x = tok[:, c]  # [B]
             p_x = p_cur.gather(1, x[:, None])[:, 0]
-            q_x = q.gather(1, x[:, None])[:, 0] if q is not None else torch.ones_like(p_x)
+            q_x = q_u.gather(1, x[:, None])[:, 0] if q_u is not None else torch.ones_like(p_x)
             accept = torch.where(greedy, x == argmax, u_accept[:, c] * q_x < p_x)
             chosen = torch.where(trying & accept, c, chosen)
-            p_cur = torch.where((trying & ~accept)[:, None], _sibling_residual(p_cur, q, x), p_cur)
+            p_cur = torch.where((trying & ~accept)[:, None], _sibling_residual(p_cur, q_u, x), p_cur)
         # -- every child rejected (or none): emit a sample of p' (greedy: the argmax) --
         stop = running & (chosen < 0)
         u = u_emit.gather(1, (node + 1)[:, None])[:, 0]
