@@ -278,3 +278,26 @@ def test_num_draft_caps_test_only_the_first_drafts(has_q):
                                                   reference.rejection_sample(*args)))
     with pytest.raises(ValueError, match="num_draft"):
         reference.rejection_sample(*args, num_draft=cap.long())
+
+
+# ------------------------------------------------------------------------------------
+# the split vocabulary: small chunks, the radix fallback, mass inside one chunk
+# ------------------------------------------------------------------------------------
+
+
+def test_small_chunks_radix_fallback_and_mass_in_one_chunk():
+    # chunks of 128 over V = 1000 (7.8 chunks); sequence 0: top_k > 64 then top-p (radix
+    # top-k, then radix top-p); 1: a flat top-p nucleus wider than the candidates (radix
+    # top-p); 2: top_k > 64 alone; 3: every row's mass inside chunk 5
+    args = list(ragged_batch([2, 3, 1, 2], 1000, seed=31, scale=0.3,
+                             temperature=[1.0, 0.9, 1.2, 0.8], top_k=[100, 0, 300, 0],
+                             top_p=[0.8, 0.7, 1.0, 0.95]))
+    logits = args[0].clone()
+    logits[9:12] = -30.0
+    logits[9:12, 650:660] = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
+    args[0] = logits
+    out, n_acc = rejection_sample(*on_device(args), chunk=128)
+    ref_out, ref_n = reference.rejection_sample(*args)
+    assert_agree(out.cpu(), n_acc.cpu(), ref_out, ref_n)
+    emitted = out.cpu()[3, int(n_acc[3])]
+    assert 650 <= int(emitted) < 660

@@ -104,7 +104,10 @@ def row_inv_t(temp):
 
 _INT32_MAX = tl.constexpr(2147483647)
 CAND = 64  # candidate keys kept per chunk: top-k for k <= CAND and most top-p cuts need no re-read
-_RADIX_BITS = tl.constexpr(8)  # digits of the radix-select fallback: 4 rounds settle a 32-bit key
+# digits of the radix-select fallback: 4 rounds of 8 bits settle a 32-bit key
+_RADIX_BITS = tl.constexpr(8)
+_RADIX_BINS = tl.constexpr(256)  # 1 << _RADIX_BITS
+_RADIX_TOP = tl.constexpr(24)  # shift of the first (most significant) digit
 
 
 def chunk_size(vocab: int) -> int:
@@ -368,7 +371,7 @@ def _row_finish_kernel(
         # radix state: mode, prefix, shift, count left; mass above the prefix, target
         tl.store(rad_i_ptr + r * 4, mode)
         tl.store(rad_i_ptr + r * 4 + 1, 0)
-        tl.store(rad_i_ptr + r * 4 + 2, 32 - _RADIX_BITS)
+        tl.store(rad_i_ptr + r * 4 + 2, _RADIX_TOP)
         tl.store(rad_i_ptr + r * 4 + 3, top_k)
         tl.store(rad_f_ptr + r * 2, 0.0)
         tl.store(rad_f_ptr + r * 2 + 1, tl.load(top_p_ptr + seq) * z)
@@ -396,9 +399,9 @@ def _radix_hist_kernel(
         m = tl.load(m_ptr + r)
         thr = tl.load(thr_ptr + r)
         inv_t = tl.load(inv_t_ptr + r)
-        bins = tl.arange(0, 1 << _RADIX_BITS)
-        hn = tl.zeros((1 << _RADIX_BITS,), tl.int32)
-        hw = tl.zeros((1 << _RADIX_BITS,), tl.float32)
+        bins = tl.arange(0, _RADIX_BINS)
+        hn = tl.zeros((_RADIX_BINS,), tl.int32)
+        hw = tl.zeros((_RADIX_BINS,), tl.float32)
         hi = tl.minimum(shift + _RADIX_BITS, 31)
         for s0 in range(0, tl.minimum(CHUNK, V - c * CHUNK), SUB):  # the chunk's tokens only
             idx = c * CHUNK + s0 + tl.arange(0, SUB)
@@ -408,11 +411,11 @@ def _radix_hist_kernel(
             u = (k ^ _INT32_MIN).to(tl.uint32, bitcast=True)  # unsigned order = key order
             match = (shift + _RADIX_BITS >= 32) | ((u >> hi) == (prefix >> hi))
             elig = mask & match & ((mode == 1) | ((k >= thr) & (x > float("-inf"))))
-            digit = ((u >> shift) & ((1 << _RADIX_BITS) - 1)).to(tl.int32)
+            digit = ((u >> shift) & (_RADIX_BINS - 1)).to(tl.int32)
             hit = (digit[:, None] == bins[None, :]) & elig[:, None]  # [SUB, 256]
             hn += tl.sum(hit.to(tl.int32), 0)
             hw += tl.sum(tl.where(hit, tl.exp(x - m)[:, None], 0.0), 0)
-        out = (r * n_chunks + c) * (1 << _RADIX_BITS) + bins
+        out = (r * n_chunks + c) * _RADIX_BINS + bins
         tl.store(hist_n_ptr + out, hn)
         tl.store(hist_w_ptr + out, hw)
 
@@ -437,9 +440,9 @@ def _radix_step_kernel(
         k_rem = tl.load(rad_i_ptr + r * 4 + 3)
         above = tl.load(rad_f_ptr + r * 2)
         target = tl.load(rad_f_ptr + r * 2 + 1)
-        bins = tl.arange(0, 1 << _RADIX_BITS)
+        bins = tl.arange(0, _RADIX_BINS)
         cc = tl.arange(0, BLOCK_C)
-        at = (r * n_chunks + cc[:, None]) * (1 << _RADIX_BITS) + bins[None, :]
+        at = (r * n_chunks + cc[:, None]) * _RADIX_BINS + bins[None, :]
         live = cc[:, None] < n_chunks
         hn = tl.sum(tl.load(hist_n_ptr + at, mask=live, other=0), 0)  # [256]
         hw = tl.sum(tl.load(hist_w_ptr + at, mask=live, other=0.0), 0)
@@ -449,8 +452,8 @@ def _radix_step_kernel(
             digit = tl.max(tl.where(gt_n + hn >= k_rem, bins, -1))
             k_rem -= tl.sum(tl.where(bins == digit, gt_n, 0))
         else:
-            digit = tl.min(tl.where((hn > 0) & (above + gt_w < target), bins, 1 << _RADIX_BITS))
-            digit = tl.where(digit == 1 << _RADIX_BITS, tl.max(tl.where(hn > 0, bins, -1)), digit)
+            digit = tl.min(tl.where((hn > 0) & (above + gt_w < target), bins, _RADIX_BINS))
+            digit = tl.where(digit == _RADIX_BINS, tl.max(tl.where(hn > 0, bins, -1)), digit)
         digit = tl.maximum(digit, 0)
         above += tl.sum(tl.where(bins == digit, gt_w, 0.0))
         prefix = prefix | (digit << shift)
@@ -463,7 +466,7 @@ def _radix_step_kernel(
                 top_p = tl.load(top_p_ptr + seq)
                 mode = tl.where(top_p < 1.0, 2, 0)
                 prefix = 0
-                shift = 32 - _RADIX_BITS
+                shift = _RADIX_TOP
                 above = 0.0
                 target = top_p * kept
             else:
@@ -587,7 +590,7 @@ def row_statistics(
         if radix_rounds is None:
             radix_rounds = radix_rounds_needed(top_k, top_p, vocab)
         if radix_rounds:
-            bins = 1 << _RADIX_BITS.value
+            bins = _RADIX_BINS.value
             hist_n = torch.empty((rows, n_chunks, bins), dtype=i32, device=dev)
             hist_w = torch.empty((rows, n_chunks, bins), dtype=f32, device=dev)
             for _ in range(radix_rounds):
