@@ -13,6 +13,7 @@ integer threshold per row and every path computes bit-identical x.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -22,6 +23,7 @@ import triton.language as tl
 __all__ = ["DraftDist", "INT32_MIN", "key", "key_of", "inverse_temperature", "row_inv_t"]
 
 INT32_MIN = -2147483648  # thr of a row with nothing filtered out
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the host
 _INT32_MIN = tl.constexpr(INT32_MIN)
 
 
@@ -594,8 +596,8 @@ def row_statistics(
             hist_n = torch.empty((rows, n_chunks, bins), dtype=i32, device=dev)
             hist_w = torch.empty((rows, n_chunks, bins), dtype=f32, device=dev)
             for _ in range(radix_rounds):
-                if dev.type == "cpu" and not bool(rad_i[:, 0].any()):
-                    break  # free to check on the host: every row is settled
+                if _INTERPRETED and not bool(rad_i[:, 0].any()):
+                    break  # free to check under the interpreter: every row is settled
                 _radix_hist_kernel[(rows, n_chunks)](
                     logits, logits.stride(0), vocab, n_chunks, m, thr, inv_t, rad_i, hist_n, hist_w,
                     CHUNK=chunk, SUB=32, num_warps=4,
