@@ -1,6 +1,6 @@
 """Tree verification (SpecInfer multi-step speculative sampling) with the vocabulary split
 across programs. The rule, its proof and the contract a drafter must meet are in
-``reference.tree_rejection_sample``; this file computes the same thing in two launches.
+``reference.tree_rejection_sample``; this file computes the same thing in three launches.
 
 1. ``_tree_partials_kernel``, grid (tree rows, chunks of CHUNK tokens): every target row of
    every tree is read once, each program one chunk. It writes the chunk's softmax partials
@@ -8,14 +8,15 @@ across programs. The rule, its proof and the contract a drafter must meet are in
    the non-finite flag) and, for a row whose request uses top-k or top-p, the chunk's
    CANDIDATES largest tokens (key, id) plus how many of its tokens reach the smallest kept
    key (so ties cut by the buffer are counted, not lost).
-2. ``_tree_walk_kernel``, grid (B,): one program per sequence walks its tree, one level at
-   a time, from the partials of the rows it visits; rows off the path are never looked at.
-   Per visited position u (tree row r):
-   - m, Z, argmax, flag: a merge of the row's chunk partials (no read of the row);
-   - top-k / top-p threshold thr (p_u(v) = [key(x_v) >= thr] exp(x_v - m) / Z): from the
-     global top CANDIDATES of the merged candidate buffers, exact whenever top_k <= 64,
-     and for top-p alone whenever the nucleus lies within those candidates (otherwise a
-     bisection over the row, the only one left);
+2. ``_tree_rows_kernel``, grid (tree rows,): merges each row's chunk partials (m, Z, first
+   argmax, flag; no read of the row) and, for a filtered row, its top-k / top-p threshold
+   thr (p_u(v) = [key(x_v) >= thr] exp(x_v - m) / Z) from the row's CANDIDATES largest
+   entries of the union of its chunk buffers, exact whenever top_k <= 64, and for top-p
+   alone whenever the nucleus lies within those entries (otherwise the walk falls back to a
+   bisection over the row, the only one left). It stores the entries per row.
+3. ``_tree_walk_kernel``, grid (B,): one program per sequence walks its tree, one level at
+   a time, from the per-row results of the rows it visits; rows off the path are never
+   looked at (their flags are not consulted). Per visited position u (tree row r):
    - "sparse" rows (filtered, every kept token among the candidates, the usual top-k /
      top-p case): p_u lives on <= 64 entries, so every ratio test, residual update
      (q gathered at those entries) and the final sample are register work: no pass;
@@ -91,6 +92,19 @@ def _top_slots(keys, valid, kth, CAND: tl.constexpr):
     return slot, taken, tl.minimum(tl.sum((gt | eq).to(tl.int32)), CAND)
 
 
+@triton.jit
+def _sequence_of(cu_ptr, row, n_seq):
+    """The sequence of tree row ``row``: the last b whose first row cu[b] + b is <= row."""
+    lo = row * 0
+    hi = lo + n_seq - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        below = tl.load(cu_ptr + mid) + mid <= row
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    return lo
+
+
 @triton.jit(do_not_specialize=["V", "n_seq"])
 def _tree_partials_kernel(
     logits_ptr, stride_l, cu_ptr, temp_ptr, top_k_ptr, top_p_ptr,
@@ -106,14 +120,7 @@ def _tree_partials_kernel(
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     out = row.to(tl.int64) * tl.num_programs(1) + chunk
-    # -- the row's sequence: the last b whose first row cu[b] + b is <= row --
-    lo = row * 0
-    hi = lo + n_seq - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        below = tl.load(cu_ptr + mid) + mid <= row
-        lo = tl.where(below, mid, lo)
-        hi = tl.where(below, hi, mid - 1)
+    lo = _sequence_of(cu_ptr, row, n_seq)
     temp = tl.load(temp_ptr + lo)
     inv_t = row_inv_t(temp)
     top_k = tl.load(top_k_ptr + lo)
@@ -186,7 +193,7 @@ def _candidate_thresholds(cand_ptr, n_ge_ptr, top_ptr, row, n_chunks, V, m, z, t
     returns thr, Z_kept, found (False: top_k > CAND, or top-p alone with a nucleus wider
     than the candidates), sparse (every kept token is among the returned entries), and
     the global CAND largest entries: keys [CAND] int32, ids [CAND] int32 (no order;
-    padding has key INT32_MIN). ``top_ptr`` is the sequence's [CAND] int64 scratch.
+    padding has key INT32_MIN), also left in ``top_ptr`` ([CAND] int64, the row's entries).
 
     Every token not among the entries has key <= K (the largest chunk floor or the last
     entry); the union of the chunks' top CAND holds the global top CAND as a multiset of
@@ -225,6 +232,9 @@ def _candidate_thresholds(cand_ptr, n_ge_ptr, top_ptr, row, n_chunks, V, m, z, t
     if use_k & found:
         # -- top-k: the k-th largest key; count its ties, the buffers may have cut some --
         thr = kth_largest(flat_keys, flat_valid, top_k)
+        # the tile again (cache-resident) rather than kept live across the selection
+        tile = tl.load(cand_ptr + at[:, None] * CAND + j[None, :], mask=live[:, None],
+                       other=_NO_CANDIDATE)
         in_buf = tl.sum((tile >= (thr.to(tl.int64) << 32)).to(tl.int32), axis=1)
         n_kept = tl.sum(tl.where(floor_c == thr, n_ge, in_buf))  # tokens with key >= thr
         n_in = tl.sum((keys >= thr).to(tl.int32))
@@ -250,6 +260,38 @@ def _candidate_thresholds(cand_ptr, n_ge_ptr, top_ptr, row, n_chunks, V, m, z, t
             sparse = True
     sparse = sparse & found
     return thr, z_kept, found, sparse, keys, ids
+
+
+@triton.jit(do_not_specialize=["V", "n_seq", "n_chunks"])
+def _tree_rows_kernel(
+    cu_ptr, temp_ptr, top_k_ptr, top_p_ptr, stats_ptr, arg_ptr, cand_ptr, n_ge_ptr,
+    row_f_ptr, row_i_ptr, ent_ptr,
+    V, n_seq, n_chunks,
+    BLOCK_C: tl.constexpr, CAND: tl.constexpr,
+):
+    """Program (row): merges the row's chunk partials and, for a filtered row, finds its
+    threshold from the candidates. Writes row_f [row] = (m, Z_kept) float32, row_i [row] =
+    (thr, found | sparse << 1, first argmax, bad) int32 and, for a filtered row, ent [row]
+    = its CAND largest entries (key << 32 | id), in no order."""
+    row = tl.program_id(0).to(tl.int64)
+    b = _sequence_of(cu_ptr, row, n_seq)
+    temp = tl.load(temp_ptr + b)
+    top_k = tl.load(top_k_ptr + b)
+    top_p = tl.load(top_p_ptr + b)
+    m, z, arg, bad = _merge_stats(stats_ptr, arg_ptr, row, n_chunks, BLOCK_C)
+    thr = tl.full((), _INT32_MIN, tl.int32)
+    found = tl.full((), 1, tl.int1)
+    sparse = tl.full((), 0, tl.int1)
+    if (temp > 0.0) & (((top_k > 0) & (top_k < V)) | (top_p < 1.0)) & ~bad:
+        thr, z, found, sparse, _, _ = _candidate_thresholds(
+            cand_ptr, n_ge_ptr, ent_ptr + row * CAND, row, n_chunks, V, m, z, top_k, top_p,
+            BLOCK_C, CAND)
+    tl.store(row_f_ptr + row * 2, m)
+    tl.store(row_f_ptr + row * 2 + 1, z)
+    tl.store(row_i_ptr + row * 4, thr)
+    tl.store(row_i_ptr + row * 4 + 1, found.to(tl.int32) | (sparse.to(tl.int32) << 1))
+    tl.store(row_i_ptr + row * 4 + 2, arg.to(tl.int32))
+    tl.store(row_i_ptr + row * 4 + 3, bad.to(tl.int32))
 
 
 @triton.jit
@@ -400,7 +442,7 @@ def _sparse_sample(w, ids, u):
 def _tree_walk_kernel(
     logits_ptr, stride_l, ids_ptr, par_ptr, cu_ptr,
     temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr,
-    stats_ptr, arg_ptr, cand_ptr, n_ge_ptr, top_ptr,
+    stats_ptr, row_f_ptr, row_i_ptr, ent_ptr,
     ql_ptr, stride_q, q_inv_t_ptr, q_m_ptr, q_z_ptr, q_thr_ptr,
     out_ptr, stride_o, n_acc_ptr, path_ptr, stride_p,
     V, n_nodes, max_depth, n_chunks,
@@ -420,7 +462,6 @@ def _tree_walk_kernel(
     inv_t = row_inv_t(temp)
     top_k = tl.load(top_k_ptr + b)
     top_p = tl.load(top_p_ptr + b)
-    filtered = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
     ids_ptr += start
     par_ptr += start
     seed = tl.load(seed_ptr + b)
@@ -457,8 +498,12 @@ def _tree_walk_kernel(
         if ~done:
             row = start + b + 1 + node  # tree row of the position
             row_ptr = logits_ptr + row * stride_l
-            m, z, arg, row_bad = _merge_stats(stats_ptr, arg_ptr, row, n_chunks, BLOCK_C)
-            bad = bad | row_bad
+            m = tl.load(row_f_ptr + row * 2)
+            z = tl.load(row_f_ptr + row * 2 + 1)
+            thr = tl.load(row_i_ptr + row * 4)
+            flags = tl.load(row_i_ptr + row * 4 + 1)
+            arg = tl.load(row_i_ptr + row * 4 + 2).to(tl.int64)
+            bad = bad | (tl.load(row_i_ptr + row * 4 + 3) > 0)
             is_child = live & (par == node)  # [BLOCK_N]
             chosen = tl.full((), -1, tl.int32)
             emit = arg
@@ -469,17 +514,15 @@ def _tree_walk_kernel(
                     chosen = tl.where(hit < BLOCK_N, hit, -1)
                 else:
                     # -- p_u: threshold and kept mass; sparse rows live on the entries --
-                    thr = tl.full((), _INT32_MIN, tl.int32)
-                    sparse = tl.full((), 0, tl.int1)
-                    e_key = tl.full((CAND,), _INT32_MIN, tl.int32)
-                    e_id = tl.full((CAND,), -1, tl.int32)
-                    if filtered:
-                        thr, z, found, sparse, e_key, e_id = _candidate_thresholds(
-                            cand_ptr, n_ge_ptr, top_ptr + b * CAND, row, n_chunks, V, m, z,
-                            top_k, top_p, BLOCK_C, CAND)
-                        if ~found:
-                            thr, z = _bisect_thresholds(row_ptr, V, inv_t, m, z, top_k, top_p,
-                                                        BLOCK_W)
+                    sparse = (flags & 2) > 0
+                    if (flags & 1) == 0:  # the candidates could not settle it
+                        thr, z = _bisect_thresholds(row_ptr, V, inv_t, m, z, top_k, top_p,
+                                                    BLOCK_W)
+                    j = tl.arange(0, CAND)
+                    ent = tl.load(ent_ptr + row * CAND + j, mask=tl.where(sparse, j < CAND, False),
+                                  other=_NO_CANDIDATE)
+                    e_key = (ent >> 32).to(tl.int32)
+                    e_id = tl.where(e_key > _INT32_MIN, (ent & 0xFFFFFFFF).to(tl.int32), -1)
                     e_live = sparse & (e_key >= thr) & (e_key > _INT32_MIN)
                     p_e = tl.where(e_live, tl.exp(_from_key(e_key) - m), 0.0) / z  # [CAND]
                     # -- q_u: its scalars, and (sparse rows) its values at the entries --
@@ -628,7 +671,7 @@ def tree_rejection_sample(
     *,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tree verification in two launches; same arguments, rule, results and errors as
+    """Tree verification in three launches; same arguments, rule, results and errors as
     ``reference.tree_rejection_sample`` (see its docstring for every tensor's shape and
     dtype, the rule and how a drafter must draw the children).
 
@@ -685,23 +728,33 @@ def tree_rejection_sample(
     arg = torch.empty((rows, n_chunks, 2), dtype=torch.int32, device=dev)
     cands = torch.empty((rows, n_chunks, cand), dtype=torch.int64, device=dev)
     n_ge = torch.empty((rows, n_chunks), dtype=torch.int32, device=dev)
-    top = torch.empty((batch, cand), dtype=torch.int64, device=dev)  # the walk's scratch
+    row_f = torch.empty((rows, 2), dtype=torch.float32, device=dev)
+    row_i = torch.empty((rows, 4), dtype=torch.int32, device=dev)
+    entries = torch.empty((rows, cand), dtype=torch.int64, device=dev)
     _tree_partials_kernel[(rows, n_chunks)](
         logits, logits.stride(0), cu_num_nodes, temperature, top_k, top_p,
         stats, arg, cands, n_ge, vocab, batch,
         BLOCK_V=block_v, CAND=cand, num_warps=8 if block_v >= 2048 else 4,
     )
+    block_c = triton.next_power_of_2(n_chunks)
+    _tree_rows_kernel[(rows,)](
+        cu_num_nodes, temperature, top_k, top_p, stats, arg, cands, n_ge, row_f, row_i, entries,
+        vocab, batch, n_chunks, BLOCK_C=block_c, CAND=cand, num_warps=8 if block_v >= 2048 else 4,
+    )
     _tree_walk_kernel[(batch,)](
         logits, logits.stride(0), ids, par, cu_num_nodes,
         temperature, top_k, top_p, seeds, offsets,
-        stats, arg, cands, n_ge, top, *q_args,
+        stats, row_f, row_i, entries, *q_args,
         out, out.stride(0), n_acc, path, path.stride(0),
         vocab, draft_token_ids.shape[0], max_depth, n_chunks,
         HAS_Q=q is not None, BLOCK_V=block_v,
-        BLOCK_C=triton.next_power_of_2(n_chunks), CAND=cand, BLOCK_N=MAX_TREE_NODES,
+        BLOCK_C=block_c, CAND=cand, BLOCK_N=MAX_TREE_NODES,
         BLOCK_D=triton.next_power_of_2(max_depth + 1),
         BLOCK_W=min(block_v, 1024),  # the walk's rare passes: few registers a lane
-        num_warps=8 if block_v >= 2048 else 4,
+        # one program a sequence, mostly scalar work and [64 x 64] tables: 4 warps, no
+        # software pipelining of the rare passes, and all 255 registers (ptxas would
+        # otherwise aim at 3 CTAs an SM and spill on sm_80): no spills on sm_90 / sm_80
+        num_warps=4, num_stages=1, maxnreg=255,
     )
     if check_finite:
         _raise_if_flagged(n_acc)
