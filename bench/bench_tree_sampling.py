@@ -1,21 +1,23 @@
-"""Tree verification: the PyTorch reference against the fused Triton kernel.
+"""Tree verification: the PyTorch reference against the split-vocabulary Triton kernels.
 
     python -m pytest bench/bench_tree_sampling.py --benchmark-only
 
-Every sequence verifies a full tree of branching (4, 2, 2) (28 nodes, depth 3) whose
-children are drawn i.i.d. from q, with target logits log q + noise (about half of the
-children accepted). On a GPU it sweeps B in {1, 8, 64}, V in {32000, 128256}, fp32 and
-bf16 logits; without one it is a smoke run under Triton's interpreter (B <= 2, V = 2048).
-Each case reports in extra_info
+Every sequence verifies a full tree whose children are drawn i.i.d. from q (a DraftDist
+of bf16 draft logits), with target logits log q + noise (about half of the children
+accepted): 64 nodes (branching 4, 3, 4) and the small k = 4 / 8-node trees (2, 1) and
+(2, 3). On a GPU: B in {1, 16, 64}, V = 128,256, bf16 logits, plain and top-k 50 / top-p
+0.9 sampling; without one a smoke run under Triton's interpreter (B <= 2, V = 2048).
 
-    GB/s = sum_b (n_accepted_b + 1) V (bytes(logits dtype) + 4) / time
+Each case reports in extra_info:
 
-i.e. the target logits and fp32 draft rows of the positions on the accepted paths, each
-read once: the rows a verifier cannot avoid (the kernel reads them a few times more, once
-per rejected child, and no row off the path), so a floor on what it moves.
+    bytes   = every tree row's target logits read once, rows * V * 2 (what the partials
+              launch reads; the walk adds gathers, and one pass per rejected child on
+              unfiltered rows with sampled children)
+    floor   = bytes / the device's measured copy bandwidth (``copy_bandwidth``): the
+              read-once floor
+    of_floor = floor / time (1.0 = at the floor)
 
-For a one-shot GPU script: ``from bench.bench_tree_sampling import run_gpu_table;
-run_gpu_table()`` prints a markdown table for B=64, V=128256.
+``python bench/bench_tree_sampling.py`` prints the whole table (GPU).
 """
 
 import os
@@ -33,13 +35,14 @@ from specdec.kernels.tree_sampling import tree_rejection_sample  # noqa: E402
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 IMPLS = {"torch": reference.tree_rejection_sample, "triton": tree_rejection_sample}
-BRANCHING = (4, 2, 2)
+TREES = {"64-node": (4, 3, 4), "k4": (2, 1), "k8": (2, 3)}
+SAMPLING = {"plain": (0, 1.0), "top-k50-top-p0.9": (50, 0.9)}
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
 if GPU:
-    BATCHES, VOCABS, DTYPES = [1, 8, 64], [32000, 128256], [torch.float32, torch.bfloat16]
+    BATCHES, VOCAB = [1, 16, 64], 128256
 else:
-    BATCHES, VOCABS, DTYPES = [1, 2], [2048], [torch.float32]
+    BATCHES, VOCAB = [1, 2], 2048
 
 
 def full_tree(branching):
@@ -52,19 +55,25 @@ def full_tree(branching):
     return parents
 
 
-def make_inputs(batch, vocab, dtype, *, top_k=0, top_p=1.0, seed=0):
+def make_inputs(batch, vocab, branching, *, top_k=0, top_p=1.0, dtype=torch.bfloat16, seed=0):
+    """Positional arguments of ``tree_rejection_sample`` for ``batch`` copies of one tree."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    par = torch.tensor(full_tree(BRANCHING), dtype=torch.int32, device=DEVICE)
+    par = torch.tensor(full_tree(branching), dtype=torch.int32, device=DEVICE)
     n = par.shape[0]
     rows = batch * (n + 1)
-    q = torch.softmax(torch.randn(rows, vocab, device=DEVICE, generator=g) * 2, dim=-1)
-    logits = (q.log() + 0.7 * torch.randn(rows, vocab, device=DEVICE, generator=g)).to(dtype)
+    ones = torch.ones(rows, device=DEVICE)
+    q = reference.draft_dist((torch.randn(rows, vocab, device=DEVICE, generator=g) * 2).to(dtype),
+                             ones, torch.full((rows,), top_k, dtype=torch.int32, device=DEVICE),
+                             torch.full((rows,), top_p, device=DEVICE))
+    probs = reference.draft_dist_probs(q)
+    logits = (torch.softmax(q.logits.float(), -1).log()
+              + 0.7 * torch.randn(rows, vocab, device=DEVICE, generator=g)).to(dtype)
     # child i of sequence b drawn from the q row of its parent position
     parent_rows = (torch.arange(batch, device=DEVICE)[:, None] * (n + 1) + 1 + par).flatten()
-    ids = torch.multinomial(q[parent_rows], 1, generator=g)[:, 0]
+    ids = torch.multinomial(probs[parent_rows], 1, generator=g)[:, 0]
     return (
         logits, ids, par.repeat(batch), q,
-        torch.arange(batch + 1, device=DEVICE, dtype=torch.int32) * n, len(BRANCHING),
+        torch.arange(batch + 1, device=DEVICE, dtype=torch.int32) * n, len(branching),
         torch.ones(batch, device=DEVICE),
         torch.full((batch,), top_k, device=DEVICE, dtype=torch.int32),
         torch.full((batch,), top_p, device=DEVICE),
@@ -73,10 +82,36 @@ def make_inputs(batch, vocab, dtype, *, top_k=0, top_p=1.0, seed=0):
     )
 
 
-def bytes_moved(args, n_acc):
-    # path rows (logits + fp32 q) read once
-    vocab, dtype = args[0].shape[1], args[0].dtype
-    return int((n_acc.long() + 1).sum()) * vocab * (dtype.itemsize + 4)
+def floor_bytes(args) -> int:
+    """Every tree row's target logits, read once."""
+    return args[0].numel() * args[0].element_size()
+
+
+_COPY_BW = {}
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy of 512 MiB (64 MiB on CPU), measured once."""
+    if not _COPY_BW:
+        n = (512 if GPU else 64) << 20
+        src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+        dst = torch.empty_like(src)
+        if GPU:
+            import triton.testing
+
+            ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50,
+                                         return_mode="median")
+            secs = ms * 1e-3
+        else:
+            import time
+
+            dst.copy_(src)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                dst.copy_(src)
+            secs = (time.perf_counter() - t0) / 5
+        _COPY_BW["bw"] = 2 * n / secs  # read + write
+    return _COPY_BW["bw"]
 
 
 def _call(fn, args):
@@ -86,51 +121,58 @@ def _call(fn, args):
     return out
 
 
+def report(info: dict, args, seconds: float) -> dict:
+    floor = floor_bytes(args) / copy_bandwidth()
+    info.update({"us": seconds * 1e6, "bytes": floor_bytes(args), "floor_us": floor * 1e6,
+                 "of_floor": floor / seconds})
+    return info
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("tree", list(TREES))
 @pytest.mark.parametrize("batch", BATCHES)
-def test_tree_rejection_sample(benchmark, batch, vocab, dtype, impl):
-    args = make_inputs(batch, vocab, dtype)
+def test_tree_rejection_sample(benchmark, batch, tree, sampling, impl):
+    top_k, top_p = SAMPLING[sampling]
+    args = make_inputs(batch, VOCAB, TREES[tree], top_k=top_k, top_p=top_p)
     fn = IMPLS[impl]
-    _, n_acc, _ = _call(fn, args)  # compile / warm up outside the timing
-    benchmark.pedantic(_call, args=(fn, args), rounds=20 if GPU else 2, iterations=1,
-                       warmup_rounds=1)
+    _call(fn, args)  # compile / warm up outside the timing
+    benchmark.pedantic(_call, args=(fn, args), rounds=20 if GPU else 1, iterations=1,
+                       warmup_rounds=1 if GPU else 0)
     if benchmark.stats is None:  # --benchmark-disable
         return
-    benchmark.extra_info["GB/s"] = bytes_moved(args, n_acc) / benchmark.stats.stats.median / 1e9
+    report(benchmark.extra_info, args, benchmark.stats.stats.median)
 
 
-def _median_us(fn, args):
-    """Median µs of one call on the GPU (Triton's timer, as bench_verify_attention uses)."""
+def _median_s(fn, args):
+    """Median seconds of one call on the GPU (Triton's timer)."""
     import triton.testing
 
-    return 1e3 * triton.testing.do_bench(lambda: fn(*args, check_finite=False), warmup=25, rep=100,
-                                         return_mode="median")
+    return 1e-3 * triton.testing.do_bench(lambda: fn(*args, check_finite=False), warmup=25,
+                                          rep=100, return_mode="median")
 
 
-def run_gpu_table(batch=64, vocab=128256):
-    """Print a markdown table: reference vs Triton, fp32 and bf16 logits, µs and GB/s,
-    and the fraction of sequences on which both give the same tokens (~1)."""
+def run_gpu_table(vocab=VOCAB):
+    """Print a markdown table: reference vs Triton for every batch, tree and sampling mode:
+    µs, bytes, the read-once floor, achieved / floor, and the agreement with the reference."""
     if not GPU:
         raise RuntimeError("run_gpu_table needs a CUDA device")
-    print(f"B={batch}, branching {BRANCHING}, V={vocab}, GB/s = accepted-path rows "
-          f"(logits + fp32 q) / time, device {torch.cuda.get_device_name()}")
-    print("| logits | sampling | impl | µs | GB/s | mean accepted | agree |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for dtype in (torch.float32, torch.bfloat16):
-        for label, top_k, top_p in (("plain", 0, 1.0), ("top-k 50, top-p 0.9", 50, 0.9)):
-            args = make_inputs(batch, vocab, dtype, top_k=top_k, top_p=top_p)
-            ref = reference.tree_rejection_sample(*args)
-            got = tree_rejection_sample(*args)
-            agree = float(((got[0] == ref[0]).all(1) & (got[1] == ref[1])).float().mean())
-            gb = bytes_moved(args, got[1]) / 1e9
-            mean_acc = float(got[1].float().mean())
-            for impl, fn in IMPLS.items():
-                us = _median_us(fn, args)
-                name = str(dtype).removeprefix("torch.")
-                print(f"| {name} | {label} | {impl} | {us:.1f} | {gb / (us * 1e-6):.0f} | "
-                      f"{mean_acc:.2f} | {agree:.3f} |")
+    print(f"V={vocab}, bf16 logits, copy bandwidth {copy_bandwidth() / 1e9:.0f} GB/s, "
+          f"device {torch.cuda.get_device_name()}")
+    print("| B | tree | sampling | impl | µs | MB | floor µs | floor / time | agree |")
+    print("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for batch in BATCHES:
+        for tree, branching in TREES.items():
+            for sampling, (top_k, top_p) in SAMPLING.items():
+                args = make_inputs(batch, vocab, branching, top_k=top_k, top_p=top_p)
+                ref = reference.tree_rejection_sample(*args)
+                got = tree_rejection_sample(*args)
+                agree = float(((got[0] == ref[0]).all(1) & (got[1] == ref[1])).float().mean())
+                for impl, fn in IMPLS.items():
+                    r = report({}, args, _median_s(fn, args))
+                    print(f"| {batch} | {tree} | {sampling} | {impl} | {r['us']:.1f} | "
+                          f"{r['bytes'] / 1e6:.1f} | {r['floor_us']:.1f} | {r['of_floor']:.2f} | "
+                          f"{agree:.3f} |")
 
 
 if __name__ == "__main__":

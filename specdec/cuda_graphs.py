@@ -50,6 +50,7 @@ import torch
 from .batch import SamplingTensors
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
+from .kernels._sampling_core import DraftDist
 from .kv_cache import KVCache, cdiv
 from .models.llama import ForwardBatch, LlamaForCausalLM
 from .sequence import Sequence
@@ -132,12 +133,13 @@ class _StaticStep:
         )
 
     def draft(self) -> None:
-        """k draft forwards and samples -> self.drafts [Bp, k], self.q [Bp * k, V] or None."""
+        """k draft forwards and samples -> self.drafts [Bp, k], self.q (DraftDist of Bp * k
+        rows, row b * k + j) or None."""
         r, L, W = self.runner, self.length, self.runner.width
         drafter: ModelDrafter = r.drafter
         pos = L[:, None] + self.offs_first
         batch = self._batch(self.tail, pos, L, self.cu_first, self.rows_first, W)
-        drafts, probs = [], []
+        drafts, dists = [], []
         for j in range(self.k):
             logits = drafter.model.forward_cached(batch, drafter.cache, drafter.ops, drafter.num_layers)
             if self.mode == "greedy":  # greedy rows ignore q in the rejection sampler
@@ -145,11 +147,11 @@ class _StaticStep:
             else:
                 tokens, q = drafter.sample(logits, self.sampling, j)
             drafts.append(tokens)
-            probs.append(q)
+            dists.append(q)
             if j + 1 < self.k:  # draft j + 1 sits at position L + j
                 batch = self._batch(tokens, (L + j)[:, None], L + j + 1, self.cu_one, None, 1)
         self.drafts = torch.stack(drafts, dim=1)
-        self.q = None if self.mode == "greedy" else torch.stack(probs, dim=1).flatten(0, 1)
+        self.q = None if self.mode == "greedy" else DraftDist.interleave(dists)
 
     def verify(self) -> None:
         """The target over [last token, d_1..d_k], then rejection sampling -> out, n_acc."""
@@ -165,7 +167,7 @@ class _StaticStep:
         self.out, self.n_acc = r.ops.rejection_sample(
             logits, ids, self.q if k > 0 else None, self.cu_draft, k,
             s.temperature, s.top_k, s.top_p, s.seeds, s.offsets, check_finite=False,
-            num_draft=self.num_draft,
+            num_draft=self.num_draft, filtered=s.filtered, radix_rounds=s.radix_rounds,
         )
 
     # ------------------------------------------------------------------ graphs

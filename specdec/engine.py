@@ -341,9 +341,9 @@ class Engine:
                                     lengths, [n + 1 for n in draft.counts], tokens, dev)
         logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(n_b + 1), V]
         out, n_acc = self.ops.rejection_sample(
-            logits, draft.tokens, draft.probs, _cumsum(draft.counts, dev), max(draft.counts),
+            logits, draft.tokens, draft.q, _cumsum(draft.counts, dev), max(draft.counts),
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
-            check_finite=False,
+            check_finite=False, filtered=sampling.filtered, radix_rounds=sampling.radix_rounds,
         )
         return out, n_acc, None
 
@@ -362,7 +362,7 @@ class Engine:
         logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(1 + N_b), V]
         parents = torch.tensor([p for ps in draft.parents for p in ps], dtype=torch.int32, device=dev)
         return self.ops.tree_rejection_sample(
-            logits, draft.tokens, parents, draft.probs, _cumsum(draft.counts, dev), max_depth,
+            logits, draft.tokens, parents, draft.q, _cumsum(draft.counts, dev), max_depth,
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
             check_finite=False,
         )

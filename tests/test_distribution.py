@@ -267,16 +267,17 @@ def test_engine_samples_target_distribution(ckpts, case, backend):
 # ... and the same harness rejects a wrong rejection sampler
 # ---------------------------------------------------------------------------------------
 
-def _accept_all(target_logits, draft_token_ids, draft_probs, *args, **kwargs):
-    """Wrong: accepts every draft token. Passing q = 0 makes the ratio test
+def _accept_all(target_logits, draft_token_ids, q, *args, **kwargs):
+    """Wrong: accepts every draft token. Passing q = 0 (z = inf) makes the ratio test
     u * q(x) < p(x) pass wherever p(x) > 0 (always, at temperature 1); then the bonus
     token is sampled from the last row, so the output follows the draft model."""
-    return reference.rejection_sample(target_logits, draft_token_ids, torch.zeros_like(draft_probs),
+    return reference.rejection_sample(target_logits, draft_token_ids,
+                                      q._replace(z=torch.full_like(q.z, float("inf"))),
                                       *args, **kwargs)
 
 
 def _residual_from_p(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-                     temperature, top_k, top_p, seeds, offsets, check_finite=True):
+                     temperature, top_k, top_p, seeds, offsets, check_finite=True, **hints):
     """Wrong: the right acceptance test, but after a rejection it samples p instead of the
     residual max(p - q, 0) / sum: tokens the draft favours come out too often."""
     out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
@@ -317,15 +318,37 @@ def test_wrong_sampler_is_rejected(ckpts, case, wrong, num):
     assert res.p_value < POWER_ALPHA, f"a wrong sampler passed the distribution test: {res}"
 
 
+def _draft_ignores_filters(logits, temperature, top_k, top_p, seeds, offsets, stream, *args,
+                           **kwargs):
+    """Wrong draft side: draws the drafts from the draft's temperature-only distribution
+    but hands the sampler the filtered q (the q the tokens were not drawn from)."""
+    tokens, _ = reference.draft_sample(logits, temperature, torch.zeros_like(top_k), torch.ones_like(top_p),
+                                       seeds, offsets, stream, *args, **kwargs)
+    _, q = reference.draft_sample(logits, temperature, top_k, top_p, seeds, offsets, stream, *args, **kwargs)
+    return tokens, q
+
+
+@pytest.mark.slow
+def test_wrong_draft_sampler_is_rejected(ckpts):
+    """The harness also sees a draft sampler whose draws do not follow the q it reports."""
+    draft, k, params = CASES["near-t0.7-topk-topp"]
+    joint, _ = exact_joint(ckpts.model, PROMPT, params)
+    llm = make_llm(ckpts, draft, k)
+    llm.engine.drafter.ops = dataclasses.replace(llm.engine.drafter.ops, draft_sample=_draft_ignores_filters)
+    counts, _ = sample_outcomes(llm, params, num=N_SAMPLES // 4)
+    res = chi_square_test(counts, joint)
+    assert res.p_value < POWER_ALPHA, f"a wrong draft sampler passed the distribution test: {res}"
+
+
 def _timid(c: float):
     """Exact but wasteful: keeps each draft the correct sampler accepts only with
     probability ``c``, and at the first draft not kept samples the residual
     r = p - c min(p, q) (normalised), so that position still emits
     c min(p, q) + (1 - c sum min(p, q)) r / sum r = p. The law is right; the acceptance
     rate is c times the optimal one."""
-    def sample(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-               temperature, top_k, top_p, seeds, offsets, check_finite=True):
-        out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+    def sample(target_logits, draft_token_ids, draft_q, cu_num_draft, max_num_draft,
+               temperature, top_k, top_p, seeds, offsets, check_finite=True, **hints):
+        out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_q, cu_num_draft,
                                                 max_num_draft, temperature, top_k, top_p, seeds, offsets,
                                                 check_finite)
         if draft_token_ids.numel() == 0:  # a step without drafts (the last one): nothing to do
@@ -336,6 +359,7 @@ def _timid(c: float):
         a = torch.minimum(n_acc.long(), torch.cumprod(coin.long(), 1).sum(1))  # [B] kept drafts
         stopped = a < end - start
         p = reference.sampling_probs(target_logits[start + b + a], temperature, top_k, top_p)  # [B, V]
+        draft_probs = reference.draft_dist_probs(draft_q)  # [sum n_b, V]
         q = draft_probs[(start + a).clamp(max=draft_probs.shape[0] - 1)]  # [B, V]
         u = philox_uniform(seeds, offsets, max_num_draft + 1, stream=3).gather(1, a[:, None])[:, 0]
         emitted = torch.where(stopped, sample_inverse_cdf(p - c * torch.minimum(p, q), u), out[b, a])
@@ -418,7 +442,7 @@ def test_seeded_request_is_batch_invariant(ckpts, draft, max_num_seqs, num_block
 
 
 def _slot_keyed(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-                temperature, top_k, top_p, seeds, offsets, check_finite=True):
+                temperature, top_k, top_p, seeds, offsets, check_finite=True, **hints):
     """Wrong: keys the sampler's draws on the request's slot in the batch, not its seed."""
     slots = torch.arange(seeds.shape[0], dtype=torch.int64, device=seeds.device)
     return reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
@@ -440,7 +464,7 @@ def test_batch_invariance_check_catches_slot_keyed_draws(ckpts):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
-@pytest.mark.parametrize("draft", ["model", "ngram"])
+@pytest.mark.parametrize("draft", ["model", "ngram", "early-exit:1"])
 def test_triton_backend_draws_the_torch_backends_tokens(ckpts, device, draft):
     """Every random draw is Philox keyed on (seed, step, stream) in both backends, so the
     Triton kernels (verify attention, KV writes, rejection sampling) must emit exactly the

@@ -9,13 +9,29 @@ import math
 import pytest
 import torch
 
+from specdec.kernels._sampling_core import INT32_MIN, DraftDist
 from specdec.kernels.philox import FIRST_FREE_STREAM, philox_uniform, sample_inverse_cdf
-from specdec.kernels.reference import rejection_sample, sampling_probs
+from specdec.kernels.reference import draft_dist, draft_dist_probs, rejection_sample, sampling_probs
 from test_philox import chi_square_pvalue
 
 # ------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------
+
+
+def dist_of_probs(probs: torch.Tensor) -> DraftDist:
+    """A DraftDist whose q is ``probs`` ([n, V] float32, rows summing to 1): logits log q."""
+    logits = probs.float().log()
+    m = logits.amax(-1)
+    n = probs.shape[0]
+    return DraftDist(logits, torch.ones(n), m, torch.exp(logits - m[:, None]).sum(-1),
+                     torch.full((n,), INT32_MIN, dtype=torch.int32))
+
+
+def unfiltered_dist(logits: torch.Tensor) -> DraftDist:
+    """The DraftDist of softmax(logits) (T = 1, nothing filtered)."""
+    n = logits.shape[0]
+    return draft_dist(logits, torch.ones(n), torch.zeros(n, dtype=torch.int32), torch.ones(n))
 
 
 def ragged_batch(lengths, vocab, *, has_q=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -31,8 +47,9 @@ def ragged_batch(lengths, vocab, *, has_q=True, temperature=1.0, top_k=0, top_p=
     n_draft = int(cu[-1])
     logits = (torch.randn(n_draft + batch, vocab, generator=g) * scale).to(dtype)
     if has_q:
-        q = torch.softmax(torch.randn(n_draft, vocab, generator=g) * scale, dim=-1)
-        ids = torch.multinomial(q, 1, generator=g)[:, 0] if n_draft else torch.zeros(0).long()
+        q = unfiltered_dist((torch.randn(n_draft, vocab, generator=g) * scale).to(dtype))
+        ids = (torch.multinomial(draft_dist_probs(q), 1, generator=g)[:, 0] if n_draft
+               else torch.zeros(0).long())
     else:
         q = None
         ids = torch.randint(0, vocab, (n_draft,), generator=g)
@@ -67,7 +84,7 @@ def chain_batch(logit_rows, q_rows, n_seq, *, fixed_drafts=None, temperature=1.0
             u = philox_uniform(seeds, offsets, 1, stream=FIRST_FREE_STREAM + d)[:, 0]
             cols.append(sample_inverse_cdf(q_rows[d].expand(n_seq, vocab), u))
         ids = torch.stack(cols, dim=1).flatten() if n else torch.zeros(0, dtype=torch.int64)
-        q = q_rows.repeat(n_seq, 1)
+        q = dist_of_probs(q_rows.repeat(n_seq, 1))
     else:
         ids, q = fixed_drafts.repeat(n_seq), None
     return (
@@ -213,10 +230,11 @@ def test_p_equals_q_accepts_everything(top_k, top_p, temp):
     for b in range(4):
         rows = args[0][int(cu[b]) + b : int(cu[b + 1]) + b]  # the rows scoring the drafts
         n = rows.shape[0]
-        q_rows.append(sampling_probs(rows, args[5][b].expand(n), args[6][b].expand(n),
-                                     args[7][b].expand(n)))
-    args[2] = torch.cat(q_rows)
-    args[1] = torch.multinomial(args[2], 1, generator=torch.Generator().manual_seed(4))[:, 0]
+        q_rows.append(draft_dist(rows, args[5][b].expand(n), args[6][b].expand(n),
+                                 args[7][b].expand(n)))
+    args[2] = DraftDist.cat(q_rows)
+    args[1] = torch.multinomial(draft_dist_probs(args[2]), 1,
+                                generator=torch.Generator().manual_seed(4))[:, 0]
     out, n_acc = rejection_sample(*args)
     assert n_acc.tolist() == [5, 3, 0, 5]
     check_invariants(args, out, n_acc)
@@ -224,9 +242,9 @@ def test_p_equals_q_accepts_everything(top_k, top_p, temp):
 
 def test_zero_draft_probability_where_target_positive_accepts():
     args = list(ragged_batch([3, 3], 20, seed=5))
-    q = args[2].clone()
-    q[torch.arange(6), args[1]] = 0.0  # q(x) = 0 < p(x): u * 0 < p(x) always accepts
-    args[2] = q
+    logits = args[2].logits.clone()
+    logits[torch.arange(6), args[1]] = float("-inf")  # q(x) = 0 < p(x): u * 0 < p(x) accepts
+    args[2] = args[2]._replace(logits=logits)
     out, n_acc = rejection_sample(*args)
     assert n_acc.tolist() == [3, 3]
 
@@ -242,7 +260,7 @@ def test_residual_token_is_where_target_exceeds_draft():
     for b in rejected.tolist():
         a = int(n_acc[b])
         y = int(out[b, a])
-        assert probs[b * 3 + a, y] > args[2][b * 2 + a, y]
+        assert probs[b * 3 + a, y] > draft_dist_probs(args[2])[b * 2 + a, y]
 
 
 @pytest.mark.parametrize("has_q", [True, False])
@@ -263,7 +281,7 @@ def test_batch_invariance():
     for b in range(4):
         s, e = int(cu[b]), int(cu[b + 1])
         alone = (
-            args[0][s + b : e + b + 1], args[1][s:e], args[2][s:e],
+            args[0][s + b : e + b + 1], args[1][s:e], args[2].narrow(s, e - s),
             torch.tensor([0, e - s], dtype=torch.int32), 4,
             *(t[b : b + 1] for t in args[5:]),
         )
@@ -327,9 +345,14 @@ def _validation_cases():
     case(0, base[0].double(), "float64")
     case(0, base[0][:-1], "has 4 rows.*need.*5")
     case(1, base[1].int(), "draft_token_ids must be torch.int64")
-    case(2, base[2][:, :-1], r"draft_probs must have shape \(3, 8\).*got \(3, 7\)")
-    case(2, base[2].half(), "draft_probs must be torch.float32")
-    case(2, base[2].to("meta"), "draft_probs is on meta")
+    q = base[2]
+    case(2, q._replace(logits=q.logits[:, :-1]), r"q.logits must have shape \(3, 8\).*got \(3, 7\)")
+    case(2, q._replace(logits=q.logits.double()), "q.logits must be float32, float16 or bfloat16")
+    case(2, q._replace(logits=q.logits.t().contiguous().t()), "q.logits must have stride 1")
+    case(2, q._replace(z=q.z.half()), "q.z must be torch.float32")
+    case(2, q._replace(thr=q.thr.long()), "q.thr must be torch.int32")
+    case(2, q._replace(m=q.m[:2]), r"q.m must have shape \(3,\)")
+    case(2, q._replace(inv_t=q.inv_t.to("meta")), "q.inv_t is on meta")
     case(3, base[3].long(), "cu_num_draft must be torch.int32")
     case(4, -1, "max_num_draft")
     case(4, 1, "3 drafts cannot fit 2 sequences")
@@ -429,9 +452,9 @@ def wrong_residual_from_p(args, out, n_acc, p_rows):
 def test_distribution_test_rejects_wrong_samplers(wrong):
     args, p_rows, law = dist_inputs("draft_probs", N_DRAWS)
     if wrong == "always_accept":
-        # q = 0 makes u * q < p true for every draft with p > 0
+        # q = 0 (z = inf) makes u * q < p true for every draft with p > 0
         args = list(args)
-        args[2] = torch.zeros_like(args[2])
+        args[2] = args[2]._replace(z=torch.full_like(args[2].z, float("inf")))
         out, n_acc = rejection_sample(*args)
     elif wrong == "residual_from_p":
         out, n_acc = rejection_sample(*args)
@@ -455,3 +478,16 @@ def test_chi_square_helper_is_calibrated():
     assert chi_square_pvalue(counts, torch.tensor([0.45, 0.35, 0.2]) * N_DRAWS) < 1e-6
     even = torch.tensor([10.0, 10.0])
     assert math.isclose(chi_square_pvalue(even, even), 1.0)
+
+
+def test_top_p_one_is_off_exactly_beside_a_filtered_row():
+    # a float32 running sum of 50k probabilities rounds past 1 before the tail: top_p = 1
+    # must still keep every token even when another row of the batch is filtered
+    x = torch.randn(2, 50000, generator=torch.Generator().manual_seed(0)) * 3.0
+    params = (torch.ones(2), torch.tensor([0, 5], dtype=torch.int32), torch.tensor([1.0, 0.9]))
+    probs = sampling_probs(x, *params)
+    assert bool((probs[0] > 0).all())
+    torch.testing.assert_close(probs[0], torch.softmax(x[0], -1))
+    assert 0 < int((probs[1] > 0).sum()) <= 5
+    dist = draft_dist(x, *params)
+    assert dist.thr[0] == INT32_MIN

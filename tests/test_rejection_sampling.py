@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from specdec.kernels import reference
+from specdec.kernels._sampling_core import DraftDist
 from specdec.kernels.rejection_sampling import rejection_sample
 from test_reference_sampler import (
     _validation_cases,
@@ -31,7 +32,12 @@ pytestmark = [
 
 
 def on_device(args):
-    return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    def move(a):
+        if isinstance(a, DraftDist):
+            return DraftDist(*(t.to(DEVICE) for t in a))
+        return a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+
+    return tuple(move(a) for a in args)
 
 
 def run_both(args, **kw):
@@ -110,7 +116,7 @@ def test_batch_invariance():
     cu = args[3]
     for b in range(3):
         s, e = int(cu[b]), int(cu[b + 1])
-        alone = (args[0][s + b : e + b + 1], args[1][s:e], args[2][s:e],
+        alone = (args[0][s + b : e + b + 1], args[1][s:e], args[2].narrow(s, e - s),
                  torch.tensor([0, e - s], dtype=torch.int32), 3, *(t[b : b + 1] for t in args[5:]))
         out_b, n_b = rejection_sample(*on_device(alone))
         assert n_b.cpu().tolist() == n_acc[b : b + 1].cpu().tolist()
@@ -129,9 +135,9 @@ def test_one_hot_target_and_zero_q():
     logits[torch.arange(8), target] = 0.0
     args[0] = logits
     args[1] = torch.tensor([4, 7, 0, 2, 3])  # seq 0: accept 2, reject -> 1; seq 1: 2, 3 vs 2, 2
-    q = args[2].clone()
-    q[torch.arange(5), args[1]] = 0.0  # q = 0 where p > 0 still accepts
-    args[2] = q
+    q_logits = args[2].logits.clone()
+    q_logits[torch.arange(5), args[1]] = float("-inf")  # q = 0 where p > 0 still accepts
+    args[2] = args[2]._replace(logits=q_logits)
     out, n_acc, ref_out, ref_n = run_both(tuple(args))
     assert n_acc.tolist() == [2, 1, 0]
     assert out.tolist() == [[4, 7, 1, -1], [2, 2, -1, -1], [11, -1, -1, -1]]
@@ -144,10 +150,10 @@ def test_p_equals_q_accepts_everything():
     cu = args[3]
     rows = torch.cat([args[0][int(cu[b]) + b : int(cu[b + 1]) + b] for b in range(4)])
     n = rows.shape[0]
-    args[2] = reference.sampling_probs(rows, torch.full((n,), 0.8),
-                                       torch.full((n,), 10, dtype=torch.int32),
-                                       torch.full((n,), 0.9))
-    args[1] = torch.multinomial(args[2], 1, generator=torch.Generator().manual_seed(1))[:, 0]
+    args[2] = reference.draft_dist(rows, torch.full((n,), 0.8),
+                                   torch.full((n,), 10, dtype=torch.int32), torch.full((n,), 0.9))
+    args[1] = torch.multinomial(reference.draft_dist_probs(args[2]), 1,
+                                generator=torch.Generator().manual_seed(1))[:, 0]
     out, n_acc, _, _ = run_both(tuple(args))
     assert n_acc.tolist() == lengths
     check_invariants(args, out, n_acc)
@@ -185,7 +191,7 @@ def test_distribution_matches_target(case):
 def test_distribution_test_rejects_always_accept_kernel():
     args, p_rows, law = dist_inputs("draft_probs", KERNEL_DRAWS // 5)
     args = list(args)
-    args[2] = torch.zeros_like(args[2])  # q = 0: the kernel then accepts every draft
+    args[2] = args[2]._replace(z=torch.full_like(args[2].z, float("inf")))  # q = 0: accept all
     out, n_acc = rejection_sample(*on_device(args))
     assert first_token_pvalue(out.cpu(), p_rows[0]) < 1e-6
     assert outcome_pvalue(out.cpu(), n_acc.cpu(), law) < 1e-6
@@ -250,7 +256,8 @@ def _truncated(args, caps):
         drafts += range(start, start + cap)
         counts.append(cap)
     cu_t = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
-    return (logits[rows], ids[drafts], None if q is None else q[drafts], cu_t, k_max, *rest)
+    q_t = None if q is None else q.index_select(torch.tensor(drafts, dtype=torch.int64))
+    return (logits[rows], ids[drafts], q_t, cu_t, k_max, *rest)
 
 
 @pytest.mark.parametrize("has_q", [True, False])
@@ -271,3 +278,26 @@ def test_num_draft_caps_test_only_the_first_drafts(has_q):
                                                   reference.rejection_sample(*args)))
     with pytest.raises(ValueError, match="num_draft"):
         reference.rejection_sample(*args, num_draft=cap.long())
+
+
+# ------------------------------------------------------------------------------------
+# the split vocabulary: small chunks, the radix fallback, mass inside one chunk
+# ------------------------------------------------------------------------------------
+
+
+def test_small_chunks_radix_fallback_and_mass_in_one_chunk():
+    # chunks of 128 over V = 1000 (7.8 chunks); sequence 0: top_k > 64 then top-p (radix
+    # top-k, then radix top-p); 1: a flat top-p nucleus wider than the candidates (radix
+    # top-p); 2: top_k > 64 alone; 3: every row's mass inside chunk 5
+    args = list(ragged_batch([2, 3, 1, 2], 1000, seed=31, scale=0.3,
+                             temperature=[1.0, 0.9, 1.2, 0.8], top_k=[100, 0, 300, 0],
+                             top_p=[0.8, 0.7, 1.0, 0.95]))
+    logits = args[0].clone()
+    logits[9:12] = -30.0
+    logits[9:12, 650:660] = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
+    args[0] = logits
+    out, n_acc = rejection_sample(*on_device(args), chunk=128)
+    ref_out, ref_n = reference.rejection_sample(*args)
+    assert_agree(out.cpu(), n_acc.cpu(), ref_out, ref_n)
+    emitted = out.cpu()[3, int(n_acc[3])]
+    assert 650 <= int(emitted) < 660

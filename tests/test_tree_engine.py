@@ -22,7 +22,7 @@ with ``tree_rejection_sample`` (reference.py / tree_sampling.py). What is checke
   acceptance probability checked against its exact value; the same harness rejects
   a wrong tree rule (no residual update between siblings; always the first child) and
   a drafter whose children are drawn without replacement (the sampled rule needs them
-  i.i.d. from q, which is how ``draft_model._children`` draws them);
+  i.i.d. from q, which is how the model drafter draws them: ``draft_sample`` with b samples);
 * metrics: a tree (b, 1, 1) drafted by the target itself accepts D tokens per step.
 """
 
@@ -43,7 +43,6 @@ from test_distribution import exact_joint, next_token_probs
 from test_engine import _draft_arg, _model, _poison, _prompts, _record_running, greedy_ref
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch, prefill_tails
-from specdec.drafters import draft_model
 from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
 from specdec.kernels import get_backend, reference
 from specdec.kernels.philox import philox_uniform, sample_inverse_cdf
@@ -341,7 +340,7 @@ def test_ngram_tree_proposal_is_ragged():
     seqs = [Sequence(i, p, SamplingParams(), seed=0) for i, p in enumerate(
         [[4, 2, 6, 1, 0, 2, 7, 3, 2, 6, 5, 1, 0, 2], [1, 2, 3], [5, 6, 5, 6, 5], [4, 2, 6, 1, 0, 2, 7, 3, 2]])]
     prop = drafter.propose(seqs, [2, 2, 1, 0], None, "cpu")
-    assert prop.probs is None
+    assert prop.q is None
     assert prop.counts == [5, 0, 1, 0]
     assert prop.parents == [[-1, -1, 0, 1, 1], [], [-1], []]
     assert prop.tokens.tolist() == [7, 6, 3, 5, 1, 6]
@@ -697,8 +696,8 @@ class TreeWalkRecorder:
     def __init__(self, fn):
         self.fn, self.walks = fn, []
 
-    def __call__(self, target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, *args, **kwargs):
-        out, n_acc, path = self.fn(target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes,
+    def __call__(self, target_logits, draft_token_ids, parents, q, cu_num_nodes, *args, **kwargs):
+        out, n_acc, path = self.fn(target_logits, draft_token_ids, parents, q, cu_num_nodes,
                                    *args, **kwargs)
         cu, par, tok = cu_num_nodes.tolist(), parents.tolist(), draft_token_ids.tolist()
         offsets = args[-1].tolist()  # temperature, top_k, top_p, seeds, offsets follow max_depth
@@ -817,8 +816,9 @@ def host_tree_sampler(rule: str):
                    mass: p_u without the rejected tokens), as a chain would;
     "first-child": always accepts the first child of each position.
     """
-    def sample(target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, max_depth,
+    def sample(target_logits, draft_token_ids, parents, q, cu_num_nodes, max_depth,
                temperature, top_k, top_p, seeds, offsets, check_finite=True):
+        draft_probs = reference.draft_dist_probs(q) if q is not None else None  # [rows, V]
         cu = cu_num_nodes.tolist()
         batch = len(cu) - 1
         rows = torch.tensor([cu[b + 1] - cu[b] + 1 for b in range(batch)])
@@ -878,7 +878,9 @@ def _random_tree_inputs(seed, with_q):
     vocab = 8
     # peaked-ish logits and draft tokens that often match, so every branch of the walk runs
     logits = torch.randn(rows, vocab, generator=g) * 1.5
-    q = torch.softmax(logits + torch.randn(rows, vocab, generator=g), -1) if with_q else None
+    q_logits = logits + torch.randn(rows, vocab, generator=g)
+    q = reference.draft_dist(q_logits, torch.ones(rows), torch.zeros(rows, dtype=torch.int32),
+                             torch.ones(rows)) if with_q else None
     tokens = torch.randint(0, vocab, (sum(counts),), generator=g)
     cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32)
     b = len(counts)
@@ -923,16 +925,20 @@ def test_wrong_tree_rule_is_rejected(ckpts, case, rule):
     assert p_value < POWER_ALPHA, f"a wrong tree rule passed: {[str(r) for r in results]}"
 
 
-def _children_without_replacement(q, u):
-    """Like ``draft_model._children`` but distinct: child k is drawn from q with the
-    earlier children's tokens removed (renormalised). q: [B, F, V]; u: [B, F, b]."""
-    B, f, b = u.shape
-    left, out = q.clone(), []
-    for k in range(b):
-        tok = sample_inverse_cdf(left.flatten(0, 1), u[..., k].reshape(-1)).view(B, f)  # [B, F]
+def _children_without_replacement(logits, temperature, top_k, top_p, seeds, offsets, stream,
+                                  num_samples=1, first_draw=None, **hints):
+    """Like the backend's ``draft_sample`` but the ``num_samples`` children of a row are
+    distinct: child k is drawn (same uniform) from q with the earlier children's tokens
+    removed, renormalised."""
+    _, q = reference.draft_sample(logits, temperature, top_k, top_p, seeds, offsets, stream,
+                                  num_samples, first_draw, **hints)
+    u = philox_uniform(seeds, offsets, num_samples, stream=stream, first=first_draw)  # [N, b]
+    left, out = reference.draft_dist_probs(q), []
+    for k in range(num_samples):
+        tok = sample_inverse_cdf(left, u[:, k])  # [N]
         out.append(tok)
-        left.scatter_(2, tok[..., None], 0.0)
-    return torch.stack(out, -1).reshape(B, f * b)
+        left.scatter_(1, tok[:, None], 0.0)
+    return torch.stack(out, -1), q
 
 
 @pytest.mark.slow
@@ -941,10 +947,11 @@ def test_children_without_replacement_are_caught(ckpts, monkeypatch):
     drafter does; distinct children (drawn without replacement) need another rule. The
     harness must see that mismatch: with this drafter and the engine's own sampler, the
     law of the near-t1 case is off (by 0.08 in total variation on the first token)."""
-    monkeypatch.setattr(draft_model, "_children", _children_without_replacement)
     draft, tree, prompt, params = TREE_CASES["near-t1"]
     joint, _ = exact_joint(ckpts.model, prompt, params)
     llm = _dist_llm(ckpts, draft, tree)
+    drafter = llm.engine.drafter
+    monkeypatch.setattr(drafter, "ops", dataclasses.replace(drafter.ops, draft_sample=_children_without_replacement))
     rec = TreeWalkRecorder(llm.engine.ops.tree_rejection_sample)
     llm.engine.ops = dataclasses.replace(llm.engine.ops, tree_rejection_sample=rec)
     counts, _ = _sample_counts(llm, prompt, params)

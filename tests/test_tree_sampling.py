@@ -40,10 +40,22 @@ pytestmark = [
 IMPLS = {"reference": reference.tree_rejection_sample, "kernel": tree_rejection_sample}
 
 
+def as_dist(probs, logits_dtype=torch.float32):
+    """A DraftDist whose q is ``probs`` [n, V] (up to rounding): logits log q, T = 1."""
+    n = probs.shape[0]
+    return reference.draft_dist(probs.log().to(logits_dtype), torch.ones(n),
+                                torch.zeros(n, dtype=I32), torch.ones(n), filtered=False)
+
+
+def on(dist, device):
+    return None if dist is None else reference.DraftDist(*(t.to(device) for t in dist))
+
+
 def run(impl, args, **kw):
     """Run one implementation; the kernel on DEVICE, results back on the CPU."""
     if impl == "kernel":
-        args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+        args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else
+                     on(a, DEVICE) if isinstance(a, reference.DraftDist) else a for a in args)
     return tuple(t.cpu() for t in IMPLS[impl](*args, **kw))
 
 
@@ -91,8 +103,9 @@ def tree_batch(kinds, vocab, *, has_q=True, temperature=1.0, top_k=0, top_p=1.0,
                dtype=torch.float32, seed=0, max_depth=None, noise=0.7):
     """Random inputs for ``tree_rejection_sample``: one tree of each kind.
 
-    Each position has a draft distribution q (a random softmax) and target logits
-    log q + noise, so many children are accepted and deep paths get walked. With q the
+    Each position has a draft distribution q (a DraftDist of random draft logits, with the
+    sequence's own temperature / top-k / top-p) and target logits log q + noise, so many
+    children are accepted and deep paths get walked. With q the
     children of a position are drawn i.i.d. from its q; without, each child is the
     target's argmax (half of the time) or a uniform token (duplicates happen).
     """
@@ -102,8 +115,14 @@ def tree_batch(kinds, vocab, *, has_q=True, temperature=1.0, top_k=0, top_p=1.0,
     n = [len(t) for t in trees]
     cu = torch.tensor([0] + list(itertools.accumulate(n)), dtype=I32)
     rows = sum(n) + batch
-    q = torch.softmax(torch.randn(rows, vocab, generator=g) * 2.0, dim=-1)
-    logits = (q.log() + noise * torch.randn(rows, vocab, generator=g)).to(dtype)
+    counts = torch.tensor(n) + 1
+    row_param = {name: per_seq(v, batch, t).repeat_interleave(counts) for name, v, t in
+                 (("t", temperature, torch.float32), ("k", top_k, I32), ("p", top_p, torch.float32))}
+    dist = reference.draft_dist((torch.randn(rows, vocab, generator=g) * 2.0).to(dtype),
+                                row_param["t"], row_param["k"], row_param["p"])
+    q = reference.draft_dist_probs(dist)
+    logits = (torch.softmax(dist.logits.float(), -1).log()
+              + noise * torch.randn(rows, vocab, generator=g)).to(dtype)
     ids = []
     for b, par in enumerate(trees):
         root = int(cu[b]) + b
@@ -119,7 +138,7 @@ def tree_batch(kinds, vocab, *, has_q=True, temperature=1.0, top_k=0, top_p=1.0,
         max_depth = max(tree_depth(t) for t in trees)
     return (
         logits.to(dtype), torch.tensor(ids, dtype=I64),
-        torch.tensor([p for t in trees for p in t], dtype=I32), q if has_q else None, cu,
+        torch.tensor([p for t in trees for p in t], dtype=I32), dist if has_q else None, cu,
         max_depth, per_seq(temperature, batch, torch.float32),
         per_seq(top_k, batch, I32), per_seq(top_p, batch, torch.float32),
         torch.arange(batch, dtype=I64) * 7919 + 13, torch.arange(batch, dtype=I64) + 100,
@@ -163,6 +182,8 @@ def single_tree(logits, ids, parents, q=None, temperature=0.0, max_depth=None, n
     parents = list(parents)
 
     def reps(t):
+        if isinstance(t, reference.DraftDist):
+            return reference.DraftDist(*(reps(f) for f in t))
         return t.repeat(n_seq, *([1] * (t.dim() - 1)))
 
     return (
@@ -239,11 +260,12 @@ def test_p_equals_q_follows_the_first_child(impl):
     parents = [-1, -1, 0, 0, 2, 1, 4, 4]
     logits = torch.randn(9, 30, generator=g) * 2
     n_seq = 12
-    q = sampling_probs(logits, torch.full((9,), 0.8), torch.full((9,), 10, dtype=I32),
-                       torch.full((9,), 0.9))
+    dist = reference.draft_dist(logits, torch.full((9,), 0.8), torch.full((9,), 10, dtype=I32),
+                                torch.full((9,), 0.9))
+    q = reference.draft_dist_probs(dist)
     ids = torch.stack([torch.multinomial(q[p + 1], n_seq, replacement=True, generator=g)
                        for p in parents], dim=1)  # [n_seq, N] children drawn from q
-    args = list(single_tree(logits, [0] * 8, parents, q=q, n_seq=n_seq))
+    args = list(single_tree(logits, [0] * 8, parents, q=dist, n_seq=n_seq))
     args[1] = ids.flatten()
     args[6:9] = [torch.full((n_seq,), 0.8), torch.full((n_seq,), 10, dtype=I32),
                  torch.full((n_seq,), 0.9)]
@@ -258,7 +280,8 @@ def test_star_rejects_all_and_samples_the_residual(impl):
     # inverse-CDF sample, with the row-0 uniform of stream 3, of the residual written out
     # by hand: p' <- norm(max(p' - q, 0)) three times
     p = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0])
-    q = torch.tensor([0.1, 0.1, 0.1, 0.35, 0.35])
+    dist = as_dist(torch.tensor([[0.1, 0.1, 0.1, 0.35, 0.35]]).repeat(4, 1))
+    q = reference.draft_dist_probs(dist)[0]
     r = p
     for _ in range(3):
         r = (r - q).clamp(min=0)
@@ -266,7 +289,7 @@ def test_star_rejects_all_and_samples_the_residual(impl):
     assert r[2] == 0 and r[0] > r[1] > 0  # token 2 only survives two rejections
     n_seq = 64
     logits = p.log()[None].repeat(4, 1)
-    args = single_tree(logits, [3, 4, 3], [-1, -1, -1], q=q[None].repeat(4, 1),
+    args = single_tree(logits, [3, 4, 3], [-1, -1, -1], q=dist,
                        temperature=1.0, n_seq=n_seq)
     out, n_acc, path = run(impl, args)
     u = philox_uniform(args[9], args[10], 1, stream=reference.TREE_SAMPLE_STREAM)[:, 0]
@@ -296,7 +319,8 @@ def test_batch_invariance():
     cu = args[4]
     for b in range(4):
         s, e = int(cu[b]), int(cu[b + 1])
-        alone = (args[0][s + b:e + b + 1], args[1][s:e], args[2][s:e], args[3][s + b:e + b + 1],
+        alone = (args[0][s + b:e + b + 1], args[1][s:e], args[2][s:e],
+                 args[3].index_select(torch.arange(s + b, e + b + 1)),
                  torch.tensor([0, e - s], dtype=I32), args[5], *(t[b:b + 1] for t in args[6:]))
         for impl in IMPLS:
             out_b, n_b, path_b = run(impl, alone)
@@ -420,7 +444,7 @@ def dist_batch(n_seq, draw, params, *, seed=0, branching=BRANCHING, draft=None):
     temperature, top_k, top_p = params
     return (
         logits.reshape(-1, V), ids.flatten(), torch.tensor(parents, dtype=I32).repeat(n_seq),
-        q_rows.reshape(-1, V), torch.arange(n_seq + 1, dtype=I32) * n, len(branching),
+        as_dist(q_rows.reshape(-1, V)), torch.arange(n_seq + 1, dtype=I32) * n, len(branching),
         torch.full((n_seq,), temperature), torch.full((n_seq,), top_k, dtype=I32),
         torch.full((n_seq,), top_p), torch.full((n_seq,), 77, dtype=I64),
         torch.arange(n_seq, dtype=I64),
@@ -542,7 +566,7 @@ def test_chain_tree_has_the_chain_law():
     g = torch.Generator().manual_seed(6)
     ids = torch.stack([torch.multinomial(Q_ROWS[d], n_seq, replacement=True, generator=g)
                        for d in range(2)], 1)
-    q = torch.cat([Q_ROWS, torch.full((1, 5), 0.2)])
+    q = as_dist(torch.cat([Q_ROWS, torch.full((1, 5), 0.2)]))
     args = list(single_tree(P_LOGITS, [0, 0], [-1, 0], q=q, temperature=1.0, n_seq=n_seq))
     args[1] = ids.flatten()
     out, n_acc, path = run("reference", tuple(args))
@@ -563,7 +587,8 @@ def test_distribution_test_rejects_wrong_samplers(wrong, monkeypatch):
         # siblings all tested against p_u, the final sample from p_u
         monkeypatch.setattr(reference, "_sibling_residual", lambda p, q, x: p)
     if wrong == "always_accept":
-        args[3] = torch.zeros_like(args[3])  # u * 0 < p'(x): every child with p > 0
+        # q = 0 (z = inf): u * 0 < p'(x) accepts every child with p > 0
+        args[3] = args[3]._replace(z=torch.full_like(args[3].z, float("inf")))
     out, n_acc, _ = run("reference", tuple(args))
     assert target_law_test(out, n_acc, params).p_value < 1e-6
 
@@ -591,10 +616,15 @@ KERNEL_DRAWS = 4000 if DEVICE == "cuda" else 240
 KERNEL_STATS = dict(length=2, min_expected=10.0)
 
 
+@pytest.mark.parametrize("params_name", list(DIST_PARAMS))
 @pytest.mark.parametrize("draw", ["iid", "top"])
-def test_kernel_distribution(draw):
-    params = DIST_PARAMS["plain"]
-    args = dist_batch(KERNEL_DRAWS, draw, params, seed=7)
+def test_kernel_distribution(draw, params_name):
+    # "plain": dense rows (passes per rejected child); top-k / top-p: sparse rows (the
+    # candidates hold the kept set) -- both walks of the kernel
+    params = DIST_PARAMS[params_name]
+    # the filtered case at half size: its statistic pools more cells, the walk is the same
+    n_draws = KERNEL_DRAWS if params_name == "plain" else KERNEL_DRAWS // 2
+    args = dist_batch(n_draws, draw, params, seed=7)
     if draw == "top":
         args = args[:3] + (None,) + args[4:]
     got = run("kernel", args)
@@ -691,7 +721,7 @@ def test_layout_over_64_nodes(impl):
     args[2] = torch.full((66,), -1, dtype=I32)
     args[4] = torch.tensor([0, 65, 66], dtype=I32)
     args[0] = torch.randn(68, 6)
-    args[3] = torch.softmax(torch.randn(68, 6), -1)
+    args[3] = as_dist(torch.softmax(torch.randn(68, 6), -1))
     with pytest.raises(ValueError, match=r"sequence\(s\) \[0\] have \[65\]"):
         run(impl, tuple(args))
     out, n_acc, _ = run(impl, tuple(args), check_finite=False)
@@ -713,10 +743,12 @@ def _validation_cases():
     case(1, base[1].int(), "draft_token_ids must be torch.int64")
     case(2, base[2].long(), "parents must be torch.int32")
     case(2, base[2][:-1], r"parents must have shape \(12,\)")
-    case(3, base[3][:, :-1], r"draft_probs must have shape \(14, 8\).*got \(14, 7\)")
-    case(3, base[3][:-2], r"draft_probs must have shape \(14, 8\)")
-    case(3, base[3].half(), "draft_probs must be torch.float32")
-    case(3, base[3].to("meta"), "draft_probs is on meta")
+    q = base[3]
+    case(3, q._replace(logits=q.logits[:, :-1]), r"q.logits must have shape \(14, 8\).*got \(14, 7\)")
+    case(3, q.index_select(torch.arange(12)), r"q.logits must have shape \(14, 8\)")
+    case(3, q._replace(m=q.m.double()), "q.m must be torch.float32")
+    case(3, q._replace(thr=q.thr.long()), "q.thr must be torch.int32")
+    case(3, q._replace(logits=q.logits.to("meta")), "q.logits is on meta")
     case(4, base[4].long(), "cu_num_nodes must be torch.int32")
     case(5, -1, "max_depth")
     case(5, 65, "max_depth")
@@ -744,3 +776,117 @@ def test_validation_type_error():
     for impl in IMPLS:
         with pytest.raises(TypeError, match="parents must be a torch.Tensor"):
             IMPLS[impl](*args)
+    args = list(tree_batch(["chain"], 8))
+    args[3] = reference.draft_dist_probs(args[3])  # the old fp32 [rows, V] q
+    for impl in IMPLS:
+        with pytest.raises(TypeError, match="must be a DraftDist or None"):
+            IMPLS[impl](*args)
+
+
+# ------------------------------------------------------------------------------------
+# the split vocabulary: chunk edges, candidates, budgets
+# ------------------------------------------------------------------------------------
+
+SPLIT = dict(temperature=[1.0, 0.0, 0.7, 1.3, 1.0, 0.9, 0.9, 1.0],
+             top_k=[0, 0, 50, 0, 12, 200, 0, 0], top_p=[1.0, 1.0, 0.9, 0.5, 0.95, 1.0, 0.8, 1.0])
+
+
+@pytest.mark.parametrize("vocab,chunk", [(7, 16), (100, 16), (300, 64)])
+@pytest.mark.parametrize("has_q", [True, False])
+def test_kernel_split_vocabulary_agrees(vocab, chunk, has_q):
+    # V below one chunk, V not a multiple of the chunk; per-chunk candidates hold 16 / 64
+    # tokens, so top_k = 50 and 200 and top-p 0.5..0.95 cross chunk edges (200: the
+    # fallback search over the row)
+    # four trees (random, star, deep, wide) keep the interpreter's programs few
+    kinds = ["random", "star", "deep", "wide"]
+    params = {k: v[2:6] for k, v in SPLIT.items()}
+    args = tree_batch(kinds, vocab, has_q=has_q, seed=vocab + 7 * has_q, max_depth=21, **params)
+    got = run("kernel", args, chunk=chunk)
+    check_invariants(args, *got)
+    assert_agree(got, run("reference", args))
+
+
+@pytest.mark.parametrize("has_q", [True, False])
+def test_kernel_mass_in_one_chunk(has_q):
+    # every row's mass sits in tokens 64..95 (chunk 2 of 16-token chunks); elsewhere far
+    # below (exp underflows against the max at T = 0.5)
+    args = list(tree_batch(["random", "star", "chain", "wide"], 200, has_q=has_q, seed=31,
+                           temperature=[1.0, 0.5, 0.8, 1.0], top_k=[0, 0, 10, 40],
+                           top_p=[1.0, 0.9, 1.0, 0.7]))
+    logits = args[0].clone()
+    logits[:, :64] -= 80.0
+    logits[:, 96:] -= 80.0
+    args[0] = logits
+    got = run("kernel", tuple(args), chunk=16)
+    check_invariants(args, *got)
+    assert_agree(got, run("reference", tuple(args)))
+
+
+def test_kernel_ties_cut_by_the_candidate_buffers():
+    # integer logits in a 300-token vocabulary, 16-token chunks (16 candidates each):
+    # dozens of tokens tie at the k-th value and at the top-p crossing, more than a
+    # chunk's buffer keeps, so the kept set is counted through n_ge (dense rows)
+    args = list(tree_batch(["random"] * 6, 300, has_q=True, seed=23,
+                           temperature=[1.0, 0.5, 1.0, 0.7, 1.0, 1.0], top_k=[3, 7, 0, 0, 16, 11],
+                           top_p=[1.0, 1.0, 0.3, 0.6, 0.5, 0.9]))
+    g = torch.Generator().manual_seed(1)
+    args[0] = torch.randint(-3, 2, args[0].shape, generator=g).float()
+    got = run("kernel", tuple(args), chunk=16)
+    check_invariants(args, *got)
+    assert_agree(got, run("reference", tuple(args)))
+
+
+def test_kernel_chunk_is_checked():
+    args = tree_batch(["chain"], 8)
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        tree_rejection_sample(*args, chunk=24)
+
+
+def budget_batch(has_q, vocab=2048, **params):
+    """Two 64-node trees (8 children of the root, 7 each) in bf16 logits."""
+    return tree_batch(["wide", "wide"], vocab, has_q=has_q, seed=40 + has_q,
+                      dtype=torch.bfloat16, noise=1.5, **params)
+
+
+@pytest.mark.parametrize("has_q", [True, False])
+def test_budget_passes_with_top_k_top_p(has_q):
+    # top_k = 50, top_p = 0.9: one read of every tree row (the partials), the walk reads
+    # only the children's logits and, for q, the draft logits at <= 64 tokens a row
+    from load_counter import LoadCounter
+
+    args = budget_batch(has_q, temperature=1.0, top_k=50, top_p=0.9)
+    with LoadCounter(logits=args[0]) as counter:
+        got = run("kernel", args, chunk=256)
+    assert_agree(got, run("reference", args))
+    print(f"tree passes, top_k=50 top_p=0.9, has_q={has_q}: {counter.passes('logits'):.3f}")
+    assert counter.passes("logits") <= 1.5
+    assert counter.passes("logits") >= 1.0  # every row is read (and the counter counts)
+
+
+@pytest.mark.parametrize("has_q", [True, False])
+def test_passes_unfiltered(has_q):
+    # not budgeted: sampled children need one pass per rejected child on dense rows
+    from load_counter import LoadCounter
+
+    args = budget_batch(has_q, temperature=1.0)
+    with LoadCounter(logits=args[0]) as counter:
+        got = run("kernel", args, chunk=256)
+    assert_agree(got, run("reference", args))
+    n_visited = int(got[1].clamp(min=0).sum()) + 2
+    print(f"tree passes, unfiltered, has_q={has_q}: {counter.passes('logits'):.3f} "
+          f"({n_visited} of {args[0].shape[0]} rows visited)")
+    assert counter.passes("logits") <= 1.0 + (2.0 if has_q else 0.2)
+
+
+def test_budget_programs_at_batch_1():
+    # V = 128,256, one 64-node tree: the largest launch has >= 32 programs
+    from load_counter import LoadCounter
+
+    args = list(tree_batch(["wide"], 8, seed=50))
+    vocab = 128256
+    args[0] = torch.zeros(args[0].shape[0], vocab, dtype=torch.bfloat16)
+    args[3] = None
+    with LoadCounter(dry_run=True) as counter:
+        tree_rejection_sample(*args, check_finite=False)
+    print("tree launches at B=1, V=128256:", counter.launches)
+    assert counter.max_programs >= 32

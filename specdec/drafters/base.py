@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batch import SamplingTensors
+from ..kernels._sampling_core import DraftDist
 from ..sequence import Sequence
 
 
@@ -15,16 +16,17 @@ class DraftProposal:
     """Draft tokens of one step, ragged over the batch.
 
     tokens:  [sum_b n_b] int64 on the device, sequence b's n_b tokens in order
-    probs:   chain: [sum_b n_b, V] float32, the distribution each token was sampled from;
-             tree: [sum_b (n_b + 1), V], the draft distribution at the root and at each
-             node (what that position's children were drawn from);
+    q:       DraftDist (draft logits + per-row statistics, never an [n, V] probability
+             tensor): chain, one row per draft token, the distribution it was sampled
+             from; tree, sum_b (n_b + 1) rows, the draft distribution at the root and at
+             each node (what that position's children were drawn from);
              None for a point-mass drafter (n-gram lookup, deterministic candidates)
     counts:  host list, n_b per sequence (0 allowed)
     parents: None for chains, else the host tree of each sequence (specdec/tree.py)
     """
 
     tokens: torch.Tensor
-    probs: torch.Tensor | None
+    q: DraftDist | None
     counts: list[int]
     parents: list[list[int]] | None = None
 

@@ -4,7 +4,9 @@ Both run ``k`` cached forwards per step over the whole batch: the first feeds ea
 sequence's tokens the draft has not seen yet (the whole prompt on the first step, then
 one or two tokens), each later one feeds the previous draft token. Every draft token is
 sampled from the draft's processed distribution q (temperature, top-k, top-p of the
-request) with the request's own Philox stream, and q is handed to the rejection sampler.
+request) with the request's own Philox stream by the backend's ``draft_sample`` (a fused
+kernel on the Triton backend, the reference on the torch one), and q is handed to the
+rejection sampler as a DraftDist: the draft logits plus per-row statistics.
 
 Draft-side state after a step that accepted ``a`` of the drafts: the draft cache holds
 the committed prefix and d_1..d_{k-1}, so it stays valid for ``L + min(a, k - 1)``
@@ -20,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
-from ..kernels.philox import philox_uniform, sample_inverse_cdf
-from ..kernels.reference import sampling_probs
+from ..kernels._sampling_core import DraftDist
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
 from ..sequence import Sequence
@@ -60,36 +61,35 @@ class ModelDrafter(Drafter):
         tails = [s.tokens[st:] for s, st in zip(seqs, starts)]
         tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
         lengths = [len(t) for t in tails]
-        drafts, probs = [], []
+        drafts, dists = [], []
         for j in range(k):
             batch = build_forward_batch(self.blocks, ids, starts, lengths, [1] * len(seqs), tokens, device)
             logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)  # [B, V]
             tokens, q = self.sample(logits, sampling, j)
             drafts.append(tokens)
-            probs.append(q)
+            dists.append(q)
             starts = [st + n for st, n in zip(starts, lengths)]
             lengths = [1] * len(seqs)
         # keep the first n_b drafts of sequence b: a gather with a host-built index
         keep = torch.tensor([b * k + j for b, n in enumerate(limits) for j in range(n)],
                             dtype=torch.int64, device=device)
         all_tokens = torch.stack(drafts, dim=1).reshape(-1)  # [B * k]
-        all_probs = torch.stack(probs, dim=1).flatten(0, 1)  # [B * k, V]
+        all_q = DraftDist.interleave(dists)  # B * k rows, row b * k + j
         for s in seqs:
             s.draft_len = len(s.tokens) + k - 1  # the draft cache now holds d_1..d_{k-1}
-        return DraftProposal(all_tokens[keep], all_probs[keep], list(limits))
+        return DraftProposal(all_tokens[keep], all_q.index_select(keep), list(limits))
 
-    @staticmethod
-    def sample(logits: torch.Tensor, sampling: SamplingTensors, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, logits: torch.Tensor, sampling: SamplingTensors, j: int) -> tuple[torch.Tensor, DraftDist]:
         """Draw draft token ``j`` of every sequence from the draft's processed distribution.
 
-        logits: [B, V] -> tokens [B] int64, q [B, V] float32 (what they were drawn from)
+        logits: [B, V] -> tokens [B] int64, q: DraftDist of B rows (what they were drawn
+        from), with the backend's ``draft_sample`` and Philox stream DRAFT_STREAM + j
         """
-        q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                           filtered=sampling.filtered, all_greedy=sampling.all_greedy)  # [B, V]
-        if sampling.all_greedy:  # q is one-hot: the sample is its argmax, no draw needed
-            return q.argmax(-1), q
-        u = philox_uniform(sampling.seeds, sampling.offsets, 1, stream=DRAFT_STREAM + j)[:, 0]
-        return sample_inverse_cdf(q, u), q
+        tokens, q = self.ops.draft_sample(
+            logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds,
+            sampling.offsets, DRAFT_STREAM + j, filtered=sampling.filtered,
+            all_greedy=sampling.all_greedy, radix_rounds=sampling.radix_rounds)
+        return tokens[:, 0], q
 
     def _propose_tree(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
                       device) -> DraftProposal:
@@ -108,7 +108,7 @@ class ModelDrafter(Drafter):
         root_tokens = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=device)
         n_all = shape.nodes_up_to(depth)
         nodes = torch.zeros(B, n_all, dtype=torch.int64, device=device)  # [B, N]
-        q_rows = None  # [B, 1 + N, V]: q at the root and at each node
+        q_rows = None  # DraftDist fields as [B, 1 + N, ...]: q at the root and at each node
         greedy = (sampling.temperature <= 0)[:, None]  # [B, 1]
         for d in range(1, depth + 1):
             fed = shape.nodes_up_to(d - 1)
@@ -119,20 +119,25 @@ class ModelDrafter(Drafter):
             f = len(frontier)
             lf = logits.view(B, 1 + fed, -1)[:, frontier]  # [B, F, V]
             rep = lambda t: t.repeat_interleave(f)  # noqa: E731  per-row sampling params
-            q = sampling_probs(lf.flatten(0, 1), rep(sampling.temperature), rep(sampling.top_k),
-                               rep(sampling.top_p), filtered=sampling.filtered,
-                               all_greedy=sampling.all_greedy).view(B, f, -1)  # [B, F, V]
-            if q_rows is None:
-                q_rows = torch.zeros(B, 1 + n_all, q.shape[-1], dtype=q.dtype, device=device)
-            q_rows[:, frontier] = q
             b = shape.branching[d - 1]
+            # the b children of frontier position i are draws i * b .. i * b + b - 1 of the
+            # sequence's stream DRAFT_STREAM + d, i.i.d. from q there
+            first_draw = (torch.arange(f, dtype=torch.int64, device=device) * b).repeat(B)
+            children, q = self.ops.draft_sample(
+                lf.flatten(0, 1), rep(sampling.temperature), rep(sampling.top_k), rep(sampling.top_p),
+                rep(sampling.seeds), rep(sampling.offsets), DRAFT_STREAM + d, b, first_draw,
+                filtered=sampling.filtered, all_greedy=sampling.all_greedy,
+                radix_rounds=sampling.radix_rounds)  # [B * F, b], B * F rows
+            if q_rows is None:
+                q_rows = _empty_tree_dist(q, B, 1 + n_all)
+            for field, value in zip(q_rows, q):
+                field[:, frontier] = value.view(B, f, *value.shape[1:])
             first = shape.nodes_up_to(d - 1)  # children of level d occupy [first, first + f * b)
             top_b = lf.topk(b, dim=-1).indices.reshape(B, -1)  # greedy rows: the b best tokens
             if sampling.all_greedy:
                 nodes[:, first:first + f * b] = top_b
             else:
-                u = philox_uniform(sampling.seeds, sampling.offsets, f * b, stream=DRAFT_STREAM + d)  # [B, F*b]
-                nodes[:, first:first + f * b] = torch.where(greedy, top_b, _children(q, u.view(B, f, b)))
+                nodes[:, first:first + f * b] = torch.where(greedy, top_b, children.view(B, f * b))
         counts = [shape.nodes_up_to(lim) for lim in limits]
         keep_tok = torch.tensor([b * n_all + i for b, n in enumerate(counts) for i in range(n)],
                                 dtype=torch.int64, device=device)
@@ -141,7 +146,8 @@ class ModelDrafter(Drafter):
         for s in seqs:
             # the draft cache holds the prefix, the root, and (in node order) the nodes of depth < `depth`
             s.draft_len = len(s.tokens) + depth - 1
-        return DraftProposal(nodes.reshape(-1)[keep_tok], q_rows.flatten(0, 1)[keep_q], counts,
+        q_all = DraftDist(*(t.flatten(0, 1) for t in q_rows)).index_select(keep_q)
+        return DraftProposal(nodes.reshape(-1)[keep_tok], q_all, counts,
                              parents=[list(shape.parents[:n]) for n in counts])
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -154,11 +160,13 @@ class ModelDrafter(Drafter):
 
 
 
-def _children(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sample b children at each of F positions, i.i.d. from q (one uniform each).
-
-    q: [B, F, V] float32; u: [B, F, b] float32 -> [B, F * b] int64
-    """
-    B, f, b = u.shape
-    flat_q = q.repeat_interleave(b, dim=1).flatten(0, 1)  # [B * F * b, V]
-    return sample_inverse_cdf(flat_q, u.reshape(-1)).view(B, f * b)
+def _empty_tree_dist(q: DraftDist, batch: int, rows: int) -> DraftDist:
+    """DraftDist fields shaped [batch, rows, ...] for a tree's q rows, filled with a
+    harmless q (rows that are never a frontier: their q is never read)."""
+    dev, vocab = q.logits.device, q.logits.shape[1]
+    return DraftDist(
+        torch.zeros(batch, rows, vocab, dtype=q.logits.dtype, device=dev),
+        torch.ones(batch, rows, device=dev), torch.zeros(batch, rows, device=dev),
+        torch.ones(batch, rows, device=dev),
+        torch.full((batch, rows), -2147483648, dtype=torch.int32, device=dev),
+    )

@@ -27,6 +27,7 @@ class Backend:
     verify_attention: Callable
     rejection_sample: Callable
     tree_rejection_sample: Callable
+    draft_sample: Callable  # draft tokens + their DraftDist from draft logits
     add_rms_norm: Callable
     rotary: Callable
     silu_mul: Callable
@@ -63,7 +64,7 @@ def _unchecked(module) -> tuple[Callable, ...]:
 def get_backend(name: str) -> Backend:
     if name == "torch":
         return Backend("torch", reference.write_kv, _reference_attention, reference.rejection_sample,
-                       reference.tree_rejection_sample, *_unchecked(reference))
+                       reference.tree_rejection_sample, reference.draft_sample, *_unchecked(reference))
     if name == "triton":
         if not torch.cuda.is_available():
             _require_interpreter()
@@ -72,12 +73,13 @@ def get_backend(name: str) -> Backend:
         fused_ops = importlib.import_module(f"{__name__}.fused_ops")
         kv_cache_ops = importlib.import_module(f"{__name__}.kv_cache_ops")
         rejection_sampling = importlib.import_module(f"{__name__}.rejection_sampling")
+        draft_sampling = importlib.import_module(f"{__name__}.draft_sampling")
         tree_sampling = importlib.import_module(f"{__name__}.tree_sampling")
         verify_attention = importlib.import_module(f"{__name__}.verify_attention")
 
         return Backend("triton", kv_cache_ops.write_kv, verify_attention.verify_attention,
                        rejection_sampling.rejection_sample, tree_sampling.tree_rejection_sample,
-                       *_unchecked(fused_ops))
+                       draft_sampling.draft_sample, *_unchecked(fused_ops))
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

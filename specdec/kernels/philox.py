@@ -117,7 +117,8 @@ def philox_counter(offset: torch.Tensor, stream: int, j: torch.Tensor) -> torch.
 
 
 def philox_uniform(
-    seed: torch.Tensor, offset: torch.Tensor, n: int, stream: int = 0
+    seed: torch.Tensor, offset: torch.Tensor, n: int, stream: int = 0,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` uniforms in [0, 1) per row, keyed on (seed[r], offset[r], stream, j).
 
@@ -126,6 +127,7 @@ def philox_uniform(
     n:       draws per row, 0 <= n <= 2**24
     stream:  0 <= stream < 256; 0 and 1 belong to the rejection sampler, 2..15 are
              reserved, 16..255 are free for drafters (see the module docstring)
+    first:   [N] int64 or None: row r draws j = first[r] .. first[r] + n - 1 (default 0)
     returns: [N, n] float32, ``out[r, j] == tl.rand(seed[r], philox_counter(offset, stream, j))``
 
     Example::
@@ -149,6 +151,8 @@ def philox_uniform(
         raise ValueError(f"stream must be in [0, {MAX_STREAM}), got {stream}")
     j = torch.arange(n, dtype=torch.int64, device=seed.device)
     counter = philox_counter(offset, stream, j)  # [N, n]
+    if first is not None:
+        counter = counter + first.long()[:, None]
     c0 = counter & _M32
     c1 = (counter >> 32) & _M32
     zero = torch.zeros_like(c0)

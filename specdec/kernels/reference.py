@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import require, require_same_device, require_tensor, require_unit_stride, shape_of
+from ._sampling_core import INT32_MIN, DraftDist, inverse_temperature, key_of
 from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
     "move_kv",
     "verify_attention",
     "sampling_probs",
+    "draft_dist",
+    "draft_dist_probs",
+    "draft_sample",
     "rejection_sample",
     "tree_rejection_sample",
     "add_rms_norm",
@@ -137,6 +141,86 @@ def verify_attention(
     return out.to(q.dtype)
 
 
+def _keep_thresholds(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row int32 threshold on ``key_of(x)`` that top-k then top-p keep.
+
+    x: [N, V] float32 (temperature applied); top_k [N] int32; top_p [N] float32
+    returns: [N] int32 thr, the row keeps v iff key_of(x_v) >= thr (INT32_MIN: nothing cut)
+
+    Ties are kept together:
+      top-k keeps key >= the k-th largest key (k <= 0 or k >= V: off);
+      top-p keeps key >= t*, the smallest key whose strictly-greater mass (over the top-k
+            survivors, in units of exp(x - m)) is < top_p * z_k; top_p >= 1 is off exactly
+            (a rounded-up running sum never cuts the tail of an unfiltered row).
+    """
+    n, v = x.shape
+    keys = key_of(x)  # [N, V]
+    thr = torch.full((n,), INT32_MIN, dtype=torch.int32, device=x.device)
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [N, V]
+    sorted_keys = keys.gather(1, order)
+    # -- top-k: the k-th largest key --
+    use_k = (top_k > 0) & (top_k < v)
+    k = torch.where(use_k, top_k, torch.full_like(top_k, v)).long()
+    thr = torch.where(use_k, sorted_keys.gather(1, (k - 1)[:, None])[:, 0], thr)
+    # -- top-p over the top-k survivors: mass strictly above each sorted entry --
+    use_p = top_p < 1.0
+    if bool(use_p.any()) if x.device.type == "cpu" else True:
+        m = sorted_x[:, :1]  # [N, 1]
+        w = torch.where(sorted_keys >= thr[:, None], torch.exp(sorted_x - m), 0.0)  # [N, V]
+        cum = torch.cumsum(w, dim=-1)  # cum[i] = mass of the i + 1 largest
+        z = cum[:, -1:]  # [N, 1]
+        # entries strictly greater than sorted entry i: the first index of its tie group
+        first = torch.searchsorted(-sorted_x.contiguous(), -sorted_x.contiguous(), side="left")
+        above = torch.where(first > 0, cum.gather(1, (first - 1).clamp(min=0)), 0.0)  # [N, V]
+        keep = (above < top_p.float()[:, None] * z) & (w > 0)
+        t_p = torch.where(keep, sorted_keys, torch.iinfo(torch.int32).max).amin(-1)  # [N]
+        thr = torch.where(use_p, torch.maximum(thr, t_p), thr)
+    return thr
+
+
+def draft_dist(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    *,
+    filtered: bool | None = None,
+) -> DraftDist:
+    """The processed distribution of each row as a ``DraftDist`` (no [N, V] probabilities).
+
+    logits: [N, V] any float dtype (kept as is in the result); temperature [N] float32
+    (<= 0: greedy, inv_t = 1); top_k [N] int32; top_p [N] float32
+    returns: DraftDist with q(v) = [key(x_v) >= thr] exp(x_v - m) / z, x = logit.float() * inv_t
+
+    filtered=False promises no row uses top-k or top-p (skips the sorts); None reads it
+    off CPU tensors and assumes it on a GPU.
+    """
+    inv_t = inverse_temperature(temperature)  # [N]
+    x = logits.float() * inv_t[:, None]  # [N, V]
+    n, v = x.shape
+    if filtered is None:
+        filtered = (x.device.type != "cpu"
+                    or bool((((top_k > 0) & (top_k < v)) | (top_p < 1)).any()))
+    if filtered:  # greedy rows are not filtered (their q is never read)
+        thr = torch.where(temperature <= 0, INT32_MIN, _keep_thresholds(x, top_k, top_p))
+    else:
+        thr = torch.full((n,), INT32_MIN, dtype=torch.int32, device=x.device)
+    m = x.amax(-1)  # [N]; the max is always kept
+    kept = key_of(x) >= thr[:, None]
+    z = torch.where(kept, torch.exp(x - m[:, None]), 0.0).sum(-1)
+    return DraftDist(logits, inv_t, m, z, thr)
+
+
+def draft_dist_probs(dist: DraftDist) -> torch.Tensor:
+    """Materialise q: DraftDist -> [n, V] float32, q(v) = [key(x_v) >= thr] exp(x_v - m) / z.
+
+    For the reference samplers and tests only; the kernels read the logits instead.
+    """
+    x = dist.logits.float() * dist.inv_t[:, None]
+    kept = key_of(x) >= dist.thr[:, None]
+    return torch.where(kept, torch.exp(x - dist.m[:, None]), 0.0) / dist.z[:, None]
+
+
 def sampling_probs(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -151,12 +235,12 @@ def sampling_probs(
     logits:      [N, V] any float dtype
     temperature: [N] float32; 0 means greedy (a point mass on the first argmax)
     top_k:       [N] int32; 0 (or >= V) disables it
-    top_p:       [N] float32 in (0, 1]; 1 disables it
+    top_p:       [N] float32 in (0, 1]; 1 disables it (exactly: nothing is cut)
     returns:     [N, V] float32 probabilities, each row sums to 1
 
-    Ties are kept together, so the rule is a pair of thresholds a kernel can find with a
-    pivot search instead of a sort:
-      top-k keeps x  iff  logit(x) >= the k-th largest logit;
+    Ties are kept together, so the rule is a pair of thresholds on the monotone key of
+    x = logit * (1 / T) (``_keep_thresholds``):
+      top-k keeps x  iff  key(x) >= the k-th largest key;
       top-p keeps x  iff  the (top-k renormalised) mass of tokens strictly more likely
                           than x is < top_p (the token crossing p is kept).
 
@@ -165,38 +249,55 @@ def sampling_probs(
     that every row is greedy. When None they are read off CPU tensors (free) and assumed
     unknown on a GPU (reading them would be a host sync).
     """
-    x = logits.float()
-    n, v = x.shape
-    on_cpu = temperature.device.type == "cpu"
-    if all_greedy is None and on_cpu:
+    onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    onehot.scatter_(1, logits.float().argmax(-1, keepdim=True), 1.0)  # greedy rows
+    if all_greedy is None and temperature.device.type == "cpu":
         all_greedy = bool((temperature <= 0).all())
-    if filtered is None and on_cpu:
-        filtered = bool((((top_k > 0) & (top_k < v)) | (top_p < 1)).any())
-    onehot = torch.zeros_like(x).scatter_(1, x.argmax(-1, keepdim=True), 1.0)  # greedy rows
     if all_greedy:
         return onehot
-    greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    x = x / t[:, None]
-    if filtered is not False:
-        # -- top-k: threshold at the k-th largest logit --
-        k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, v), top_k).long()
-        kth = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [N, 1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if filtered is not False:
-        # -- top-p: mass strictly above each token --
-        sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)  # cum[i] = mass of the i+1 largest
-        # mass strictly greater than p(x): cumulative mass of sorted entries > p(x)
-        # (entries of the descending sort that are > p(x)), found by binary search
-        n_greater = torch.searchsorted(-sorted_p, -probs, side="left")  # [N, V]
-        above = torch.where(
-            n_greater > 0, cum.gather(1, (n_greater - 1).clamp(min=0)), torch.zeros_like(probs)
-        )
-        probs = probs * (above < top_p.float()[:, None])
-        probs = probs / probs.sum(-1, keepdim=True)
-    return torch.where(greedy[:, None], onehot, probs)
+    probs = draft_dist_probs(draft_dist(logits, temperature, top_k, top_p, filtered=filtered))
+    return torch.where((temperature <= 0)[:, None], onehot, probs)
+
+
+def draft_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    offsets: torch.Tensor,
+    stream: int,
+    num_samples: int = 1,
+    first_draw: torch.Tensor | None = None,
+    *,
+    filtered: bool | None = None,
+    all_greedy: bool | None = None,
+    radix_rounds: int | None = None,
+) -> tuple[torch.Tensor, DraftDist]:
+    """Draw ``num_samples`` i.i.d. draft tokens per row from its processed distribution.
+
+    logits:       [N, V] any float dtype; temperature [N] float32 (<= 0: greedy);
+                  top_k [N] int32; top_p [N] float32; seeds, offsets [N] int64
+    stream:       Philox stream of the draws (``DRAFT_STREAM + position`` for drafters);
+                  sample s of row r uses draw j = first_draw[r] + s (first_draw [N] int64,
+                  None: 0); radix_rounds: the kernel's hint, ignored here
+    returns:      tokens [N, num_samples] int64 (greedy rows: the first argmax, repeated),
+                  DraftDist of the rows (what the tokens were drawn from)
+
+    Inverse CDF (``sample_inverse_cdf``) of q with uniform philox(seed, offset, stream, s).
+    """
+    dist = draft_dist(logits, temperature, top_k, top_p, filtered=filtered)
+    argmax = logits.float().argmax(-1, keepdim=True).expand(-1, num_samples)  # [N, S]
+    if all_greedy is None and temperature.device.type == "cpu":
+        all_greedy = bool((temperature <= 0).all())
+    if all_greedy:
+        return argmax.contiguous(), dist
+    q = draft_dist_probs(dist)  # [N, V]
+    u = philox_uniform(seeds, offsets, num_samples, stream=stream, first=first_draw)  # [N, S]
+    n = q.shape[0]
+    flat = sample_inverse_cdf(q.repeat_interleave(num_samples, dim=0), u.reshape(-1))
+    tokens = flat.view(n, num_samples)
+    return torch.where((temperature <= 0)[:, None], argmax, tokens), dist
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,6 +338,29 @@ def _check_ragged(target_logits, draft_token_ids, cu, cu_name: str, count: str) 
     return rows, vocab, cu.shape[0] - 1, draft_token_ids.shape[0]
 
 
+def check_draft_dist(q, rows: int, vocab: int, target_logits: torch.Tensor) -> None:
+    """``q``: None or a DraftDist of ``rows`` rows over ``vocab`` tokens on the logits'
+    device: logits [rows, V] of a logit dtype with stride(1) == 1, inv_t / m / z [rows]
+    float32, thr [rows] int32."""
+    if q is None:
+        return
+    if not isinstance(q, DraftDist):
+        raise TypeError(f"the draft distribution must be a DraftDist or None, got "
+                        f"{type(q).__name__} (build one with reference.draft_dist or the "
+                        f"backend's draft_sample)")
+    if q.logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"q.logits must be float32, float16 or bfloat16, got {q.logits.dtype}")
+    if q.logits.dim() == 2 and q.logits.shape[1] > 1 and q.logits.stride(1) != 1:
+        raise ValueError(f"q.logits must have stride 1 in its last dimension, got {q.logits.stride()}")
+    _check_tensors({
+        "q.logits": (q.logits, q.logits.dtype, (rows, vocab)),
+        "q.inv_t": (q.inv_t, torch.float32, (rows,)),
+        "q.m": (q.m, torch.float32, (rows,)),
+        "q.z": (q.z, torch.float32, (rows,)),
+        "q.thr": (q.thr, torch.int32, (rows,)),
+    }, target_logits, f"{rows} draft rows, V={vocab}")
+
+
 def _per_sequence(batch: int, temperature, top_k, top_p, seeds, offsets) -> dict:
     """The per-sequence sampling tensors' expected dtype and shape, for ``_check_tensors``."""
     return {
@@ -249,7 +373,7 @@ def _per_sequence(batch: int, temperature, top_k, top_p, seeds, offsets) -> dict
 
 
 def _check_rejection_args(
-    target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
+    target_logits, draft_token_ids, q, cu_num_draft, max_num_draft,
     temperature, top_k, top_p, seeds, offsets, num_draft=None,
 ) -> tuple[int, int]:
     """Shape, dtype and device checks that need no device read. Returns (B, V)."""
@@ -260,11 +384,10 @@ def _check_rejection_args(
         "cu_num_draft": (cu_num_draft, torch.int32, (batch + 1,)),
         **_per_sequence(batch, temperature, top_k, top_p, seeds, offsets),
     }
-    if draft_probs is not None:
-        expected["draft_probs"] = (draft_probs, torch.float32, (n_draft, vocab))
     if num_draft is not None:
         expected["num_draft"] = (num_draft, torch.int32, (batch,))
     _check_tensors(expected, target_logits, f"B={batch}, sum n_b={n_draft}, V={vocab}")
+    check_draft_dist(q, n_draft, vocab, target_logits)
     if rows != n_draft + batch:
         raise ValueError(f"target_logits has {rows} rows; {batch} sequences with {n_draft} drafts "
                          f"in all need sum (n_b + 1) = {n_draft + batch}")
@@ -315,7 +438,7 @@ def _raise_if_flagged(n_accepted: torch.Tensor) -> None:
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_token_ids: torch.Tensor,
-    draft_probs: torch.Tensor | None,
+    q: DraftDist | None,
     cu_num_draft: torch.Tensor,
     max_num_draft: int,
     temperature: torch.Tensor,
@@ -326,6 +449,8 @@ def rejection_sample(
     check_finite: bool = True,
     *,
     num_draft: torch.Tensor | None = None,
+    filtered: bool | None = None,
+    radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling of chain drafts for a ragged batch.
 
@@ -334,8 +459,9 @@ def rejection_sample(
                      committed token (scores draft 1), then one row per draft token (the
                      last one scores the bonus token).
     draft_token_ids: [sum_b n_b] int64
-    draft_probs:     [sum_b n_b, V] float32, the distribution q each draft was sampled
-                     from, or None for a point-mass drafter (n-gram)
+    q:               DraftDist of sum_b n_b rows, the distribution each draft was sampled
+                     from (``_sampling_core.DraftDist``), or None for a point-mass
+                     drafter (n-gram)
     cu_num_draft:    [B + 1] int32 cumulative draft counts; n_b may be 0
     max_num_draft:   host int, k_max >= max_b n_b
     temperature:     [B] float32, <= 0 means greedy
@@ -347,6 +473,8 @@ def rejection_sample(
                      drafts of sequence b, its rows and drafts still laid out by
                      cu_num_draft: a fixed-shape step drafts k for every sequence and caps
                      those near their token limit
+    filtered:        host hint (keyword): False promises no top-k / top-p (skips the
+                     sorts); radix_rounds: the kernel's hint, ignored here
     returns:         out_tokens [B, k_max + 1] int64 padded with -1, n_accepted [B] int32
 
     The rule (Leviathan et al. 2023, Chen et al. 2023), with p_i = ``sampling_probs`` of
@@ -378,7 +506,7 @@ def rejection_sample(
         ...                  torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
-    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
                                          max_num_draft, temperature, top_k, top_p, seeds, offsets,
                                          num_draft)
     if check_finite:
@@ -412,7 +540,7 @@ def rejection_sample(
     # -- target distributions of every row: [B, K+1, V] --
     rep = k_max + 1  # per-row copies of the per-sequence parameters
     probs = sampling_probs(raw, temperature.repeat_interleave(rep), top_k.repeat_interleave(rep),
-                           top_p.repeat_interleave(rep)).view(batch, rep, vocab)
+                           top_p.repeat_interleave(rep), filtered=filtered).view(batch, rep, vocab)
     argmax = raw.argmax(-1).view(batch, rep)  # first argmax, greedy rows
     greedy = temperature <= 0  # [B]
     # an all-greedy batch on the CPU needs no random numbers (reading the flag is free there)
@@ -420,7 +548,8 @@ def rejection_sample(
     # -- ratio test: accept x_i iff u_i * q_i(x_i) < p_i(x_i); a point mass has q_i(x_i) = 1 --
     p_at = probs[:, :k_max].gather(2, ids[..., None])[..., 0]  # [B, K]
     q_at = torch.ones_like(p_at)
-    if draft_probs is not None and n_draft:
+    draft_probs = draft_dist_probs(q) if q is not None and n_draft else None  # [sum n_b, V]
+    if draft_probs is not None:
         q_at = draft_probs[drafts, ids]  # [B, K]
     u_accept = (philox_uniform(seeds, offsets, k_max, SAMPLER_ACCEPT_STREAM) if draws
                 else torch.zeros_like(p_at))  # [B, K]
@@ -432,7 +561,7 @@ def rejection_sample(
     dist = p_s
     if k_max and n_draft:
         at = n_acc.clamp(max=k_max - 1)  # the rejected position, where n_acc < n
-        if draft_probs is None:
+        if draft_probs is None:  # point-mass drafts
             residual = p_s.scatter(1, ids.gather(1, at[:, None]), 0.0)  # p without x
         else:
             q_s = draft_probs[(start + at).clamp(max=n_draft - 1)]  # [B, V]
@@ -467,7 +596,7 @@ TREE_SAMPLE_STREAM = 3  # Philox stream of the emitted sample from tree row r (j
 
 
 def _check_tree_args(
-    target_logits, draft_token_ids, parents, draft_probs, cu_num_nodes, max_depth,
+    target_logits, draft_token_ids, parents, q, cu_num_nodes, max_depth,
     temperature, top_k, top_p, seeds, offsets,
 ) -> tuple[int, int]:
     """Shape, dtype and device checks of ``tree_rejection_sample`` that read no device
@@ -478,9 +607,6 @@ def _check_tree_args(
                     ("seeds", seeds), ("offsets", offsets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
-        raise TypeError(f"draft_probs must be a torch.Tensor or None, got "
-                        f"{type(draft_probs).__name__}")
     rows, vocab, batch, n_nodes = _check_ragged(target_logits, draft_token_ids, cu_num_nodes,
                                                 "cu_num_nodes", "N_b")
     if rows != n_nodes + batch:
@@ -492,9 +618,8 @@ def _check_tree_args(
         "cu_num_nodes": (cu_num_nodes, torch.int32, (batch + 1,)),
         **_per_sequence(batch, temperature, top_k, top_p, seeds, offsets),
     }
-    if draft_probs is not None:
-        expected["draft_probs"] = (draft_probs, torch.float32, (rows, vocab))
     _check_tensors(expected, target_logits, f"B={batch}, sum N_b={n_nodes}, rows={rows}, V={vocab}")
+    check_draft_dist(q, rows, vocab, target_logits)
     if (not isinstance(max_depth, int) or isinstance(max_depth, bool)
             or not 0 <= max_depth <= MAX_TREE_NODES):
         raise ValueError(f"max_depth must be a host int in [0, {MAX_TREE_NODES}], "
@@ -585,7 +710,7 @@ def tree_rejection_sample(
     target_logits: torch.Tensor,
     draft_token_ids: torch.Tensor,
     parents: torch.Tensor,
-    draft_probs: torch.Tensor | None,
+    q: DraftDist | None,
     cu_num_nodes: torch.Tensor,
     max_depth: int,
     temperature: torch.Tensor,
@@ -608,11 +733,12 @@ def tree_rejection_sample(
     draft_token_ids: [sum_b N_b] int64, the token of each node
     parents:         [sum_b N_b] int32, parent node index within the sequence, -1 for the
                      children of the root
-    draft_probs:     [sum_b (N_b + 1), V] float32 with target_logits' row layout: row r is
-                     the draft distribution q the children of tree position r were drawn
-                     from (after the drafter's own temperature / top-k / top-p); rows of
-                     childless positions are not read. None: the children are
-                     deterministic candidates (top-b of a drafter, n-gram continuations).
+    q:               DraftDist (``_sampling_core``) of sum_b (N_b + 1) rows with
+                     target_logits' row layout: row r is the draft distribution q_r the
+                     children of tree position r were drawn from (after the drafter's own
+                     temperature / top-k / top-p); rows of childless positions are not
+                     read. None: the children are deterministic candidates (top-b of a
+                     drafter, n-gram continuations).
     cu_num_nodes:    [B + 1] int32 cumulative node counts; N_b may be 0
     max_depth:       host int D in [0, 64] >= the depth of every tree (children of the
                      root have depth 1)
@@ -624,10 +750,10 @@ def tree_rejection_sample(
     The walk starts at the root; at position u with p_u = ``sampling_probs`` of its row:
       - greedy (temperature <= 0): move to the first child whose token is the first argmax
         of the raw logits; if none, emit that argmax;
-      - draft_probs None (deterministic candidates): p' = p_u; for each child c in order
+      - q None (deterministic candidates): p' = p_u; for each child c in order
         accept x_c with probability p'(x_c) (u_c < p'(x_c)); on rejection p' <- p' with
         x_c zeroed, renormalised (a duplicate of a rejected sibling has p'(x) = 0);
-      - draft_probs given (children of u i.i.d. from q_u): multi-step speculative sampling
+      - q given (children of u i.i.d. from q_u): multi-step speculative sampling
         (Miao et al. 2024, "SpecInfer", Algorithm 2, Theorem 4.2). p' = p_u; for each child c
         in order accept x_c with probability min(1, p'(x_c) / q_u(x_c)), i.e. iff
         u_c * q_u(x_c) < p'(x_c); on rejection p' <- max(p' - q_u, 0), renormalised;
@@ -651,19 +777,19 @@ def tree_rejection_sample(
     same argument at c gives the next token law p_c, and so on down the path (the bonus
     token after a leaf is a plain sample of p_leaf). The deterministic rule is the same
     argument with q = the point mass at x_c (min(q, r) = r(x_c) at x_c); it holds for
-    any candidates chosen independently of the sampler's uniforms, so draft_probs=None
-    is exact whatever the drafter did — draft_probs only raises the acceptance rate, and
+    any candidates chosen independently of the sampler's uniforms, so q=None
+    is exact whatever the drafter did — q only raises the acceptance rate, and
     is exact only under the contract below.
 
-    What a drafter must do for draft_probs to be right: draw the children of each
-    position u i.i.d. (with replacement, duplicates kept) from exactly q_u = draft_probs
-    row u, with fresh randomness per position (never Philox streams 0..15 of the
+    What a drafter must do for q to be right: draw the children of each
+    position u i.i.d. (with replacement, duplicates kept) from exactly q_u = row u of q,
+    with fresh randomness per position (never Philox streams 0..15 of the
     sequence's (seed, offset)). The number of children of u, and q_u itself, may depend
     on anything outside u's own subtree (a fixed branching, a budget split by the
     ancestors' draft scores), never on the tokens drawn for u's children. Children drawn
     without replacement (Sequoia), de-duplicated, or top-b (EAGLE) break this rule: the
     first two need Jeon et al. 2024's recursive rejection sampling (q renormalised after
-    each rejection), not provided here; for any of them pass draft_probs=None.
+    each rejection), not provided here; for any of them pass q=None.
 
     Bad values (flagged with n_accepted = -1 and all -1 outputs when check_finite=False,
     a ValueError naming the sequences otherwise): NaN / +inf / an all -inf row among the
@@ -680,7 +806,7 @@ def tree_rejection_sample(
         ...                       torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32), tensor([[1]], dtype=torch.int32))
     """
-    batch, vocab = _check_tree_args(target_logits, draft_token_ids, parents, draft_probs,
+    batch, vocab = _check_tree_args(target_logits, draft_token_ids, parents, q,
                                     cu_num_nodes, max_depth, temperature, top_k, top_p,
                                     seeds, offsets)
     if check_finite:
@@ -708,6 +834,7 @@ def tree_rejection_sample(
     path = torch.full((batch, d_max), -1, dtype=torch.int64, device=dev)
     token = torch.full((batch,), -1, dtype=torch.int64, device=dev)
     running = ~bad
+    q_probs = draft_dist_probs(q) if q is not None else None  # [rows, V] q of every row
     for level in range(d_max + 1):
         row = (root_row + 1 + node).clamp(0, n_rows - 1)  # [B] tree row of the position
         raw = target_logits[row].float()  # [B, V]
@@ -716,7 +843,7 @@ def tree_rejection_sample(
         running &= ~row_bad
         p = sampling_probs(raw, temperature, top_k, top_p)  # [B, V] p_u
         argmax = raw.argmax(-1)  # [B] first argmax (greedy)
-        q = draft_probs[row] if draft_probs is not None else None  # [B, V] q_u
+        q_u = q_probs[row] if q_probs is not None else None  # [B, V] q_u
         is_child = valid & (par == node[:, None])  # [B, M]
         chosen = torch.full((batch,), -1, dtype=torch.int64, device=dev)
         p_cur = p  # p': the target less what the rejected siblings took
@@ -726,10 +853,10 @@ def tree_rejection_sample(
                 continue
             x = tok[:, c]  # [B]
             p_x = p_cur.gather(1, x[:, None])[:, 0]
-            q_x = q.gather(1, x[:, None])[:, 0] if q is not None else torch.ones_like(p_x)
+            q_x = q_u.gather(1, x[:, None])[:, 0] if q_u is not None else torch.ones_like(p_x)
             accept = torch.where(greedy, x == argmax, u_accept[:, c] * q_x < p_x)
             chosen = torch.where(trying & accept, c, chosen)
-            p_cur = torch.where((trying & ~accept)[:, None], _sibling_residual(p_cur, q, x), p_cur)
+            p_cur = torch.where((trying & ~accept)[:, None], _sibling_residual(p_cur, q_u, x), p_cur)
         # -- every child rejected (or none): emit a sample of p' (greedy: the argmax) --
         stop = running & (chosen < 0)
         u = u_emit.gather(1, (node + 1)[:, None])[:, 0]

@@ -1,37 +1,29 @@
-"""Fused speculative rejection sampling (chain drafts) in one Triton launch.
+"""Speculative rejection sampling of chain drafts, with each row's vocabulary split across
+programs (so batch 1 fills the GPU) and no probability tensor in memory.
 
-One program per sequence walks its n_b + 1 target rows in order and streams each row's
-vocabulary in blocks of BLOCK_V; no probability tensor is ever written to memory. Per row:
+Launches (R = sum_b (n_b + 1) target rows, C = V / CHUNK vocabulary chunks):
 
-1. stats pass: m = max(logit / T), Z = sum exp(logit / T - m) (online), the first argmax of
-   the raw logits (greedy), and the non-finite check;
-2. top-k / top-p thresholds (only when enabled): a sorting-free bisection on the value of
-   the threshold. Values are compared through a monotone int32 key of the float
-   (``_key``), so the search is exact; each pass also snaps the bracket to the nearest
-   keys present in the row, which ends the search after O(log V) passes on real data
-   (at most 32). Both thresholds follow ``reference.sampling_probs``' tie-keeping rules:
-       top-k keeps key >= the k-th largest key;
-       top-p keeps key >= t*, the smallest key whose strictly-greater mass is < top_p;
-   so a row's distribution is p(v) = [key(x_v) >= thr] exp(x_v - m) / Z_kept;
-3. the ratio test of draft x_i: accept iff u_i * q_i(x_i) < p_i(x_i) (one scalar load);
-4. on the first rejection, or after the last row, one sample of the residual
-   max(p - q, 0) (point mass: p without x_i), or of p, by inverse CDF: a pass for the
-   totals, then a pass that stops at the block holding the token.
+1. ``row_statistics`` (``_sampling_core``): partials over (R x C) programs, one read of
+   every row (max, sum-exp with one exp per element, first argmax, non-finite flag and,
+   with top-k / top-p, each chunk's 64 largest keys); a merge per row gives m, the kept
+   mass z, the threshold thr of top-k / top-p (from the candidates: no pass over the row;
+   a radix-select fallback only for top_k > 64 or a top-p nucleus wider than the
+   candidates), the argmax and the bad-row flag. A row's distribution is then
+   p(v) = [key(x_v) >= thr] exp(x_v - m) / z,  x_v = logit_v * (1 / T).
+2. ``_chain_accept_kernel`` over (B x C): every program of sequence b replays the ratio
+   tests from the row statistics (accept x_i iff u_i q_i(x_i) < p_i(x_i), two scalar
+   loads a draft; q from the draft's logits and its DraftDist numbers), finds the row
+   the emitted token comes from, and sums its chunk of that row's residual
+   max(p - q, 0) (point mass: p without the draft) and of p. Only that one row is read
+   again, and only for sampled sequences.
+3. ``_chain_emit_kernel`` over B: two-level inverse CDF with the sequence's Philox
+   uniform u: the chunk where the running sum of chunk masses first exceeds u * total,
+   then the token inside it (one chunk read); writes the output row.
 
-Inverse CDF rather than an exponential race (Gumbel-max): it needs one Philox uniform per
-sample instead of one per vocabulary entry (ten rounds of 32-bit multiplies for each of
-128k entries would cost more than reading the row), and it is the rule the torch
-reference and the drafters use, so the same uniform gives the same token except where it
-falls within rounding of a cumulative-sum boundary. The search pass touches only the
-prefix up to the sampled token.
-
-Random numbers (``philox.py``), all drawn in one ``tl.rand`` call per sequence and
-bit-identical to ``philox_uniform`` in the reference: acceptance uniform of draft i =
-tl.rand(seed, (offset << 32) | (0 << 24) | i); uniform of the sample from row i =
-tl.rand(seed, (offset << 32) | (1 << 24) | i).
-
-Outside the kernel: only the argument checks and, with check_finite=True, the host copies
-that turn the kernel's per-sequence flags (n_accepted = -1) into a ValueError.
+The Philox draws and the rule are those of ``reference.rejection_sample`` (acceptance
+uniform of draft i = stream 0 draw i, sample from row i = stream 1 draw i, inverse CDF
+with the first running sum > u * total), so the tokens agree with the reference except
+where u * total falls within rounding of a cumulative-sum boundary.
 """
 
 from __future__ import annotations
@@ -40,264 +32,160 @@ import torch
 import triton
 import triton.language as tl
 
+from ._sampling_core import (
+    DraftDist,
+    cdf_block,
+    p_at,
+    p_weights,
+    pick_chunk,
+    radix_rounds_needed,
+    row_statistics,
+)
 from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM
 from .reference import _check_draft_layout, _check_rejection_args, _raise_if_flagged
 
 __all__ = ["rejection_sample"]
 
-_INT32_MIN = tl.constexpr(-2147483648)
-_INT32_MAX = tl.constexpr(2147483647)
 _ACCEPT_STREAM = tl.constexpr(SAMPLER_ACCEPT_STREAM << 24)  # stream field of the counter
 _SAMPLE_STREAM = tl.constexpr(SAMPLER_SAMPLE_STREAM << 24)
 
 
 @triton.jit
-def _key(x):
-    """Monotone int32 key of a float32: x < y <=> key(x) < key(y); -0.0 and +0.0 share 0.
-
-    Non-negative floats order like their bits; for negative ones flipping the 31 magnitude
-    bits reverses their order and keeps them below every non-negative key.
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return tl.where(x == 0.0, 0, key)
-
-
-@triton.jit
-def _load_scaled(row_ptr, idx, mask, t):
-    # x = logit / T in fp32; masked lanes read -inf (zero probability, never a key of data)
-    raw = tl.load(row_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32)
-    return raw, raw / t
-
-
-@triton.jit
-def _row_stats(row_ptr, V, t, BLOCK_V: tl.constexpr):
-    """One pass over a row: (m, Z, first argmax of the raw logits, row is bad).
-
-    Every lane keeps its own running max / sum / argmax; they are reduced once at the end.
-    """
-    offs = tl.arange(0, BLOCK_V)
-    m_vec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-    z_vec = tl.zeros((BLOCK_V,), tl.float32)
-    best_vec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-    arg_vec = tl.zeros((BLOCK_V,), tl.int32)
-    bad_vec = tl.zeros((BLOCK_V,), tl.int1)
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + offs
-        raw, x = _load_scaled(row_ptr, idx, idx < V, t)
-        bad_vec = bad_vec | (raw != raw) | (raw == float("inf"))
-        # -- first argmax per lane: a strictly greater logit moves it --
-        arg_vec = tl.where(raw > best_vec, idx, arg_vec)
-        best_vec = tl.maximum(best_vec, raw)
-        # -- online softmax per lane: z <- z * exp(m_old - m_new) + exp(x - m_new); a lane
-        # that has seen only -inf shifts by 0 instead (-inf - -inf would be NaN) --
-        m_vec_new = tl.maximum(m_vec, x)
-        shift = tl.where(m_vec_new == float("-inf"), 0.0, m_vec_new)
-        z_vec = z_vec * tl.exp(m_vec - shift) + tl.exp(x - shift)
-        m_vec = m_vec_new
-    m = tl.max(m_vec)
-    z = tl.sum(z_vec * tl.exp(m_vec - tl.where(m == float("-inf"), 0.0, m)))
-    best = tl.max(best_vec)
-    arg = tl.min(tl.where(best_vec == best, arg_vec, _INT32_MAX)).to(tl.int64)  # ties: first
-    bad = (tl.max(bad_vec.to(tl.int32)) > 0) | (best == float("-inf"))  # NaN/+inf, all -inf
-    return m, z, arg, bad
-
-
-@triton.jit
-def _split_pass(row_ptr, V, t, m, floor, mid, BLOCK_V: tl.constexpr):
-    """Over the tokens with key >= floor: (#{key >= mid}, mass{key >= mid}, min key >= mid,
-    max key < mid), the mass being sum exp(x - m)."""
-    offs = tl.arange(0, BLOCK_V)
-    count = tl.zeros((BLOCK_V,), tl.int32)
-    mass = tl.zeros((BLOCK_V,), tl.float32)
-    above = tl.full((BLOCK_V,), _INT32_MAX, tl.int32)
-    below = tl.full((BLOCK_V,), _INT32_MIN, tl.int32)
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + offs
-        mask = idx < V
-        _, x = _load_scaled(row_ptr, idx, mask, t)
-        key = _key(x)
-        live = mask & (key >= floor)
-        ge = live & (key >= mid)
-        count += ge.to(tl.int32)
-        mass += tl.where(ge, tl.exp(x - m), 0.0)
-        above = tl.minimum(above, tl.where(ge, key, _INT32_MAX))
-        below = tl.maximum(below, tl.where(live & (key < mid), key, _INT32_MIN))
-    return tl.sum(count), tl.sum(mass), tl.min(above), tl.max(below)
-
-
-@triton.jit
-def _thresholds(row_ptr, V, t, m, z, top_k, top_p, BLOCK_V: tl.constexpr):
-    """(thr, Z_kept): the row keeps the tokens with key(x) >= thr, of total mass Z_kept."""
-    thr = tl.full((), _INT32_MIN, tl.int32)
-    hi_key = _key(m)
-    if (top_k > 0) & (top_k < V):
-        # largest key t with #{key >= t} >= k (the k-th largest, ties kept); lo and hi
-        # snap to keys present in the row, mid in (lo, hi]
-        lo = thr
-        hi = hi_key
-        while lo < hi:
-            mid = ((lo.to(tl.int64) + hi + 1) >> 1).to(tl.int32)
-            count, _, above, below = _split_pass(row_ptr, V, t, m, _INT32_MIN, mid, BLOCK_V)
-            lo = tl.where(count >= top_k, above, lo)
-            hi = tl.where(count >= top_k, hi, below)
-        thr = lo
-        _, z, _, _ = _split_pass(row_ptr, V, t, m, _INT32_MIN, thr, BLOCK_V)
-    if top_p < 1.0:
-        # smallest present key d (among top-k survivors) with mass{key > d} < top_p * Z;
-        # for mid in (lo, hi] the largest key below mid has mass{key > it} = mass{key >= mid}
-        target = top_p * z
-        lo = thr
-        hi = hi_key
-        while lo < hi:
-            mid = ((lo.to(tl.int64) + hi + 1) >> 1).to(tl.int32)
-            _, mass, above, below = _split_pass(row_ptr, V, t, m, thr, mid, BLOCK_V)
-            lo = tl.where(mass < target, lo, above)
-            hi = tl.where(mass < target, below, hi)
-        thr = lo
-        _, z, _, _ = _split_pass(row_ptr, V, t, m, thr, thr, BLOCK_V)
-    return thr, z
-
-
-@triton.jit
-def _weights(row_ptr, q_row_ptr, idx, mask, t, m, z, thr, x_draft, residual,
-             HAS_Q: tl.constexpr):
-    """(p, residual) of one block: p = [key >= thr] exp(x - m) / Z, residual = max(p - q, 0)
-    (point-mass drafter: p with the draft token removed); q is read only when needed."""
-    _, x = _load_scaled(row_ptr, idx, mask, t)
-    p = tl.where(mask & (_key(x) >= thr), tl.exp(x - m), 0.0) / z
-    if HAS_Q:
-        q = tl.load(q_row_ptr + idx, mask=mask & residual, other=0.0)
-        r = tl.maximum(p - q, 0.0)
-    else:
-        r = tl.where(idx == x_draft, 0.0, p)
-    return p, r
-
-
-@triton.jit
-def _cdf_block(w, idx, cum, target, token, last):
-    """One block of an inverse-CDF scan over weights ``w`` at vocabulary ids ``idx``.
-
-    Returns (token, last, cum): the first id whose running sum exceeds ``target`` (kept
-    at -1 until found), the last id with positive weight per lane (the fallback when
-    rounding hides the crossing), and the running sum after this block.
-    """
-    last = tl.where(w > 0.0, idx, last)
-    block_sum = tl.sum(w)
-    if cum + block_sum > target:
-        # the crossing is in this block; a zero weight never wins, even where the
-        # scan's rounding steps up (if rounding hides the crossing, go on)
-        hit = (cum + tl.cumsum(w, 0) > target) & (w > 0.0)
-        first = tl.min(tl.where(hit, idx, _INT32_MAX))
-        token = tl.where(first == _INT32_MAX, -1, first.to(tl.int64))
-    return token, last, cum + block_sum
-
-
-@triton.jit
-def _sample(row_ptr, q_row_ptr, V, t, m, z, thr, x_draft, residual, u,
-            HAS_Q: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Inverse-CDF sample of the residual (or of p when residual is false or sums to 0):
-    the first token whose running sum exceeds u * total and whose weight is positive."""
-    offs = tl.arange(0, BLOCK_V)
-    # -- pass 1: totals of the residual and of p --
-    total_r = tl.zeros((BLOCK_V,), tl.float32)
-    total_p = tl.zeros((BLOCK_V,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + offs
-        p, r = _weights(row_ptr, q_row_ptr, idx, idx < V, t, m, z, thr, x_draft, residual, HAS_Q)
-        total_r += r
-        total_p += p
-    use_r = residual & (tl.sum(total_r) > 0.0)
-    target = u * tl.where(use_r, tl.sum(total_r), tl.sum(total_p))
-    # -- pass 2: scan blocks until the running sum crosses the target --
-    token = tl.full((), -1, tl.int64)
-    last = tl.full((BLOCK_V,), -1, tl.int32)  # last positive token per lane: rounding fallback
-    cum = tl.full((), 0.0, tl.float32)
-    v0 = tl.full((), 0, tl.int32)
-    while (v0 < V) & (token < 0):
-        idx = v0 + offs
-        p, r = _weights(row_ptr, q_row_ptr, idx, idx < V, t, m, z, thr, x_draft, residual, HAS_Q)
-        token, last, cum = _cdf_block(tl.where(use_r, r, p), idx, cum, target, token, last)
-        v0 += BLOCK_V
-    return tl.where(token < 0, tl.max(last).to(tl.int64), token)
-
-
-@triton.jit
-def _sequence(b, cu_ptr, max_n, total, temp_ptr, top_k_ptr, top_p_ptr):
-    """Sequence ``b``'s slice of a ragged layout and its sampling parameters.
-
-    returns start, n (0 when the layout is bad: never read out of bounds), bad, greedy,
-    t (the temperature logits are divided by; 1 for greedy rows), top_k, top_p
-    """
+def _slice(b, cu_ptr, max_n, total):
+    """Sequence b's drafts: (start, n, bad); n = 0 when the layout is bad (never read out
+    of bounds)."""
     start = tl.load(cu_ptr + b).to(tl.int64)
     end = tl.load(cu_ptr + b + 1).to(tl.int64)
     n = end - start
     bad = (start < 0) | (n < 0) | (n > max_n) | (end > total)
-    temp = tl.load(temp_ptr + b)
-    greedy = temp <= 0.0
-    return (tl.where(bad, 0, start), tl.where(bad, 0, n), bad, greedy, tl.where(greedy, 1.0, temp),
-            tl.load(top_k_ptr + b), tl.load(top_p_ptr + b))
+    return tl.where(bad, 0, start), tl.where(bad, 0, n), bad
 
 
-@triton.jit
-def _rejection_sample_kernel(
-    logits_ptr, stride_l, ids_ptr, q_ptr, stride_q, cu_ptr,
-    temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, cap_ptr,
-    out_ptr, stride_o, n_acc_ptr,
-    V, n_draft, k_max,
-    HAS_Q: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+@triton.jit(do_not_specialize=["V", "n_draft", "k_max", "n_chunks"])
+def _chain_accept_kernel(
+    logits_ptr, stride_l, ids_ptr, cu_ptr, cap_ptr, temp_ptr, seed_ptr, offset_ptr,
+    m_ptr, z_ptr, thr_ptr, arg_ptr, inv_t_ptr,
+    ql_ptr, stride_q, q_inv_t_ptr, q_m_ptr, q_z_ptr, q_thr_ptr,
+    state_ptr, chunk_w_ptr,
+    V, n_draft, k_max, n_chunks,
+    HAS_Q: tl.constexpr, HAS_CAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program (sequence b, chunk c): the ratio tests, then chunk c of the emitted row.
+
+    state[b] = (n_accepted or -1 for a bad sequence, drafts tested); chunk_w[b, c] =
+    (residual mass, p mass) of the chunk in the emitting row (sampled sequences only).
+    """
     b = tl.program_id(0).to(tl.int64)
-    start, n, bad, greedy, t, top_k, top_p = _sequence(b, cu_ptr, k_max, n_draft, temp_ptr, top_k_ptr,
-                                                        top_p_ptr)
+    c = tl.program_id(1)
+    start, n, bad = _slice(b, cu_ptr, k_max, n_draft)
     if HAS_CAP:  # test only the first num_draft[b] drafts of the slice
         n = tl.minimum(n, tl.maximum(tl.load(cap_ptr + b).to(tl.int64), 0))
-    seed = tl.load(seed_ptr + b)
-    # -- all uniforms of the sequence in one Philox call: counter = offset | stream | draw --
-    # lanes [0, BLOCK_K): stream 0 draw i = acceptance uniform of draft i;
-    # lanes [BLOCK_K, 2 BLOCK_K): stream 1 draw i = uniform of a sample from row i
-    kk = tl.arange(0, BLOCK_K)  # BLOCK_K >= k_max + 1: draft positions / row indices
-    lane = tl.arange(0, 2 * BLOCK_K)
-    draw = tl.where(lane < BLOCK_K, _ACCEPT_STREAM + lane, _SAMPLE_STREAM + lane - BLOCK_K)
-    u_all = tl.rand(seed, (tl.load(offset_ptr + b) << 32) + draw)  # [2 BLOCK_K]
+    greedy = tl.load(temp_ptr + b) <= 0.0
+    kk = tl.arange(0, BLOCK_K)
+    u_acc = tl.rand(tl.load(seed_ptr + b), (tl.load(offset_ptr + b) << 32) + _ACCEPT_STREAM + kk)
     n_acc = b * 0
-    token = b * 0 - 1
     done = b < 0
     for i in range(0, n + 1):
-        row_ptr = logits_ptr + (start + b + i) * stride_l
-        q_row_ptr = q_ptr + (start + i) * stride_q
-        # every row gets the stats pass, so a NaN after the first rejection is still seen
-        m, z, arg, row_bad = _row_stats(row_ptr, V, t, BLOCK_V)
-        x = tl.load(ids_ptr + start + i, mask=i < n, other=0)
-        bad = bad | row_bad | ((i < n) & ((x < 0) | (x >= V)))
+        r = start + b + i
+        drafted = i < n
+        arg = tl.load(arg_ptr + r)  # -1: NaN / +inf / all -inf, seen by every row's partials
+        x = tl.load(ids_ptr + start + i, mask=drafted, other=0)
+        bad = bad | (arg < 0) | (drafted & ((x < 0) | (x >= V)))
         if ~(done | bad):
             if greedy:
-                # -- greedy: accept while the draft is the argmax, then emit the argmax --
-                if (i < n) & (x == arg):
+                # -- greedy: accept while the draft is the argmax --
+                if drafted & (x == arg):
                     n_acc += 1
                 else:
-                    token = arg
                     done = b >= 0  # True
             else:
-                thr, z = _thresholds(row_ptr, V, t, m, z, top_k, top_p, BLOCK_V)
                 # -- ratio test: accept x iff u * q(x) < p(x) (Leviathan et al. 2023) --
-                x_logit = tl.load(row_ptr + x, mask=i < n, other=float("-inf")).to(tl.float32)
-                xs = x_logit / t
-                p_x = tl.where(_key(xs) >= thr, tl.exp(xs - m), 0.0) / z
+                p_x = p_at(logits_ptr + r * stride_l, x, drafted, tl.load(inv_t_ptr + r),
+                           tl.load(m_ptr + r), tl.load(z_ptr + r), tl.load(thr_ptr + r))
                 if HAS_Q:
-                    q_x = tl.load(q_row_ptr + x, mask=i < n, other=1.0)
+                    d = start + i
+                    q_x = p_at(ql_ptr + d * stride_q, x, drafted,
+                               tl.load(q_inv_t_ptr + d, mask=drafted, other=1.0),
+                               tl.load(q_m_ptr + d, mask=drafted, other=0.0),
+                               tl.load(q_z_ptr + d, mask=drafted, other=1.0),
+                               tl.load(q_thr_ptr + d, mask=drafted, other=0))
                 else:
                     q_x = 1.0
-                u = tl.sum(tl.where(lane == i, u_all, 0.0))
-                if (i < n) & (u * q_x < p_x):
+                u = tl.sum(tl.where(kk == i, u_acc, 0.0))
+                if drafted & (u * q_x < p_x):
                     n_acc += 1
                 else:
-                    # -- emit: residual after a rejection, bonus token after the last row --
-                    u = tl.sum(tl.where(lane == BLOCK_K + i, u_all, 0.0))
-                    token = _sample(row_ptr, q_row_ptr, V, t, m, z, thr, x, i < n, u,
-                                    HAS_Q, BLOCK_V)
                     done = b >= 0  # True
+    if c == 0:
+        tl.store(state_ptr + b * 2, tl.where(bad, -1, n_acc).to(tl.int32))
+        tl.store(state_ptr + b * 2 + 1, n.to(tl.int32))
+    if ~(bad | greedy):
+        # -- chunk c of the emitting row: residual after a rejection, p for the bonus --
+        r = start + b + n_acc
+        idx = c * CHUNK + tl.arange(0, CHUNK)
+        mask = idx < V
+        p = p_weights(logits_ptr + r * stride_l, idx, mask, tl.load(inv_t_ptr + r), tl.load(m_ptr + r),
+                      tl.load(z_ptr + r), tl.load(thr_ptr + r))
+        w_r = 0.0
+        if n_acc < n:
+            d = start + n_acc
+            if HAS_Q:
+                q = p_weights(ql_ptr + d * stride_q, idx, mask, tl.load(q_inv_t_ptr + d), tl.load(q_m_ptr + d),
+                              tl.load(q_z_ptr + d), tl.load(q_thr_ptr + d))
+                w_r = tl.sum(tl.maximum(p - q, 0.0))
+            else:
+                w_r = tl.sum(tl.where(idx == tl.load(ids_ptr + d), 0.0, p))
+        tl.store(chunk_w_ptr + (b * n_chunks + c) * 2, w_r)
+        tl.store(chunk_w_ptr + (b * n_chunks + c) * 2 + 1, tl.sum(p))
+
+
+@triton.jit(do_not_specialize=["V", "k_max", "n_chunks"])
+def _chain_emit_kernel(
+    logits_ptr, stride_l, ids_ptr, cu_ptr, temp_ptr, seed_ptr, offset_ptr,
+    m_ptr, z_ptr, thr_ptr, arg_ptr, inv_t_ptr,
+    ql_ptr, stride_q, q_inv_t_ptr, q_m_ptr, q_z_ptr, q_thr_ptr,
+    state_ptr, chunk_w_ptr, out_ptr, stride_o, n_acc_ptr,
+    V, k_max, n_chunks,
+    HAS_Q: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program b: the emitted token (argmax, or two-level inverse CDF) and the out row."""
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    n_acc = tl.load(state_ptr + b * 2).to(tl.int64)
+    n = tl.load(state_ptr + b * 2 + 1).to(tl.int64)
+    bad = n_acc < 0
+    n_acc = tl.maximum(n_acc, 0)
+    r = start + b + n_acc
+    token = tl.load(arg_ptr + r, mask=~bad, other=-1).to(tl.int64)  # greedy: the argmax
+    if ~bad & (tl.load(temp_ptr + b) > 0.0):
+        cc = tl.arange(0, BLOCK_C)
+        live = cc < n_chunks
+        w_r = tl.load(chunk_w_ptr + (b * n_chunks + cc) * 2, mask=live, other=0.0)
+        w_p = tl.load(chunk_w_ptr + (b * n_chunks + cc) * 2 + 1, mask=live, other=0.0)
+        use_r = (n_acc < n) & (tl.sum(w_r) > 0.0)  # a residual of 0 falls back to p
+        w = tl.where(use_r, w_r, w_p)
+        kk = tl.arange(0, BLOCK_K)
+        u_all = tl.rand(tl.load(seed_ptr + b), (tl.load(offset_ptr + b) << 32) + _SAMPLE_STREAM + kk)
+        target = tl.sum(tl.where(kk == n_acc, u_all, 0.0)) * tl.sum(w)
+        chunk, before = pick_chunk(w, cc, target)
+        idx = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = idx < V
+        p = p_weights(logits_ptr + r * stride_l, idx, mask, tl.load(inv_t_ptr + r), tl.load(m_ptr + r),
+                      tl.load(z_ptr + r), tl.load(thr_ptr + r))
+        wv = p
+        if use_r:
+            d = start + n_acc
+            if HAS_Q:
+                q = p_weights(ql_ptr + d * stride_q, idx, mask, tl.load(q_inv_t_ptr + d), tl.load(q_m_ptr + d),
+                              tl.load(q_z_ptr + d), tl.load(q_thr_ptr + d))
+                wv = tl.maximum(p - q, 0.0)
+            else:
+                wv = tl.where(idx == tl.load(ids_ptr + d), 0.0, p)
+        found, last, _ = cdf_block(wv, idx, before, target, tl.full((), -1, tl.int64),
+                                   tl.full((CHUNK,), -1, tl.int32))
+        token = tl.where(found < 0, tl.max(last).to(tl.int64), found)
     # -- out row: accepted drafts, the emitted token, -1 padding (all -1 when bad) --
+    kk = tl.arange(0, BLOCK_K)
     drafts = tl.load(ids_ptr + start + kk, mask=kk < n_acc, other=-1)
     row = tl.where(kk < n_acc, drafts, tl.where(kk == n_acc, token, -1))
     tl.store(out_ptr + b * stride_o + kk, tl.where(bad, -1, row), mask=kk <= k_max)
@@ -307,7 +195,7 @@ def _rejection_sample_kernel(
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_token_ids: torch.Tensor,
-    draft_probs: torch.Tensor | None,
+    q: DraftDist | None,
     cu_num_draft: torch.Tensor,
     max_num_draft: int,
     temperature: torch.Tensor,
@@ -318,13 +206,22 @@ def rejection_sample(
     check_finite: bool = True,
     *,
     num_draft: torch.Tensor | None = None,
+    filtered: bool | None = None,
+    radix_rounds: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused rejection sampling; same arguments, results and errors as
+    """Split-vocabulary rejection sampling; same arguments, results and errors as
     ``reference.rejection_sample`` (see its docstring for every tensor's shape and dtype).
 
+    filtered:     host hint: False promises no sequence uses top-k / top-p (no candidate
+                  keys are kept); None reads top_k / top_p (free on CPU, a sync on a GPU:
+                  pass it on the hot path, e.g. ``SamplingTensors.filtered``)
+    radix_rounds: host hint, radix-select rounds to launch for rows the candidates cannot
+                  settle (``_sampling_core.radix_rounds_needed``; None reads top_k / top_p)
+    chunk:        tokens per program (a power of two >= 64; default ``chunk_size(V)``)
     returns: out_tokens [B, max_num_draft + 1] int64 padded with -1, n_accepted [B] int32
     (-1 for a sequence with bad values when check_finite=False). With check_finite=False
-    the call makes no host copy.
+    and both hints given the call makes no host copy.
 
     Example::
 
@@ -335,9 +232,11 @@ def rejection_sample(
         ...                  torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
-    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, draft_probs, cu_num_draft,
+    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
                                          max_num_draft, temperature, top_k, top_p, seeds, offsets,
                                          num_draft)
+    if chunk is not None and (chunk < 64 or chunk & (chunk - 1)):
+        raise ValueError(f"chunk must be a power of two >= 64, got {chunk}")
     if check_finite:
         _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
     dev = target_logits.device
@@ -345,25 +244,42 @@ def rejection_sample(
     n_acc = torch.empty((batch,), dtype=torch.int32, device=dev)
     if batch == 0:
         return out, n_acc
+    if filtered is None:
+        filtered = dev.type != "cpu" or bool((((top_k > 0) & (top_k < vocab)) | (top_p < 1)).any())
+    if filtered and radix_rounds is None:
+        radix_rounds = radix_rounds_needed(top_k, top_p, vocab)
     logits = target_logits if target_logits.stride(1) == 1 else target_logits.contiguous()
+    stats = row_statistics(logits, temperature, top_k, top_p, cu_num_draft, filtered=filtered,
+                           radix_rounds=radix_rounds or 0, chunk=chunk)
     ids = draft_token_ids
     if ids.numel() == 0:
         ids = torch.zeros(1, dtype=torch.int64, device=dev)  # never read (every n_b = 0)
-    if draft_probs is not None:
-        q = draft_probs if draft_probs.stride(1) == 1 else draft_probs.contiguous()
-    else:
-        q = torch.zeros(1, dtype=torch.float32, device=dev)  # never read (HAS_Q=False)
-    block_v = min(4096, triton.next_power_of_2(vocab))
-    _rejection_sample_kernel[(batch,)](
-        logits, logits.stride(0), ids, q, q.stride(0), cu_num_draft,
-        temperature, top_k, top_p, seeds, offsets, num_draft if num_draft is not None else cu_num_draft,
-        out, out.stride(0), n_acc,
-        vocab, draft_token_ids.shape[0], max_num_draft,
-        HAS_Q=draft_probs is not None, HAS_CAP=num_draft is not None, BLOCK_V=block_v,
-        BLOCK_K=triton.next_power_of_2(max_num_draft + 1),
-        # one program per sequence, so a lone CTA per SM: 16 warps (8 elements a thread at
-        # BLOCK_V = 4096) hide more latency; 109 registers a thread, no spills on sm_90
-        num_warps=16 if block_v >= 4096 else (8 if block_v >= 1024 else 4),
+    if q is not None and q.logits.shape[0] > 0:
+        q_logits = q.logits
+        q_fields = (q.inv_t, q.m, q.z, q.thr)
+    else:  # never read (HAS_Q=False, or no draft rows)
+        q_logits = logits
+        q_fields = (stats.inv_t, stats.m, stats.z, stats.thr)
+    has_q = q is not None and q.logits.shape[0] > 0
+    state = torch.empty((batch, 2), dtype=torch.int32, device=dev)
+    chunk_w = torch.empty((batch, stats.n_chunks, 2), dtype=torch.float32, device=dev)
+    row = (stats.m, stats.z, stats.thr, stats.arg, stats.inv_t)
+    block_k = triton.next_power_of_2(max_num_draft + 1)
+    warps = 8 if stats.chunk >= 2048 else 4
+    _chain_accept_kernel[(batch, stats.n_chunks)](
+        logits, logits.stride(0), ids, cu_num_draft,
+        num_draft if num_draft is not None else cu_num_draft, temperature, seeds, offsets,
+        *row, q_logits, q_logits.stride(0), *q_fields, state, chunk_w,
+        vocab, draft_token_ids.shape[0], max_num_draft, stats.n_chunks,
+        HAS_Q=has_q, HAS_CAP=num_draft is not None, CHUNK=stats.chunk, BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    _chain_emit_kernel[(batch,)](
+        logits, logits.stride(0), ids, cu_num_draft, temperature, seeds, offsets,
+        *row, q_logits, q_logits.stride(0), *q_fields, state, chunk_w, out, out.stride(0), n_acc,
+        vocab, max_num_draft, stats.n_chunks,
+        HAS_Q=has_q, CHUNK=stats.chunk, BLOCK_K=block_k,
+        BLOCK_C=triton.next_power_of_2(stats.n_chunks), num_warps=warps,
     )
     if check_finite:
         _raise_if_flagged(n_acc)

@@ -239,7 +239,10 @@ class LlamaForCausalLM(nn.Module):
         ops:        kernel backend (``specdec.kernels.get_backend``)
         num_layers: run only the first N layers, then the final norm and LM head
                     (the early-exit drafter); default all
-        returns:    logits [R, V] float32 for ``batch.logits_rows`` (all T rows if None)
+        returns:    logits [R, V] in the model's dtype (bf16 / fp16 / fp32) for
+                    ``batch.logits_rows`` (all T rows if None): the samplers read them
+                    as they are and upcast in registers (the torch reference upcasts
+                    itself), so no fp32 copy of the logits is made
 
         Needs ``fuse_projections()`` first (``load_model`` calls it).
         """
@@ -256,4 +259,4 @@ class LlamaForCausalLM(nn.Module):
         if batch.logits_rows is not None:
             h, residual = h[batch.logits_rows], residual[batch.logits_rows]  # [R, hidden]
         x, _ = ops.add_rms_norm(h, residual, self.model.norm.weight, self.model.norm.eps)
-        return self.lm_head(x).float()
+        return self.lm_head(x)
