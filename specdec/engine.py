@@ -305,7 +305,7 @@ class Engine:
         """Compile the general path's kernels (specdec/warmup.py), then capture and time
         the decode steps of these batch sizes and sampling modes ahead of serving; returns
         how many (bucket, mode, k) steps were prepared."""
-        warm_up_eager(self, modes)
+        warm_up_eager(self, modes, batch_sizes)
         if self.runner is None:
             return 0
         costs = self.runner.warm_up(batch_sizes, modes)

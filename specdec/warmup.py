@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import triton
 
 from .drafters.draft_model import ModelDrafter
 from .models.llama import ForwardBatch
@@ -24,7 +25,7 @@ from .models.llama import ForwardBatch
 _SCRATCH_NOTE = "the cache has no scratch block past the block manager's (LLM allocates one)"
 
 
-def warm_up_eager(engine, modes: tuple[str, ...]) -> int:
+def warm_up_eager(engine, modes: tuple[str, ...], batch_sizes: list[int]) -> int:
     """Compile the eager path's kernels of ``engine`` (Triton backend on CUDA only:
     elsewhere nothing is compiled); returns the number of launches made."""
     if engine.ops.name != "triton" or engine.device.type != "cuda":
@@ -43,7 +44,7 @@ def warm_up_eager(engine, modes: tuple[str, ...]) -> int:
         k_cache, v_cache = cache.layer(0)
         launches += va.precompile(k_cache, v_cache, model.config.num_heads, scratch, trees=trees)
         launches += _one_token_forward(model, cache, engine.ops, scratch, num_layers)
-    launches += _sampler_warm_up(engine, modes, trees)
+    launches += _sampler_warm_up(engine, modes, trees, batch_sizes)
     if trees:  # keep-path compaction: a slot of the scratch block onto itself
         slot = torch.full((1,), scratch * engine.blocks.block_size, dtype=torch.int64, device=engine.device)
         engine.cache.keep_path(slot, slot)
@@ -68,34 +69,56 @@ def _one_token_forward(model, cache, ops, scratch: int, num_layers) -> int:
     return 1
 
 
-def _sampler_warm_up(engine, modes: tuple[str, ...], trees: bool) -> int:
-    """The samplers' eager calls (today's public launchers; one place to change when
-    their signatures do): one sequence, every sampling mode, every chain length."""
+def _sampler_warm_up(engine, modes: tuple[str, ...], trees: bool, batch_sizes: list[int]) -> int:
+    """The samplers' eager calls: every sampling mode, every chain length, and every
+    power of two of the batch sizes (the samplers' one batch-dependent constexpr maps a
+    row to its sequence), with logits in the model's dtype as the engine hands them."""
     dev, ops = engine.device, engine.ops
     V = engine.target.config.vocab_size
+    dtype = engine.target.lm_head.weight.dtype
     with_q = isinstance(engine.drafter, ModelDrafter)
     launches = 0
-    for mode in modes:
-        temperature = torch.full((1,), 0.0 if mode == "greedy" else 1.0, device=dev)
-        top_k = torch.full((1,), 5 if mode == "filtered" else 0, dtype=torch.int32, device=dev)
-        top_p = torch.ones(1, device=dev)
-        seeds = offsets = torch.zeros(1, dtype=torch.int64, device=dev)
-        for k in range(engine.draft_depth + 1):
-            logits = torch.zeros(k + 1, V, device=dev)
-            ids = torch.zeros(k, dtype=torch.int64, device=dev)
-            q = torch.full((k, V), 1.0 / V, device=dev) if with_q and k > 0 else None
-            cu = torch.tensor([0, k], dtype=torch.int32, device=dev)
-            ops.rejection_sample(logits, ids, q, cu, k, temperature, top_k, top_p, seeds, offsets,
-                                 check_finite=False)
-            launches += 1
-        if trees:
-            n = engine.num_draft_tokens
-            logits = torch.zeros(n + 1, V, device=dev)
-            q = torch.full((n + 1, V), 1.0 / V, device=dev) if with_q else None
-            parents = torch.arange(-1, n - 1, dtype=torch.int32, device=dev)
-            cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-            for depth in range(1, engine.draft_depth + 1):
-                ops.tree_rejection_sample(logits, torch.zeros(n, dtype=torch.int64, device=dev), parents, q, cu,
-                                          depth, temperature, top_k, top_p, seeds, offsets, check_finite=False)
+    for B in sorted({triton.next_power_of_2(max(b, 1)) for b in batch_sizes} or {1}):
+        for mode in modes:
+            filtered = mode == "filtered"
+            temperature = torch.full((B,), 0.0 if mode == "greedy" else 1.0, device=dev)
+            top_k = torch.full((B,), 5 if filtered else 0, dtype=torch.int32, device=dev)
+            top_p = torch.full((B,), 0.9 if filtered else 1.0, device=dev)
+            seeds = offsets = torch.zeros(B, dtype=torch.int64, device=dev)
+            hints = dict(filtered=filtered, radix_rounds=8 if filtered else 0)
+            for k in range(engine.draft_depth + 1):
+                logits = torch.zeros(B * (k + 1), V, dtype=dtype, device=dev)
+                ids = torch.zeros(B * k, dtype=torch.int64, device=dev)
+                q = None
+                if with_q and k > 0:  # the draft side: the fused draft sampler makes q
+                    rep = lambda t: t.repeat_interleave(k)  # noqa: E731
+                    _, q = ops.draft_sample(torch.zeros(B * k, V, dtype=dtype, device=dev), rep(temperature),
+                                            rep(top_k), rep(top_p), rep(seeds), rep(offsets), 16, **hints)
+                    launches += 1
+                cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * k
+                ops.rejection_sample(logits, ids, q, cu, k, temperature, top_k, top_p, seeds, offsets,
+                                     check_finite=False, **hints)
                 launches += 1
+            if trees:
+                launches += _tree_sampler_warm_up(engine, B, dtype, with_q, temperature, top_k, top_p, seeds)
     return launches
+
+
+def _tree_sampler_warm_up(engine, B: int, dtype, with_q: bool, temperature, top_k, top_p, seeds) -> int:
+    """The tree sampler for B chains-as-trees of the drafter's node count, every depth."""
+    dev, ops = engine.device, engine.ops
+    V = engine.target.config.vocab_size
+    n = engine.num_draft_tokens
+    logits = torch.zeros(B * (n + 1), V, dtype=dtype, device=dev)
+    q = None
+    if with_q:
+        rep = lambda t: t.repeat_interleave(n + 1)  # noqa: E731
+        _, q = ops.draft_sample(torch.zeros(B * (n + 1), V, dtype=dtype, device=dev), rep(temperature),
+                                rep(top_k), rep(top_p), rep(seeds), rep(seeds), 16)
+    parents = torch.arange(-1, n - 1, dtype=torch.int32, device=dev).repeat(B)
+    cu = torch.arange(0, B * n + 1, n, dtype=torch.int32, device=dev)
+    ids = torch.zeros(B * n, dtype=torch.int64, device=dev)
+    for depth in range(1, engine.draft_depth + 1):
+        ops.tree_rejection_sample(logits, ids, parents, q, cu, depth, temperature, top_k, top_p, seeds, seeds,
+                                  check_finite=False)
+    return engine.draft_depth + int(with_q)

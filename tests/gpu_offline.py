@@ -19,7 +19,7 @@ The cases (``cases()``): llama-3.2-1B (D = 64) and llama-3.1-8B (D = 128) attent
 B in {1, 16, 64}: decode, chains k in {4, 8}, 64-node trees, a 2,048-token prefill, the
 shapes a CUDA graph sees (hint = context length) and the eager engine's (hint = the real
 longest sequence), plus D = 256, float16 and float32; every fused op and KV copy of both
-models; both samplers at V = 128,256 (``_sampler_cases``, today's launcher signatures).
+models; the samplers at V = 128,256 (``_sampler_cases``).
 """
 
 from __future__ import annotations
@@ -284,44 +284,66 @@ def _fused_cases(arch: int, full: bool):
     return out
 
 
-def _sampler_cases(arch: int, full: bool):
-    """Both samplers at V = 128,256 through today's public launchers (one place to
-    change when their signatures do): sampled with q, top-k/top-p and the per-sequence
-    cap (bf16 logits), greedy (fp32 logits), the tree sampler with q."""
+def _draft_dist(rows: int, V: int, dtype):
+    """A DraftDist of ``rows`` draft rows (shapes and dtypes only: nothing is read)."""
     import torch
 
-    from specdec.kernels import rejection_sampling, tree_sampling
+    from specdec.kernels._sampling_core import DraftDist
+
+    f32 = torch.empty(rows)
+    return DraftDist(torch.empty(rows, V, dtype=dtype), f32, f32.clone(), f32.clone(),
+                     torch.zeros(rows, dtype=torch.int32))
+
+
+def _sampler_cases(arch: int, full: bool):
+    """The samplers at V = 128,256 through their public launchers: the chain sampler with
+    q as a DraftDist (bf16), top-k/top-p with the radix fallback and the per-sequence cap,
+    greedy over fp32 logits; the fused draft sampler (one draw and a tree's four); the
+    tree sampler, with q and with point-mass children, unfiltered and filtered."""
+    import torch
+
+    from specdec.kernels import draft_sampling, rejection_sampling, tree_sampling
 
     V = 128256
+    bf16 = torch.bfloat16
     out = []
-    combos = [(True, True, True, torch.bfloat16), (False, True, False, torch.float32)]
+    combos = [(True, True, True, bf16), (False, False, False, torch.float32)]
     if full:
-        combos += [(True, False, False, torch.float32), (True, False, False, torch.bfloat16)]
+        combos += [(True, False, False, torch.float32), (True, False, False, bf16)]
     combos = combos if arch == 90 or full else combos[:1]
     for B, k in ((1, 4), (64, 8)) if full else ((1, 4),):
         for has_q, cap, filtered, dtype in combos:
-            rows = B * (k + 1)
-            logits = torch.empty(rows, V, dtype=dtype)
+            logits = torch.empty(B * (k + 1), V, dtype=dtype)
             ids = torch.zeros(B * k, dtype=torch.int64)
-            q = torch.empty(B * k, V) if has_q else None
+            q = _draft_dist(B * k, V, bf16) if has_q else None
             cu = torch.arange(0, B * k + 1, k, dtype=torch.int32)
             top_k = torch.full((B,), 50 if filtered else 0, dtype=torch.int32)
             top_p = torch.full((B,), 0.9 if filtered else 1.0)
-            num_draft = torch.full((B,), k, dtype=torch.int32) if cap else None
+            hints = dict(num_draft=torch.full((B,), k, dtype=torch.int32) if cap else None,
+                         filtered=filtered, radix_rounds=8 if filtered else 0)
             z64 = torch.zeros(B, dtype=torch.int64)
             name = f"rejection B={B} k={k} {str(dtype)[6:]} q={has_q} cap={cap} filtered={filtered}"
-            out.append((name, lambda a=(logits, ids, q, cu, k, torch.ones(B), top_k, top_p, z64, z64),
-                        nd=num_draft: rejection_sampling.rejection_sample(*a, check_finite=False,
-                                                                          num_draft=nd)))
+            out.append((name, lambda a=(logits, ids, q, cu, k, torch.ones(B), top_k, top_p, z64, z64), h=hints:
+                        rejection_sampling.rejection_sample(*a, check_finite=False, **h)))
+    for n, samples in ((1, 1), (4, 4)) if arch == 90 or full else ((1, 1),):
+        z64 = torch.zeros(n, dtype=torch.int64)
+        out.append((f"draft sample N={n} x{samples} bf16 filtered",
+                    lambda n=n, s=samples, z=z64: draft_sampling.draft_sample(
+                        torch.empty(n, V, dtype=bf16), torch.ones(n), torch.full((n,), 50, dtype=torch.int32),
+                        torch.full((n,), 0.9), z, z, 16, s, z if s > 1 else None, filtered=True, radix_rounds=8)))
+    tree_combos = [(True, False), (False, True)] if arch == 90 or full else [(True, False)]
     for B in (1, 64) if full else (1,):
         nodes, depth = 63, 6
-        args = (torch.empty(B * (nodes + 1), V), torch.zeros(B * nodes, dtype=torch.int64),
-                torch.full((B * nodes,), -1, dtype=torch.int32), torch.empty(B * (nodes + 1), V),
-                torch.arange(0, B * nodes + 1, nodes, dtype=torch.int32), depth, torch.ones(B),
-                torch.zeros(B, dtype=torch.int32), torch.ones(B), torch.zeros(B, dtype=torch.int64),
-                torch.zeros(B, dtype=torch.int64))
-        out.append((f"tree B={B} nodes={nodes} q=True",
-                    lambda a=args: tree_sampling.tree_rejection_sample(*a, check_finite=False)))
+        for has_q, filtered in tree_combos:
+            args = (torch.empty(B * (nodes + 1), V, dtype=bf16), torch.zeros(B * nodes, dtype=torch.int64),
+                    torch.full((B * nodes,), -1, dtype=torch.int32),
+                    _draft_dist(B * (nodes + 1), V, bf16) if has_q else None,
+                    torch.arange(0, B * nodes + 1, nodes, dtype=torch.int32), depth, torch.ones(B),
+                    torch.full((B,), 50 if filtered else 0, dtype=torch.int32),
+                    torch.full((B,), 0.9 if filtered else 1.0), torch.zeros(B, dtype=torch.int64),
+                    torch.zeros(B, dtype=torch.int64))
+            out.append((f"tree B={B} nodes={nodes} q={has_q} filtered={filtered}",
+                        lambda a=args: tree_sampling.tree_rejection_sample(*a, check_finite=False)))
     return out
 
 

@@ -80,8 +80,10 @@ def test_every_case_compiles_or_is_refused_up_front(compiled, arch):
             assert r["error"] and "float32 attention on a GPU supports at most" in r["error"], r
             assert r["launches"] == [], "refused only after launching"
     kernels = {launch["kernel"] for _, launch in _launches(results)}
-    want = {"_verify_attention_kernel", "_combine_splits_kernel", "_rejection_sample_kernel",
-            "_tree_rejection_sample_kernel"}
+    want = {"_verify_attention_kernel", "_combine_splits_kernel", "_partials_kernel", "_row_finish_kernel",
+            "_radix_hist_kernel", "_radix_step_kernel", "_chain_accept_kernel", "_chain_emit_kernel",
+            "_draft_chunk_kernel", "_draft_emit_kernel", "_tree_partials_kernel", "_tree_rows_kernel",
+            "_tree_walk_kernel"}
     if arch == 90:
         want |= {"_add_rms_norm_kernel", "_rotary_kernel", "_silu_mul_kernel", "_copy_slots_kernel"}
     assert want <= kernels, f"never compiled: {want - kernels}"
@@ -126,6 +128,16 @@ def test_headline_tree_reads_each_kv_head_at_most_twice_and_fills_the_gpu(compil
     splits = launch["grid"][0] // tiles
     assert math.prod(launch["grid"]) >= g.SM_COUNT[arch], f"grid {launch['grid']} leaves SMs idle"
     assert splits == 1 or launch["constexprs"]["SPLIT"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_sampler_spreads_a_batch_one_row_over_at_least_32_programs(compiled, arch):
+    # at batch 1 and V = 128,256 the vocabulary is split across programs: the largest
+    # launch of each sampler has >= 32 of them (one program per sequence before)
+    for prefix in ("rejection B=1", "draft sample N=1", "tree B=1"):
+        grids = [math.prod(launch["grid"]) for r in compiled[arch] if r["label"].startswith(prefix)
+                 for launch in r["launches"]]
+        assert grids and max(grids) >= 32, f"sm_{arch} {prefix}: largest launch {max(grids, default=0)} programs"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -80,9 +80,12 @@ def test_eager_warm_up_pieces_run_with_todays_launchers(target):
     llm = LLM(str(target), draft="early-exit:1", num_draft_tokens=3, device="cpu", dtype=torch.float32,
               backend="triton", block_size=4, seed=0, draft_tree=(2, 1))
     engine = llm.engine
-    assert warmup.warm_up_eager(engine, SAMPLING_MODES) == 0
+    assert warmup.warm_up_eager(engine, SAMPLING_MODES, [2]) == 0
     scratch = engine.blocks.num_blocks
     assert warmup._one_token_forward(engine.target, engine.cache, engine.ops, scratch, None) == 1
     assert torch.isfinite(engine.cache.k[:, scratch]).all()
-    n = warmup._sampler_warm_up(engine, SAMPLING_MODES, trees=True)
-    assert n == len(SAMPLING_MODES) * ((engine.draft_depth + 1) + engine.draft_depth)
+    n = warmup._sampler_warm_up(engine, SAMPLING_MODES, trees=True, batch_sizes=[2])
+    # per mode at batch 2: the rejection sampler at every k, the draft sampler at k >= 1,
+    # the tree sampler at every depth and its draft sampler
+    d = engine.draft_depth
+    assert n == len(SAMPLING_MODES) * ((d + 1) + d + (d + 1))

@@ -272,7 +272,7 @@ def rejection_sample(
         *row, q_logits, q_logits.stride(0), *q_fields, state, chunk_w,
         vocab, draft_token_ids.shape[0], max_num_draft, stats.n_chunks,
         HAS_Q=has_q, HAS_CAP=num_draft is not None, CHUNK=stats.chunk, BLOCK_K=block_k,
-        num_warps=warps,
+        num_warps=warps, maxnreg=128,  # without a cap ptxas spilled 4 B (fp32 logits, no q)
     )
     _chain_emit_kernel[(batch,)](
         logits, logits.stride(0), ids, cu_num_draft, temperature, seeds, offsets,
