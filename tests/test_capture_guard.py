@@ -9,8 +9,8 @@ that raises on every such operation (the kernels' interpreted bodies are not che
 on a GPU they are single launches; their launchers' host code is).
 
 Every sampling mode x every drafter the runner covers (none, a draft model, early exit),
-plus a mutation check: the pre-fix ``philox._uint32_to_uniform`` (a scale tensor built
-with ``torch.tensor(..., device=x.device)`` inside the draft step) makes the guard fail.
+plus a mutation check: a scale tensor built with ``torch.tensor(..., device=...)`` put
+back into the draft step (the bug the Philox scale once had) makes the guard fail.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from checkpoints import make_checkpoint, perturbed_copy
 from specdec import LLM
 from specdec.cuda_graphs import SAMPLING_MODES
-from specdec.kernels import philox
+from specdec.drafters.draft_model import ModelDrafter
+from specdec.kernels import _sampling_core
 
 K = 2
 BUCKET = 2
@@ -185,8 +186,11 @@ def _static_step(dirs, draft, mode):
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 @pytest.mark.parametrize("mode", SAMPLING_MODES)
 @pytest.mark.parametrize("draft", [None, "near", "early-exit:1"], ids=["none", "draft-model", "early-exit"])
-def test_captured_steps_neither_sync_nor_copy_from_the_host(dirs, draft, mode):
+def test_captured_steps_neither_sync_nor_copy_from_the_host(dirs, draft, mode, monkeypatch):
     step = _static_step(dirs, draft, mode)
+    # the host code a GPU runs: the samplers' interpreter-only shortcut (stop the radix
+    # rounds once every row is settled, a host read) is off, as it is on a GPU
+    monkeypatch.setattr(_sampling_core, "_INTERPRETED", False)
     with CaptureGuard():
         step.run(None)  # exactly what capture() records: draft() (k > 0), then verify()
     assert step.out.shape == (BUCKET, step.k + 1)
@@ -195,21 +199,22 @@ def test_captured_steps_neither_sync_nor_copy_from_the_host(dirs, draft, mode):
         assert step.k == K and step.drafts.shape == (BUCKET, K)
 
 
-def _uniform_with_a_host_scale(x: torch.Tensor) -> torch.Tensor:
-    """The pre-fix philox._uint32_to_uniform: its scale tensor is an H2D copy."""
-    signed = torch.where(x >= 2**31, x - 2**32, x)
-    folded = torch.where(signed < 0, -signed - 1, signed)
-    scale = torch.tensor(philox._UNIFORM_SCALE, dtype=torch.float32, device=x.device)
-    return folded.to(torch.float32) * scale
+def _sample_with_a_host_scale(original):
+    """The draft step's sampling with a host-built scale tensor put back (the bug the
+    Philox scale once had: ``torch.tensor(..., device=x.device)``, an H2D copy)."""
+    def sample(self, logits, sampling, j):
+        scale = torch.tensor(1.0, dtype=torch.float32, device=logits.device)
+        return original(self, logits * scale, sampling, j)
+    return sample
 
 
 @on_cpu
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 def test_mutation_a_host_tensor_in_the_draft_step_is_caught(dirs, monkeypatch):
     step = _static_step(dirs, "near", "sample")
-    monkeypatch.setattr(philox, "_uint32_to_uniform", _uniform_with_a_host_scale)
+    monkeypatch.setattr(ModelDrafter, "sample", _sample_with_a_host_scale(ModelDrafter.sample))
     with pytest.raises(CaptureViolation, match="tensor"), CaptureGuard():
         step.draft()
     monkeypatch.undo()
-    with CaptureGuard():  # and the fixed one passes on the same step
+    with CaptureGuard():  # and the unmutated step passes
         step.draft()
