@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "qwen2")
+FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied")
 
 
 def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: int = 97,
@@ -21,7 +21,7 @@ def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: in
     norm weights are exercised and the logits are far from uniform (greedy is stable).
     """
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -40,6 +40,10 @@ def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: in
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif family in ("qwen3", "qwen3-tied"):
+        # head_dim is explicit in Qwen3 (128 in every release, != hidden / heads in some)
+        common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])
+        model = Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=family == "qwen3-tied", **common))
     else:
         raise ValueError(f"unknown family {family!r}")
     gen = torch.Generator().manual_seed(seed)

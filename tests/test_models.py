@@ -56,7 +56,7 @@ def test_parity_with_transformers(family_dirs, family):
     _check_parity(family_dirs[family])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 def test_parity_gqa_ratios(tmp_path, family, num_kv_heads):
     path = make_checkpoint(tmp_path, family, num_heads=4, num_kv_heads=num_kv_heads, num_layers=2)
@@ -64,7 +64,7 @@ def test_parity_gqa_ratios(tmp_path, family, num_kv_heads):
     _check_parity(path, length=19)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "qwen3-tied"])
 def test_parity_explicit_head_dim(tmp_path, family):
     # head_dim 16 != hidden 32 / heads 4 = 8: q_proj is [64, 32], o_proj [32, 64]
     path = make_checkpoint(tmp_path, family, head_dim=16, num_layers=2)
@@ -94,6 +94,39 @@ def test_qwen2_biases_loaded(family_dirs):
         assert bias.abs().sum() > 0
         assert torch.equal(bias, stored[f"model.layers.2.self_attn.{proj}.bias"])
     assert attn.o_proj.bias is None  # qwen2: q/k/v biases only
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied"])
+def test_qwen3_head_norms_loaded(family_dirs, family):
+    from safetensors.torch import load_file
+
+    path = family_dirs[family]
+    stored = load_file(path / "model.safetensors")
+    model = load_model(path)
+    cfg = model.config
+    assert cfg.architecture == "Qwen3ForCausalLM" and cfg.qk_norm
+    assert not cfg.qkv_bias and not cfg.o_bias
+    attn = model.model.layers[1].self_attn
+    for name in ("q_norm", "k_norm"):
+        w = getattr(attn, name).weight
+        assert w.shape == (cfg.head_dim,)
+        assert torch.equal(w, stored[f"model.layers.1.self_attn.{name}.weight"])
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tied == (family == "qwen3-tied") == cfg.tie_word_embeddings
+    # the head norms matter: without them the logits move
+    for layer in model.model.layers:
+        layer.self_attn.q_norm.weight.data.fill_(1.0)
+    assert not torch.allclose(model(_ids(1, 9)), load_model(path)(_ids(1, 9)), atol=1e-2)
+
+
+def test_qwen3_sliding_window_refused_only_when_used(family_dirs):
+    raw = _raw(family_dirs["qwen3"])
+    raw.update(sliding_window=64, max_position_embeddings=256, use_sliding_window=False)
+    assert ModelConfig.from_dict(raw).qk_norm
+    raw["use_sliding_window"] = True
+    with pytest.raises(ConfigError, match="sliding_window=64"):
+        ModelConfig.from_dict(raw)
 
 
 def test_parity_linear_rope_scaling(tmp_path):

@@ -84,21 +84,32 @@ def _add_rms_norm_kernel(
 
 
 @triton.jit
-def _rope_heads(x_ptr, out_ptr, n_heads, stride_h, stride_out_h, cos, sin,
+def _rope_heads(x_ptr, out_ptr, w_ptr, eps, n_heads, stride_h, stride_out_h, cos, sin,
                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                RNE_BF16: tl.constexpr):
-    """Rotate every head of one token, BLOCK_H heads at a time.
+                HAS_NORM: tl.constexpr, RNE_BF16: tl.constexpr):
+    """(RMSNorm each head, then) rotate every head of one token, BLOCK_H heads at a time.
 
     With x = [x1, x2] (the two halves of a head), x * cos + rotate_half(x) * sin is
-    [x1 cos - x2 sin, x2 cos + x1 sin]; ``cos``, ``sin``: [1, BLOCK_HALF] fp32.
+    [x1 cos - x2 sin, x2 cos + x1 sin]; ``cos``, ``sin``: [1, BLOCK_HALF] fp32. With
+    HAS_NORM, x is first w * x * rsqrt(mean(x^2) + eps) over the head's D = 2 HALF values
+    (``w_ptr``: [D] gain), kept in fp32.
     """
     j = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
+    if HAS_NORM:
+        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)  # [1, BLOCK_HALF]
+        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
         mask = (h < n_heads) & (j < HALF)
         src = x_ptr + h * stride_h + j
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            # masked columns load 0: the sum of squares is over the head's D values only
+            ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)  # [BLOCK_H]
+            inv_rms = tl.math.rsqrt(ss / (2 * HALF) + eps)[:, None]
+            x1 = x1 * inv_rms * w1
+            x2 = x2 * inv_rms * w2
         dst = out_ptr + h * stride_out_h + j
         tl.store(dst, _round(x1 * cos - x2 * sin, out_ptr.dtype.element_ty, RNE_BF16),
                  mask=mask)
@@ -109,13 +120,15 @@ def _rope_heads(x_ptr, out_ptr, n_heads, stride_h, stride_out_h, cos, sin,
 # head counts only bound a loop and mask whole heads: no need to specialise on them
 @triton.jit(do_not_specialize=["n_q_heads", "n_k_heads"])
 def _rotary_kernel(
-    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr, n_q_heads, n_k_heads,
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, eps,
+    n_q_heads, n_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_HK: tl.constexpr, HAS_NORM: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
-    """Token ``t``: RoPE on its H query heads and H_kv key heads (D = 2 * HALF)."""
+    """Token ``t``: (per-head RMSNorm and) RoPE on its H query heads and H_kv key heads
+    (D = 2 * HALF)."""
     t = tl.program_id(0).to(tl.int64)
     # -- angles theta_j = pos * inv_freq_j, the fp32 product the reference takes --
     j = tl.arange(0, BLOCK_HALF)
@@ -123,10 +136,10 @@ def _rotary_kernel(
     theta = pos * tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)  # [BLOCK_HALF]
     cos = tl.cos(theta)[None, :]
     sin = tl.sin(theta)[None, :]
-    _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, n_q_heads, stride_qh,
-                stride_qoh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF, RNE_BF16)
-    _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, n_k_heads, stride_kh,
-                stride_koh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF, RNE_BF16)
+    _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, qw_ptr, eps, n_q_heads,
+                stride_qh, stride_qoh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF, HAS_NORM, RNE_BF16)
+    _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, kw_ptr, eps, n_k_heads,
+                stride_kh, stride_koh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF, HAS_NORM, RNE_BF16)
 
 
 @triton.jit
@@ -200,14 +213,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-           inv_freq: torch.Tensor, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on the query and key heads of T tokens in one launch (one program per token).
+           inv_freq: torch.Tensor, *, q_norm_weight: torch.Tensor | None = None,
+           k_norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+           check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Per-head RMSNorm and) RoPE on the query and key heads of T tokens in one launch
+    (one program per token).
 
     q:         [T, H, D] float16/bfloat16/float32, any token/head strides, stride 1 in D
                (e.g. ``qkv[:, :H * D].view(T, H, D)`` of a fused projection); D even
     k:         [T, H_kv, D] q's dtype, same layout rules
     positions: [T] int64 (or int32), absolute positions, exact below 2**24
     inv_freq:  [D / 2] float32 rotation frequencies
+    q_norm_weight, k_norm_weight: [D] q's dtype or None (both or neither): an RMSNorm of
+               each head (eps ``norm_eps``) before the rotation (Qwen3's q_norm/k_norm),
+               kept in fp32 into the rotation (the reference rounds it to q's dtype)
     returns:   q_rot [T, H, D], k_rot [T, H_kv, D], new and contiguous, in q's dtype
 
     Per token, theta_j = float(pos) * inv_freq_j (the reference's fp32 product), cos and
@@ -222,7 +241,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         [0.5, 0.866, -1.732, 1.0]
     """
     if check:
-        _check_rotary_args(q, k, positions, inv_freq)
+        _check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
     t, h, d = q.shape
     h_kv = k.shape[1]
     q_out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
@@ -231,12 +250,15 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return q_out, k_out
     block_half = triton.next_power_of_2(d // 2)
     max_heads = max(1, 4096 // block_half)  # keep a [BLOCK_H, BLOCK_HALF] tile <= 4096
+    has_norm = q_norm_weight is not None
     _rotary_kernel[(t,)](
-        q, k, positions, inv_freq, q_out, k_out, h, h_kv,
+        q, k, positions, inv_freq, q_out, k_out,
+        q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, float(norm_eps), h, h_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         HALF=d // 2, BLOCK_HALF=block_half, BLOCK_HQ=min(triton.next_power_of_2(h), max_heads),
-        BLOCK_HK=min(triton.next_power_of_2(h_kv), max_heads), RNE_BF16=_rne_bf16(q.dtype), num_warps=4,
+        BLOCK_HK=min(triton.next_power_of_2(h_kv), max_heads), HAS_NORM=has_norm,
+        RNE_BF16=_rne_bf16(q.dtype), num_warps=4,
     )
     return q_out, k_out
 

@@ -791,7 +791,8 @@ def _check_add_rms_norm_args(x, residual, weight, eps) -> None:
             and eps >= 0, f"eps must be a host float >= 0, got {eps!r}")
 
 
-def _check_rotary_args(q, k, positions, inv_freq) -> None:
+def _check_rotary_args(q, k, positions, inv_freq, q_norm_weight=None, k_norm_weight=None,
+                       norm_eps=1e-6) -> None:
     _require_activation("q", q, 3, "[T, H, D]")
     _require_activation("k", k, 3, "[T, H_kv, D]")
     t, _, d = q.shape
@@ -813,6 +814,19 @@ def _check_rotary_args(q, k, positions, inv_freq) -> None:
             f"stay fp32 whatever the model's dtype), got {inv_freq.dtype}")
     require_unit_stride("inv_freq", inv_freq)
     require_same_device("q", q, k=k, positions=positions, inv_freq=inv_freq)
+    require((q_norm_weight is None) == (k_norm_weight is None),
+            "q_norm_weight and k_norm_weight go together: pass both (a per-head q/k norm) or neither")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is None:
+            continue
+        _require_activation(name, w, 1, "[D]")
+        require(w.shape[0] == d, f"{name} must have shape ({d},) (D of q {shape_of(q)}), "
+                f"got {shape_of(w)}")
+        require(w.dtype == q.dtype, f"{name} is {w.dtype} but q is {q.dtype}")
+        require_same_device("q", q, **{name: w})
+    require(isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool)
+            and math.isfinite(norm_eps) and norm_eps >= 0,
+            f"norm_eps must be a host float >= 0, got {norm_eps!r}")
 
 
 def _check_silu_mul_args(gate_up) -> None:
@@ -859,21 +873,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llama.py's ``RMSNorm`` over the last dim (each head): fp32 statistics, the
+    normalised row rounded to x's dtype, then the gain."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def rotary(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
     *,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on the query and key heads of T tokens (transformers' half-split layout).
+    """(Per-head RMSNorm, then) RoPE on the query and key heads of T tokens
+    (transformers' half-split layout).
 
     q:         [T, H, D] float16/bfloat16/float32, any token/head strides, stride 1 in D
                (e.g. a view into a fused qkv projection's output); D even
     k:         [T, H_kv, D] q's dtype, same layout rules
     positions: [T] int64 (or int32), each token's absolute position, exact below 2**24
     inv_freq:  [D / 2] float32, the rotation frequencies (``ModelConfig.rope_inv_freq``)
+    q_norm_weight, k_norm_weight: [D] q's dtype or None (both or neither): Qwen3's
+               ``q_norm`` / ``k_norm``, an RMSNorm over each head (eps ``norm_eps``)
+               applied before the rotation, as llama.py's ``RMSNorm`` computes it
     returns:   q_rot [T, H, D], k_rot [T, H_kv, D], contiguous, in q's dtype
 
     llama.py's ``Rotary.cos_sin`` then ``apply_rope`` op for op: angles in fp32, cos and
@@ -884,7 +913,9 @@ def rotary(
         x1, x2 = halves of x -> x * cos(emb) + cat(-x2, x1) * sin(emb)
     """
     if check:
-        _check_rotary_args(q, k, positions, inv_freq)
+        _check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
+    if q_norm_weight is not None:
+        q, k = _head_rms_norm(q, q_norm_weight, norm_eps), _head_rms_norm(k, k_norm_weight, norm_eps)
     freqs = positions.float()[:, None] * inv_freq.float()  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     cos = emb.cos().to(q.dtype)[:, None]  # [T, 1, D]

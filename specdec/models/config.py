@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -36,6 +37,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     source: str = "<dict>"
@@ -92,7 +94,10 @@ class ModelConfig:
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         max_pos = raw.get("max_position_embeddings", 2048)
-        if arch == "MistralForCausalLM":
+        # Qwen2/3 apply their window only with use_sliding_window (off in every release)
+        uses_window = arch == "MistralForCausalLM" or (
+            arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"))
+        if uses_window:
             window = raw.get("sliding_window")
             if window is not None and window < max_pos:
                 raise ConfigError(
@@ -111,7 +116,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         attention_bias = bool(raw.get("attention_bias", False))
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch == "Qwen2ForCausalLM"  # q/k/v biases always, o_proj none
         return cls(
             architecture=arch,
             vocab_size=need("vocab_size"),
@@ -130,6 +135,7 @@ class ModelConfig:
             qkv_bias=is_qwen2 or attention_bias,
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             source=source,
@@ -160,4 +166,5 @@ _ARCH_OF_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }

@@ -1,4 +1,7 @@
-"""The llama-family model (llama, mistral, qwen2): RMSNorm, RoPE, GQA attention, SwiGLU.
+"""The llama-family model (llama, mistral, qwen2, qwen3): RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Qwen3 adds an RMSNorm over each query and key head before RoPE (``q_norm``, ``k_norm``);
+the cached forward folds it into the rotary launch.
 
 Parameter names follow transformers' ``LlamaForCausalLM`` so a safetensors checkpoint
 loads by name. Two forwards:
@@ -102,6 +105,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.o_bias)
+        # Qwen3: RMSNorm over each head of q and k (weights [D]) before RoPE
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = d**-0.5
 
     def _qkv(self, x, cos, sin):
@@ -109,6 +115,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin):
@@ -131,7 +139,9 @@ class Attention(nn.Module):
         T, H, H_kv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 H_kv) D]
         q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q, k = ops.rotary(q.view(T, H, D), k.view(T, H_kv, D), batch.positions, inv_freq)
+        norm = {} if self.q_norm is None else dict(
+            q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, norm_eps=self.q_norm.eps)
+        q, k = ops.rotary(q.view(T, H, D), k.view(T, H_kv, D), batch.positions, inv_freq, **norm)
         v = v.view(T, H_kv, D)
         ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.verify_attention(
