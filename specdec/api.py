@@ -19,7 +19,7 @@ from .drafters.ngram import NgramDrafter
 from .engine import Engine
 from .kernels import BACKENDS, get_backend
 from .kv_cache import BlockManager, KVCache, cdiv
-from .models import load_model
+from .models import GenerationDefaults, load_model
 from .sampling_params import SamplingParams
 from .request import Request
 from .sequence import RequestOutput, Sequence, Status
@@ -78,6 +78,11 @@ class LLM:
                       chain length and sampling mode (prefill, trees and n-gram drafts run
                       eagerly). Default: on with CUDA and the Triton backend
 
+    The target's ``generation_config.json``, when it has one, adds its EOS ids (an int
+    or a list) to config.json's (``eos_token_ids``: either file's ids end generation)
+    and gives the default temperature, top_k and top_p
+    of requests that leave them unset (see ``SamplingParams``; ``generation_defaults``).
+
     >>> llm = LLM("out/stories260K", draft="early-exit:4")           # doctest: +SKIP
     >>> out = llm.generate("Once upon a time", SamplingParams(max_tokens=32, temperature=0))
     >>> print(out[0].text, out[0].metrics.mean_accepted_length)
@@ -133,6 +138,11 @@ class LLM:
 
         self.target = load_model(target, self.device, self.dtype)
         self.config = self.target.config
+        # generation_config.json: more EOS ids (chat models list their turn-end tokens
+        # there) and default sampling values; a token either file names ends generation
+        self.generation_defaults = GenerationDefaults.from_dir(target)
+        gen_eos = self.generation_defaults.eos_token_ids or ()
+        self.eos_token_ids = tuple(dict.fromkeys(self.config.eos_token_ids + gen_eos))
         self.tokenizer = load_tokenizer(target)
         self.ops = get_backend(backend)
         draft_model = None
@@ -182,7 +192,7 @@ class LLM:
             drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft), tree=tree)
         self.drafter = drafter
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
-                             eos_token_ids=cfg.eos_token_ids, max_num_seqs=max_num_seqs,
+                             eos_token_ids=self.eos_token_ids, max_num_seqs=max_num_seqs,
                              tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None,
                              speculation=AdaptiveSpeculation(k) if adaptive else None)
         if cuda_graphs:
@@ -264,6 +274,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not SamplingParams")
+            p = p.with_defaults(**self.generation_defaults.sampling())  # unset values: the model's
             if p.stop and self.tokenizer is None:
                 raise ValueError(f"params[{i}] has stop strings {p.stop}, but stop strings need a tokenizer "
                                  "and this model directory has none: use stop_token_ids")

@@ -70,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...",
                      help="draft a static tree instead of a chain, e.g. 3,2,1,1")
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="default: the model's generation_config.json value, else 1.0")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="default: the model's generation_config.json value, else 0 (off)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="default: the model's generation_config.json value, else 1.0 (off)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")

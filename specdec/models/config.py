@@ -168,3 +168,60 @@ _ARCH_OF_MODEL_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a checkpoint's ``generation_config.json`` sets for generation.
+
+    eos_token_ids: ids that end generation (an int or a list in the file), or None when
+                   the file gives none; ``LLM`` stops at these and at config.json's
+    temperature, top_k, top_p: the model's sampling defaults, or None where the file has
+                   none; ``"do_sample": false`` in the file makes the temperature 0
+                   (greedy), as transformers decodes greedily then
+    source:        the file read, or "<none>"
+
+    A request's own values win over these (``SamplingParams.with_defaults``).
+    """
+
+    eos_token_ids: tuple[int, ...] | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    source: str = "<none>"
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "GenerationDefaults":
+        """Read ``path/generation_config.json``; all-None defaults when there is none."""
+        file = Path(path) / "generation_config.json"
+        if not file.is_file():
+            return cls()
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(file))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> "GenerationDefaults":
+        from ..sampling_params import SamplingParams
+
+        eos = raw.get("eos_token_id")
+        eos_ids = None if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        if eos_ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                           for t in eos_ids):
+            raise ConfigError(f"eos_token_id must be a token id or a list of them, got {eos!r} (in {source})")
+        values = {name: raw.get(name) for name in ("temperature", "top_k", "top_p")}
+        if raw.get("do_sample") is False:
+            values["temperature"] = 0.0
+        try:
+            SamplingParams(**values)  # the request ranges apply to the model's defaults too
+        except ValueError as e:
+            raise ConfigError(f"{source} sets a sampling default specdec cannot use: {e}") from None
+        return cls(eos_token_ids=eos_ids, source=source, **values)
+
+    def sampling(self) -> dict:
+        """``temperature``, ``top_k``, ``top_p`` for ``SamplingParams.with_defaults``."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
