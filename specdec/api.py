@@ -387,6 +387,52 @@ class LLM:
                 r.cancel()  # a no-op for the finished; frees the rest after an error or interrupt
         return [r.output() for r in requests]
 
+    def render_chat(self, conversation: list[dict], chat_template: str | None = None) -> list[int]:
+        """One conversation rendered with the tokenizer's chat template, ending with the
+        assistant turn's opening (``add_generation_prompt=True``): the prompt's token ids.
+
+        conversation:  a list of ``{"role": ..., "content": ...}`` messages
+        chat_template: a Jinja template to use instead of the tokenizer's own
+        """
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template and this model directory has no "
+                             "tokenizer: pass token ids to generate()")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template (no chat_template in its "
+                             "tokenizer_config.json or chat_template.jinja): it is likely a base model; format "
+                             "the prompt yourself and call generate(), or pass chat_template=")
+        if not _is_conversation(conversation):
+            raise ValueError("a conversation must be a non-empty list of {'role': str, 'content': str} dicts, "
+                             f"got {conversation!r:.200}")
+        ids = self.tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                 add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool | None = None, *, chat_template: str | None = None) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or to each of several.
+
+        messages:      one conversation (a list of ``{"role": ..., "content": ...}`` dicts)
+                       or a list of conversations
+        params:        as for ``generate`` (one for all, or one per conversation)
+        chat_template: a Jinja template to use instead of the tokenizer's own
+        returns:       one RequestOutput per conversation, in order
+
+        Each conversation is rendered with the tokenizer's chat template and the assistant
+        turn opened (``apply_chat_template(..., add_generation_prompt=True)``), then
+        generated as ``generate`` does; a model whose tokenizer has no chat template
+        raises ``ValueError`` before any work.
+
+        >>> out = llm.chat([{"role": "user", "content": "Hi!"}])          # doctest: +SKIP
+        >>> out[0].text
+        """
+        conversations = [messages] if _is_conversation(messages) else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a "
+                             "non-empty list of conversations")
+        prompts = [self.render_chat(c, chat_template) for c in conversations]
+        return self.generate(prompts, params, progress)
+
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the generated text of one prompt in increments, as tokens are accepted.
 
@@ -449,6 +495,12 @@ class LLM:
 
 def _is_token_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _is_conversation(messages) -> bool:
+    """One chat conversation: a non-empty list of {"role": str, "content": ...} dicts."""
+    return (isinstance(messages, (list, tuple)) and bool(messages) and
+            all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages))
 
 
 def _is_prompt(prompt) -> bool:
