@@ -7,7 +7,9 @@ import shutil
 
 import torch
 
-FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied")
+FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "mistral-window", "qwen2", "qwen3",
+            "qwen3-tied")
+WINDOW = 6  # mistral-window's sliding window: shorter than the tests' sequences
 
 
 def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: int = 97,
@@ -38,6 +40,9 @@ def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: in
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "mistral-window":
+        common.setdefault("sliding_window", WINDOW)
+        model = MistralForCausalLM(MistralConfig(**common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     elif family in ("qwen3", "qwen3-tied"):

@@ -255,7 +255,7 @@ def test_target_as_its_own_draft_accepts_everything(dirs, family):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
 @pytest.mark.parametrize("family,drafter", [("qwen2", "ngram"), ("qwen2", "near-draft"),
-                                             ("qwen3", "near-draft")])
+                                             ("qwen3", "near-draft"), ("mistral-window", "near-draft")])
 def test_greedy_identity_on_the_triton_backend(dirs, device, family, drafter):
     """The Triton kernels (the interpreter on CPU, native on CUDA) in the whole engine;
     qwen3's head norms go through the fused rotary kernel."""

@@ -120,15 +120,6 @@ def test_qwen3_head_norms_loaded(family_dirs, family):
     assert not torch.allclose(model(_ids(1, 9)), load_model(path)(_ids(1, 9)), atol=1e-2)
 
 
-def test_qwen3_sliding_window_refused_only_when_used(family_dirs):
-    raw = _raw(family_dirs["qwen3"])
-    raw.update(sliding_window=64, max_position_embeddings=256, use_sliding_window=False)
-    assert ModelConfig.from_dict(raw).qk_norm
-    raw["use_sliding_window"] = True
-    with pytest.raises(ConfigError, match="sliding_window=64"):
-        ModelConfig.from_dict(raw)
-
-
 def test_parity_linear_rope_scaling(tmp_path):
     rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     path = make_checkpoint(tmp_path, "llama", rope_parameters=rope, num_layers=2)
@@ -229,28 +220,59 @@ def _raw(path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def test_mistral_sliding_window_refused(family_dirs):
+def test_mistral_sliding_window_shorter_than_the_context_loads(family_dirs):
     raw = _raw(family_dirs["mistral"])
     raw.update(sliding_window=64, max_position_embeddings=256)
-    with pytest.raises(ConfigError, match="sliding_window=64") as e:
-        ModelConfig.from_dict(raw, source="cfg.json")
-    assert "256" in str(e.value) and "cfg.json" in str(e.value)
+    cfg = ModelConfig.from_dict(raw, source="cfg.json")
+    assert cfg.sliding_window == 64 and cfg.sliding_layers == (True,) * 3
 
 
 @pytest.mark.parametrize("window", [None, 256, 4096])
-def test_mistral_sliding_window_at_least_context_accepted(family_dirs, window):
+def test_mistral_sliding_window_at_least_context_is_global(family_dirs, window):
     raw = _raw(family_dirs["mistral"])
     raw.update(sliding_window=window, max_position_embeddings=256)
-    assert ModelConfig.from_dict(raw).architecture == "MistralForCausalLM"
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.architecture == "MistralForCausalLM" and cfg.sliding_window is None
 
 
-def test_mistral_sliding_window_refused_on_load(family_dirs, tmp_path):
-    path = shutil.copytree(family_dirs["mistral"], tmp_path / "m")
+@pytest.mark.parametrize("window", [1, 3, 6, 20])
+def test_mistral_sliding_window_parity(tmp_path, window):
+    # sequences of 37 tokens, windows from 1 to 20: transformers' sliding-window mask
+    path = make_checkpoint(tmp_path, "mistral-window", sliding_window=window, num_layers=2)
+    model = load_model(path)
+    assert model.config.sliding_window == window
+    ours = _check_parity(path)
     raw = _raw(path)
-    raw["sliding_window"] = 16
+    raw["sliding_window"] = None
     (path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match="sliding_window"):
-        load_model(path)
+    assert not torch.allclose(ours, load_model(path)(_ids(3, 37)), atol=1e-3)  # the window matters
+
+
+def test_qwen3_sliding_window_only_when_used(family_dirs, tmp_path):
+    raw = _raw(family_dirs["qwen3"])
+    raw.update(sliding_window=64, max_position_embeddings=256, use_sliding_window=False)
+    raw.pop("layer_types", None)
+    assert ModelConfig.from_dict(raw).sliding_window is None
+    raw.update(use_sliding_window=True, max_window_layers=1)
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.sliding_window == 64 and cfg.sliding_layers == (False, True, True)
+    # parity with transformers' per-layer windows (layer 0 global)
+    path = make_checkpoint(tmp_path, "qwen3", use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                           num_layers=3)
+    assert load_model(path).config.sliding_layers == (False, True, True)
+    _check_parity(path)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(sliding_window=0), "sliding_window must be a positive integer"),
+    (dict(sliding_window=16, layer_types=["sliding_attention"]), "layer_types must list 3"),
+    (dict(sliding_window=16, layer_types=["local"] * 3), "layer_types must list 3"),
+])
+def test_bad_window_config(family_dirs, bad, match):
+    raw = _raw(family_dirs["mistral"])
+    raw.update(bad)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(raw)
 
 
 @pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])

@@ -62,7 +62,8 @@ SHAPES = [(2,), (3, 2, 1), (2, 2, 2), (1, 1, 1, 1)]  # the last one is a chain a
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree_engine")
-    out = {f: make_checkpoint(root / f, f) for f in ("llama", "qwen2", "llama3-rope")}
+    # mistral-window: a 6-position sliding window, shorter than the sequences
+    out = {f: make_checkpoint(root / f, f) for f in ("llama", "qwen2", "llama3-rope", "qwen3", "mistral-window")}
     # an unrelated random model with another cache shape (acceptance near 0) ...
     out["draft-model"] = make_checkpoint(root / "draft", "llama", num_layers=2, num_kv_heads=1,
                                          hidden_size=16, intermediate_size=24, seed=1)
@@ -379,7 +380,7 @@ def test_greedy_tree_equals_plain_greedy(dirs, drafter, shape):
 
 
 # each drafter once per shape across the other families (block size 4, all in one batch)
-OTHER = [(f, d, SHAPES[(i + j) % 4]) for j, f in enumerate(("qwen2", "llama3-rope"))
+OTHER = [(f, d, SHAPES[(i + j) % 4]) for j, f in enumerate(("qwen2", "llama3-rope", "qwen3", "mistral-window"))
          for i, d in enumerate(["ngram", "early-exit:1", "early-exit:2", "draft-model", "self"])]
 
 
@@ -563,11 +564,13 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter, shape, temperature
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
-@pytest.mark.parametrize("drafter", ["ngram", "early-exit:1"])
-def test_triton_backend_tree(dirs, device, drafter):
+@pytest.mark.parametrize("family, drafter", [("qwen2", "ngram"), ("qwen2", "early-exit:1"),
+                                            ("mistral-window", "ngram")])
+def test_triton_backend_tree(dirs, device, family, drafter):
     """The Triton kernels (interpreter on CPU) in a tree step: greedy requests emit plain
-    greedy decoding, seeded sampled ones exactly the torch backend's tokens."""
-    path = dirs["qwen2"]
+    greedy decoding, seeded sampled ones exactly the torch backend's tokens (mistral-window:
+    tree nodes past the sliding window's reach)."""
+    path = dirs[family]
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11], [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
     params = [SamplingParams(max_tokens=5, temperature=0), SamplingParams(max_tokens=5, temperature=0),
               SamplingParams(max_tokens=5, temperature=1.0, seed=3)]

@@ -86,6 +86,9 @@ def verify_attention(
     q_start: torch.Tensor,
     tree_mask: torch.Tensor | None,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ragged query tokens over the paged KV cache.
 
@@ -99,12 +102,20 @@ def verify_attention(
                   the j-th new token of its own sequence (itself and its tree ancestors).
                   None means causal order among the new tokens (prefill, decode, chain).
     scale:        softmax scale, usually D ** -0.5
+    sliding_window: None, or W >= 1: a query at position p sees only keys at positions
+                  > p - W (mistral / Gemma local layers). Positions: a committed key's is
+                  its cache index; a causal query i's is prefix + i; a tree node's is
+                  prefix + depth, depth = its ancestors among the new tokens (popcount of
+                  its mask - 1), the position the engine rotates it by
+    softcap:      None, or c > 0: scores become c * tanh(scores / c) before the mask
+                  (Gemma 2's attention logit soft-capping)
     returns:      [T, H, D] in q's dtype
 
     Query i of sequence b sees every cached position < seq_lens[b] - n_b (the committed
-    prefix), plus the new positions its mask allows. A query that sees nothing yields
-    zeros.
+    prefix), plus the new positions its mask allows, less those outside its window. A
+    query that sees nothing yields zeros.
     """
+    _check_window_args(sliding_window, softcap)
     T, H, D = q.shape
     block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
     group = H // h_kv
@@ -130,11 +141,39 @@ def verify_attention(
             j = (pos - prefix).clamp(min=0)
             bits = (tree_mask[t0:t1, None] >> j[None, :]) & 1  # [n, L]
             visible = (pos[None, :] < prefix) | ((pos[None, :] >= prefix) & (bits == 1))
+        if sliding_window is not None:
+            q_pos, k_pos = _token_positions(tree_mask, t0, t1, prefix, pos)  # [n], [L]
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
         scores = torch.einsum("nhd,lhd->hnl", q[t0:t1].float(), k) * scale  # [H, n, L]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         out[t0:t1] = torch.einsum("hnl,lhd->nhd", probs, v)
     return out.to(q.dtype)
+
+
+def _check_window_args(sliding_window, softcap) -> None:
+    require(sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
+                                       and sliding_window >= 1),
+            f"sliding_window must be None or an integer >= 1, got {sliding_window!r}")
+    require(softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                and math.isfinite(softcap) and softcap > 0),
+            f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _token_positions(tree_mask, t0: int, t1: int, prefix: int, pos: torch.Tensor):
+    """Positions of one sequence's queries [n] and of its cached keys [L] (see
+    ``verify_attention``): new token j sits at prefix + j (causal) or prefix + depth_j."""
+    n = t1 - t0
+    if tree_mask is None:
+        new_pos = prefix + torch.arange(n, device=pos.device)
+    else:
+        bits = (tree_mask[t0:t1, None] >> torch.arange(64, device=pos.device)) & 1  # [n, 64]
+        new_pos = prefix + bits.sum(-1) - 1  # depth = ancestors among the new tokens
+    k_pos = pos.clone()
+    k_pos[prefix:] = new_pos
+    return new_pos, k_pos
 
 
 def sampling_probs(

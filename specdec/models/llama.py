@@ -96,9 +96,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
 
 
+def causal_mask(T: int, window: int | None, device) -> torch.Tensor | None:
+    """[T, T] bool, True where query i may see key j: j <= i, and i - j < window when a
+    sliding window is set; None for plain causal (SDPA's is_causal)."""
+    if window is None:
+        return None
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]
+    return (diff >= 0) & (diff < window)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        # a sliding-window layer sees the last `sliding_window` positions (itself included)
+        self.sliding_window = cfg.sliding_window if cfg.sliding_layers and cfg.sliding_layers[layer] else None
+        self.softcap = None  # attention logit soft-capping (Gemma 2 sets it)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.qkv_bias)
@@ -126,7 +139,8 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        mask = causal_mask(T, self.sliding_window, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def fuse_projections(self) -> None:
@@ -147,9 +161,18 @@ class Attention(nn.Module):
         out = ops.verify_attention(
             q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.q_start,
             batch.tree_mask, self.scale, max_query_len=batch.max_query_len,
-            max_seq_len=batch.max_seq_len,
+            max_seq_len=batch.max_seq_len, **self._window_args(),
         )
         return self.o_proj(out.reshape(T, -1))
+
+    def _window_args(self) -> dict:
+        """verify_attention's sliding_window / softcap keywords, passed only when set."""
+        args = {}
+        if self.sliding_window is not None:
+            args["sliding_window"] = self.sliding_window
+        if self.softcap is not None:
+            args["softcap"] = self.softcap
+        return args
 
 
 class MLP(nn.Module):
@@ -189,10 +212,10 @@ def _fuse(module: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> None:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -205,7 +228,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
 
@@ -233,6 +256,11 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, lambda h, a=layer.self_attn: a(h, cos, sin))
         return self.lm_head(self.model.norm(x)).float()
+
+    def attention_kinds(self) -> tuple[tuple[int | None, float | None], ...]:
+        """The distinct (sliding_window, softcap) pairs of the layers' attention."""
+        kinds = {(layer.self_attn.sliding_window, layer.self_attn.softcap) for layer in self.model.layers}
+        return tuple(sorted(kinds, key=lambda k: (k[0] or 0, k[1] or 0.0)))
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up weights for the cached forward (``load_model`` does it)."""
