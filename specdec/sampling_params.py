@@ -59,12 +59,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    # the names among temperature, top_k and top_p the caller left unset (see above)
-    unset: frozenset = field(default=frozenset(), init=False, repr=False)
+    # the names among temperature, top_k and top_p the caller left unset (see above).
+    # Computed; accepted back (``SamplingParams(**vars(p))``, ``dataclasses.replace``) for
+    # the names whose value is still the library default
+    unset: frozenset | None = field(default=None, repr=False)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
-        unset = frozenset(name for name in LIBRARY_DEFAULTS if getattr(self, name) is None)
+        kept = frozenset(self.unset or ())
+        unset = frozenset(name for name in LIBRARY_DEFAULTS if getattr(self, name) is None or
+                          (name in kept and getattr(self, name) == LIBRARY_DEFAULTS[name]))
         set_("unset", unset)
         for name in unset:
             set_(name, LIBRARY_DEFAULTS[name])

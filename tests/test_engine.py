@@ -217,14 +217,14 @@ def test_greedy_speculative_equals_plain_greedy(dirs, family, drafter):
 
 
 @pytest.mark.parametrize("drafter", [None, "near-draft", "early-exit:1"])
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied", "gemma2", "gemma3"])
 def test_greedy_equals_transformers_generate(dirs, family, drafter):
     """Token for token what transformers' greedy ``generate`` produces (its EOS stop
     included), one prompt at a time so that it pads nothing."""
     from transformers import AutoModelForCausalLM
 
     path = dirs[family]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     outs = make_llm(path, _draft_arg(dirs, family, drafter), block_size=4).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         with torch.no_grad():
@@ -255,7 +255,8 @@ def test_target_as_its_own_draft_accepts_everything(dirs, family):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
 @pytest.mark.parametrize("family,drafter", [("qwen2", "ngram"), ("qwen2", "near-draft"),
-                                             ("qwen3", "near-draft"), ("mistral-window", "near-draft")])
+                                             ("qwen3", "near-draft"), ("mistral-window", "near-draft"),
+                                             ("gemma2", "near-draft"), ("gemma3", "near-draft")])
 def test_greedy_identity_on_the_triton_backend(dirs, device, family, drafter):
     """The Triton kernels (the interpreter on CPU, native on CUDA) in the whole engine;
     qwen3's head norms go through the fused rotary kernel."""

@@ -27,7 +27,8 @@ def _ids(batch: int, length: int, vocab: int = 97, seed: int = 0) -> torch.Tenso
 def _hf_logits(path, input_ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # eager: transformers' reference attention (its SDPA path drops Gemma 2's soft-capping)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         return model(input_ids).logits.float()
 
@@ -301,9 +302,56 @@ def test_config_fields_of_each_family(family_dirs):
     assert not cfgs["llama"].qkv_bias and not cfgs["mistral"].qkv_bias
     assert cfgs["llama-tied"].tie_word_embeddings and not cfgs["llama"].tie_word_embeddings
     assert cfgs["mistral"].architecture == "MistralForCausalLM"
-    for cfg in cfgs.values():
+    for f, cfg in cfgs.items():
         assert cfg.eos_token_ids == (2,) and cfg.bos_token_id == 1
-        assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 8)
+        assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 16 if f.startswith("gemma") else 8)
+        assert cfg.embed_scale == cfg.sandwich_norms == (cfg.norm_offset == 1.0) == f.startswith("gemma")
+
+
+def test_gemma_config_fields(family_dirs):
+    g2 = load_model(family_dirs["gemma2"]).config
+    assert g2.sliding_window == 6 and g2.sliding_layers == (True, False, True)  # alternating
+    assert (g2.attn_softcap, g2.final_softcap, g2.hidden_act) == (3.0, 5.0, "gelu_tanh")
+    assert g2.attn_scale == 24**-0.5 and not g2.qk_norm and g2.rope_local_theta is None
+    g3 = load_model(family_dirs["gemma3"]).config
+    assert g3.sliding_layers == (True, True, False) and g3.qk_norm
+    assert (g3.attn_softcap, g3.final_softcap) == (None, 5.0)
+    assert (g3.rope_local_theta, g3.rope_theta, g3.rope_type) == (10000.0, 1e6, "linear")
+    model = load_model(family_dirs["gemma3"])
+    assert not torch.equal(model.model.rotary_local.inv_freq, model.model.rotary.inv_freq)
+
+
+def test_gemma3_legacy_rope_fields(family_dirs):
+    raw = _raw(family_dirs["gemma3"])
+    raw.pop("rope_parameters")
+    raw.pop("layer_types")
+    raw.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+               sliding_window_pattern=6, num_hidden_layers=7)
+    cfg = ModelConfig.from_dict(raw)
+    assert (cfg.rope_local_theta, cfg.rope_theta, cfg.rope_type) == (1e4, 1e6, "linear")
+    assert cfg.sliding_layers == (True,) * 5 + (False, True)  # 5 local : 1 global
+
+
+@pytest.mark.parametrize("family, field", [("gemma2", "attn_logit_softcapping"),
+                                           ("gemma2", "final_logit_softcapping"),
+                                           ("gemma3", "final_logit_softcapping"),
+                                           ("gemma3", "sliding_window")])
+def test_gemma_features_matter(family_dirs, tmp_path, family, field):
+    # each feature changes the logits (so the parity test above checks it)
+    path = shutil.copytree(family_dirs[family], tmp_path / "m")
+    ids = _ids(2, 30)
+    before = load_model(path)(ids)
+    raw = _raw(path)
+    raw[field] = None
+    (path / "config.json").write_text(json.dumps(raw))
+    assert not torch.allclose(before, load_model(path)(ids), atol=1e-2)
+
+
+def test_unsupported_activation_refused(family_dirs):
+    raw = _raw(family_dirs["gemma2"])
+    raw["hidden_activation"] = "relu"
+    with pytest.raises(ConfigError, match="activation 'relu' is not supported"):
+        ModelConfig.from_dict(raw)
 
 
 def test_eos_token_id_list():

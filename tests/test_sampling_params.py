@@ -136,3 +136,14 @@ def test_with_defaults_checks_names_and_ranges():
         SamplingParams().with_defaults(min_p=0.1)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams().with_defaults(temperature=-1.0)
+
+
+def test_copies_keep_unset_fields():
+    import dataclasses
+
+    p = SamplingParams(top_k=5)
+    assert SamplingParams(**vars(p)) == p and SamplingParams(**vars(p)).unset == {"temperature", "top_p"}
+    assert dataclasses.replace(p, max_tokens=3).unset == {"temperature", "top_p"}
+    # a new value given through replace is given
+    q = dataclasses.replace(p, temperature=0.5)
+    assert q.temperature == 0.5 and q.unset == {"top_p"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -173,7 +173,7 @@ class ModelConfig:
             norm_offset=1.0 if gemma else 0.0,
             sandwich_norms=gemma,
             attn_scale=float(query_scalar) ** -0.5 if query_scalar else None,
-            attn_softcap=raw.get("attn_logit_softcapping") if arch == "Gemma2ForCausalLM" else None,
+            attn_softcap=raw.get("attn_logit_softcapping") if gemma else None,
             final_softcap=raw.get("final_logit_softcapping") if gemma else None,
             rope_local_theta=float(local_theta) if local_theta is not None else None,
             bos_token_id=raw.get("bos_token_id"),
