@@ -1,7 +1,10 @@
 """The llama-family model (llama, mistral, qwen2, qwen3): RMSNorm, RoPE, GQA attention, SwiGLU.
 
 Qwen3 adds an RMSNorm over each query and key head before RoPE (``q_norm``, ``k_norm``);
-the cached forward folds it into the rotary launch.
+the cached forward folds it into the rotary launch. Gemma 2/3 switch on, from the config:
+scaled embeddings, (1 + w) norm gains, norms after each sublayer, GeGLU, soft-capped
+attention scores and logits, per-layer sliding windows and (Gemma 3) q/k norms and a
+local RoPE base for the sliding-window layers.
 
 Parameter names follow transformers' ``LlamaForCausalLM`` so a safetensors checkpoint
 loads by name. Two forwards:
