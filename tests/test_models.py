@@ -181,7 +181,7 @@ def test_sharded_checkpoint_loads_identically(family_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_half_precision_load(family_dirs, family, dtype, tol):
     path = family_dirs[family]
     model = load_model(path, dtype=dtype)
