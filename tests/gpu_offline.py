@@ -287,6 +287,7 @@ def _fused_cases(arch: int, full: bool):
                 (f"rotary+qk_norm {model} T={T}", lambda q=q, k=k, p=pos, i=inv, wd=torch.empty(D, dtype=bf16):
                  fused_ops.rotary(q, k, p, i, q_norm_weight=wd, k_norm_weight=wd, norm_eps=1e-6)),
                 (f"silu_mul {model} T={T}", lambda g=gate_up: fused_ops.silu_mul(g)),
+                (f"gelu_tanh_mul {model} T={T}", lambda g=gate_up: fused_ops.silu_mul(g, activation="gelu_tanh")),
                 (f"write_kv {model} T={T}",
                  lambda k=k, v=v, kc=kc, vc=vc, s=slots: kv_cache_ops.write_kv(k.contiguous(), v, kc, vc, s)),
                 (f"move_kv {model} n={T}", lambda kc=kc, vc=vc, s=slots: kv_cache_ops.move_kv(kc, vc, s, s)),

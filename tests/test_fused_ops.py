@@ -14,6 +14,8 @@ On CPU the kernels run in Triton's interpreter (~1 ms a program), so shapes stay
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,6 +277,40 @@ def test_silu_mul_matches_reference(t, i, dtype):
     assert_rounded_once(out, exact, dtype)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, exp(100)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,i", [(1, 36), (3, 100), (2, 1100)])
+def test_gelu_tanh_mul_matches_reference(t, i, dtype):
+    g = torch.Generator().manual_seed(t * i + 1)
+    wide = randn(t, 2 * i + 8, gen=g, scale=3, dtype=dtype)
+    wide[0, :4] = torch.tensor([-100.0, 100.0, -20.0, 0.0])  # exp(-2u) overflows; gelu(0) = 0
+    gate_up = wide[:, :2 * i]  # row stride 2 I + 8
+    out = fused_ops.silu_mul(gate_up.to(DEVICE), activation="gelu_tanh")
+    assert out.shape == (t, i) and out.dtype == dtype and out.is_contiguous()
+    want = ref.silu_mul(gate_up, activation="gelu_tanh")
+    close(out, want, VS_REFERENCE[dtype])
+    # float64, in the form g * sigmoid(2 u): torch's 0.5 g (1 + tanh(u)) cancels for
+    # negative g (to 0 below g ~ -6 even in float64), so it is no rounded-once oracle there
+    gate = gate_up[:, :i].double()
+    u = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
+    exact = (gate * torch.sigmoid(2 * u) * gate_up[:, i:].double()).float()
+    assert_rounded_once(out, exact, dtype)
+    assert not torch.allclose(want.float(), ref.silu_mul(gate_up).float(), atol=1e-2)  # not SiLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_gelu_tanh_mul_is_gemma_mlp(dtype):
+    g = torch.Generator().manual_seed(5)
+    cfg = ModelConfig(architecture="gemma", vocab_size=32, hidden_size=64, intermediate_size=37, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, hidden_act="gelu_tanh")
+    mlp = MLP(cfg).to(dtype)
+    mlp.down_proj = nn.Identity()
+    x = randn(5, 64, gen=g, dtype=dtype)
+    with torch.no_grad():
+        gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)  # [T, 2 I]
+        assert torch.equal(ref.silu_mul(gate_up, activation="gelu_tanh"), mlp(x))
+
+
 def test_empty_batch():
     x = torch.empty(0, 8, device=DEVICE)
     normed, new_residual = fused_ops.add_rms_norm(x, x, torch.ones(8, device=DEVICE), 1e-6)
@@ -357,6 +393,12 @@ ROPE_CASES = [
 def test_rotary_rejects(impl, kw, message):
     with pytest.raises(ValueError, match=message):
         impl.rotary(**_rope_args(**kw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unknown_activation_rejected(impl):
+    with pytest.raises(ValueError, match="activation must be one of silu, gelu_tanh, got 'relu'"):
+        impl.silu_mul(torch.zeros(2, 8), activation="relu")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

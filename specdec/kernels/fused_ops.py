@@ -144,16 +144,23 @@ def _rotary_kernel(
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, n_inter, stride_gu, stride_out,
-                     BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
-    """Row ``t``, columns ``[b * BLOCK, (b + 1) * BLOCK)``: silu(gate) * up."""
+                     BLOCK: tl.constexpr, GELU: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Row ``t``, columns ``[b * BLOCK, (b + 1) * BLOCK)``: silu(gate) * up, or with GELU
+    gelu_tanh(gate) * up."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_inter
     row = gate_up_ptr + t * stride_gu
     gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + n_inter + cols, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); exp overflow to inf gives -0, as torch
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    if GELU:
+        # gelu_tanh(g) = g (1 + tanh(u)) / 2 = g * sigmoid(2 u), u = sqrt(2/pi) (g + 0.044715 g^3)
+        # (no cancellation for negative g, unlike 1 + tanh)
+        u2 = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)  # 2 u
+        out = gate / (1.0 + tl.exp(-u2)) * up
+    else:
+        # silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); exp overflow to inf gives -0, as torch
+        out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + t * stride_out + cols, _round(out, out_ptr.dtype.element_ty, RNE_BF16),
              mask=mask)
 
@@ -263,8 +270,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return q_out, k_out
 
 
-def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-    """SwiGLU's activation ``silu(gate) * up`` in one launch (a program per row and block).
+def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", check: bool = True) -> torch.Tensor:
+    """SwiGLU's activation ``silu(gate) * up`` in one launch (a program per row and block);
+    GeGLU's ``gelu_tanh(gate) * up`` with ``activation="gelu_tanh"`` (Gemma).
 
     gate_up: [T, 2 I] float16/bfloat16/float32, any row stride, stride 1 in the last dim:
              gate in columns [0, I), up in [I, 2 I) (a fused gate/up projection's output)
@@ -278,7 +286,7 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         [[0.0, 10.0]]
     """
     if check:
-        _check_silu_mul_args(gate_up)
+        _check_silu_mul_args(gate_up, activation)
     t, i = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:
@@ -286,6 +294,6 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     block = min(triton.next_power_of_2(i), 1024)
     _silu_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up, out, i, gate_up.stride(0), out.stride(0),
-        BLOCK=block, RNE_BF16=_rne_bf16(gate_up.dtype), num_warps=4,
+        BLOCK=block, GELU=activation == "gelu_tanh", RNE_BF16=_rne_bf16(gate_up.dtype), num_warps=4,
     )
     return out

@@ -868,7 +868,12 @@ def _check_rotary_args(q, k, positions, inv_freq, q_norm_weight=None, k_norm_wei
             f"norm_eps must be a host float >= 0, got {norm_eps!r}")
 
 
-def _check_silu_mul_args(gate_up) -> None:
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _check_silu_mul_args(gate_up, activation: str = "silu") -> None:
+    require(activation in ACTIVATIONS,
+            f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     _require_activation("gate_up", gate_up, 2, "[T, 2 I]")
     require(gate_up.shape[1] >= 2 and gate_up.shape[1] % 2 == 0,
             f"gate_up must be [T, 2 I] with an even, non-zero last dim, got {shape_of(gate_up)}")
@@ -964,8 +969,9 @@ def rotary(
     return q_rot, k_rot
 
 
-def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-    """SwiGLU's activation: SiLU of the gate half times the up half.
+def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", check: bool = True) -> torch.Tensor:
+    """SwiGLU's activation: SiLU of the gate half times the up half (GeGLU's with
+    ``activation="gelu_tanh"``: ``F.gelu(gate, approximate="tanh") * up``, Gemma's MLP).
 
     gate_up: [T, 2 I] float16/bfloat16/float32, stride 1 in its last dim: the gate
              projection's output in columns [0, I), the up projection's in [I, 2 I)
@@ -976,6 +982,8 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     vectorised path a contiguous ``gate_proj(x)`` output gets.
     """
     if check:
-        _check_silu_mul_args(gate_up)
+        _check_silu_mul_args(gate_up, activation)
     i = gate_up.shape[1] // 2
-    return F.silu(gate_up[:, :i].contiguous()) * gate_up[:, i:]
+    gate = gate_up[:, :i].contiguous()
+    act = F.gelu(gate, approximate="tanh") if activation == "gelu_tanh" else F.silu(gate)
+    return act * gate_up[:, i:]

@@ -236,9 +236,8 @@ class MLP(nn.Module):
 
     def forward_cached(self, x, ops):
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2 I]
-        if self.gelu:  # GeGLU: not fused yet (torch ops)
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
+        if self.gelu:  # GeGLU (Gemma)
+            return self.down_proj(ops.silu_mul(gate_up, activation="gelu_tanh"))
         return self.down_proj(ops.silu_mul(gate_up))
 
 
