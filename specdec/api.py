@@ -19,7 +19,7 @@ from .drafters.ngram import NgramDrafter
 from .engine import Engine
 from .kernels import BACKENDS, get_backend
 from .kv_cache import BlockManager, KVCache, cdiv
-from .models import load_model
+from .models import GenerationDefaults, load_model
 from .sampling_params import SamplingParams
 from .request import Request
 from .sequence import RequestOutput, Sequence, Status
@@ -78,6 +78,11 @@ class LLM:
                       chain length and sampling mode (prefill, trees and n-gram drafts run
                       eagerly). Default: on with CUDA and the Triton backend
 
+    The target's ``generation_config.json``, when it has one, adds its EOS ids (an int
+    or a list) to config.json's (``eos_token_ids``: either file's ids end generation)
+    and gives the default temperature, top_k and top_p
+    of requests that leave them unset (see ``SamplingParams``; ``generation_defaults``).
+
     >>> llm = LLM("out/stories260K", draft="early-exit:4")           # doctest: +SKIP
     >>> out = llm.generate("Once upon a time", SamplingParams(max_tokens=32, temperature=0))
     >>> print(out[0].text, out[0].metrics.mean_accepted_length)
@@ -133,6 +138,11 @@ class LLM:
 
         self.target = load_model(target, self.device, self.dtype)
         self.config = self.target.config
+        # generation_config.json: more EOS ids (chat models list their turn-end tokens
+        # there) and default sampling values; a token either file names ends generation
+        self.generation_defaults = GenerationDefaults.from_dir(target)
+        gen_eos = self.generation_defaults.eos_token_ids or ()
+        self.eos_token_ids = tuple(dict.fromkeys(self.config.eos_token_ids + gen_eos))
         self.tokenizer = load_tokenizer(target)
         self.ops = get_backend(backend)
         draft_model = None
@@ -182,7 +192,7 @@ class LLM:
             drafter = ModelDrafter(draft_model, draft_cache, self.blocks, self.ops, name=str(draft), tree=tree)
         self.drafter = drafter
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
-                             eos_token_ids=cfg.eos_token_ids, max_num_seqs=max_num_seqs,
+                             eos_token_ids=self.eos_token_ids, max_num_seqs=max_num_seqs,
                              tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None,
                              speculation=AdaptiveSpeculation(k) if adaptive else None)
         if cuda_graphs:
@@ -264,6 +274,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not SamplingParams")
+            p = p.with_defaults(**self.generation_defaults.sampling())  # unset values: the model's
             if p.stop and self.tokenizer is None:
                 raise ValueError(f"params[{i}] has stop strings {p.stop}, but stop strings need a tokenizer "
                                  "and this model directory has none: use stop_token_ids")
@@ -376,6 +387,52 @@ class LLM:
                 r.cancel()  # a no-op for the finished; frees the rest after an error or interrupt
         return [r.output() for r in requests]
 
+    def render_chat(self, conversation: list[dict], chat_template: str | None = None) -> list[int]:
+        """One conversation rendered with the tokenizer's chat template, ending with the
+        assistant turn's opening (``add_generation_prompt=True``): the prompt's token ids.
+
+        conversation:  a list of ``{"role": ..., "content": ...}`` messages
+        chat_template: a Jinja template to use instead of the tokenizer's own
+        """
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template and this model directory has no "
+                             "tokenizer: pass token ids to generate()")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template (no chat_template in its "
+                             "tokenizer_config.json or chat_template.jinja): it is likely a base model; format "
+                             "the prompt yourself and call generate(), or pass chat_template=")
+        if not _is_conversation(conversation):
+            raise ValueError("a conversation must be a non-empty list of {'role': str, 'content': str} dicts, "
+                             f"got {conversation!r:.200}")
+        ids = self.tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                 add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool | None = None, *, chat_template: str | None = None) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or to each of several.
+
+        messages:      one conversation (a list of ``{"role": ..., "content": ...}`` dicts)
+                       or a list of conversations
+        params:        as for ``generate`` (one for all, or one per conversation)
+        chat_template: a Jinja template to use instead of the tokenizer's own
+        returns:       one RequestOutput per conversation, in order
+
+        Each conversation is rendered with the tokenizer's chat template and the assistant
+        turn opened (``apply_chat_template(..., add_generation_prompt=True)``), then
+        generated as ``generate`` does; a model whose tokenizer has no chat template
+        raises ``ValueError`` before any work.
+
+        >>> out = llm.chat([{"role": "user", "content": "Hi!"}])          # doctest: +SKIP
+        >>> out[0].text
+        """
+        conversations = [messages] if _is_conversation(messages) else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a "
+                             "non-empty list of conversations")
+        prompts = [self.render_chat(c, chat_template) for c in conversations]
+        return self.generate(prompts, params, progress)
+
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the generated text of one prompt in increments, as tokens are accepted.
 
@@ -438,6 +495,12 @@ class LLM:
 
 def _is_token_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _is_conversation(messages) -> bool:
+    """One chat conversation: a non-empty list of {"role": str, "content": ...} dicts."""
+    return (isinstance(messages, (list, tuple)) and bool(messages) and
+            all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages))
 
 
 def _is_prompt(prompt) -> bool:

@@ -16,8 +16,12 @@ def _generate(args) -> int:
                             ignore_eos=args.ignore_eos)
     llm = LLM(args.target, draft=args.draft, num_draft_tokens=args.num_draft_tokens, device=args.device,
               backend=args.backend, draft_tree=args.draft_tree)
-    print(args.prompt, end="", flush=True)
-    for piece in llm.stream(args.prompt, params):
+    if args.chat:  # the prompt is one user message; print only the reply
+        prompt = llm.render_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+        print(args.prompt, end="", flush=True)
+    for piece in llm.stream(prompt, params):
         print(piece, end="", flush=True)
     print()
     m = llm.metrics()
@@ -98,13 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", required=True, help="target model directory (config.json + safetensors)")
     gen.add_argument("--draft", default=None, help="draft model directory, 'ngram', or 'early-exit:N'")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as one user message through the model's chat template")
     gen.add_argument("--num-draft-tokens", type=int, default=4)
     gen.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...",
                      help="draft a static tree instead of a chain, e.g. 3,2,1,1")
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="default: the model's generation_config.json value, else 1.0")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="default: the model's generation_config.json value, else 0 (off)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="default: the model's generation_config.json value, else 1.0 (off)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy
 
@@ -15,6 +15,8 @@ MIN_TEMPERATURE = 1e-3  # 0 is greedy; (0, MIN_TEMPERATURE) is rejected
 MAX_TEMPERATURE = 1e3
 MIN_TOP_P = 1e-6  # below it top-p keeps the same tokens for any vocabulary up to 10^6
 MAX_TOP_K = 2**31 - 1  # int32; any top_k >= the vocabulary size disables it, like 0
+# what an unset temperature / top_k / top_p becomes when the model has no default for it
+LIBRARY_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class SamplingParams:
     stop_token_ids: token ids that end generation (kept in token_ids)
     ignore_eos:     keep generating past the model's EOS token (True or False)
 
+    Defaults and precedence for temperature, top_k and top_p (as transformers applies a
+    checkpoint's ``generation_config.json``): a value given here always wins; a value left
+    unset (not passed, or passed as None) takes the model's default from its
+    generation_config.json when ``LLM`` serves the request, and otherwise the library
+    default (temperature 1.0, top_k 0, top_p 1.0). The fields of an unset parameter read
+    as the library default until then; ``unset`` names them. A generation_config.json
+    with ``"do_sample": false`` makes the model's default temperature 0 (greedy).
+
     Integers and reals of numpy are accepted and stored as Python int / float.
 
     >>> SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7)
@@ -42,16 +52,26 @@ class SamplingParams:
     """
 
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # the names among temperature, top_k and top_p the caller left unset (see above).
+    # Computed; accepted back (``SamplingParams(**vars(p))``, ``dataclasses.replace``) for
+    # the names whose value is still the library default
+    unset: frozenset | None = field(default=None, repr=False)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        kept = frozenset(self.unset or ())
+        unset = frozenset(name for name in LIBRARY_DEFAULTS if getattr(self, name) is None or
+                          (name in kept and getattr(self, name) == LIBRARY_DEFAULTS[name]))
+        set_("unset", unset)
+        for name in unset:
+            set_(name, LIBRARY_DEFAULTS[name])
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
         ids = () if self.stop_token_ids is None else self.stop_token_ids
         try:
@@ -91,6 +111,25 @@ class SamplingParams:
         if not _is_bool(self.ignore_eos):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         set_("ignore_eos", bool(self.ignore_eos))
+
+    def with_defaults(self, **defaults) -> "SamplingParams":
+        """These parameters with each unset one among temperature, top_k and top_p taken
+        from ``defaults`` (a model's generation_config values; None or absent: keep the
+        library default). Given values are never replaced. Range-checked as on
+        construction. The result records no unset fields: its values are final.
+
+        >>> SamplingParams(top_p=0.5).with_defaults(temperature=0.6, top_p=0.95)
+        SamplingParams(max_tokens=16, temperature=0.6, top_k=0, top_p=0.5, seed=None, stop=(), stop_token_ids=(), ignore_eos=False)
+        """
+        unknown = set(defaults) - set(LIBRARY_DEFAULTS)
+        if unknown:
+            raise ValueError(f"with_defaults takes {', '.join(LIBRARY_DEFAULTS)}, got {', '.join(sorted(unknown))}")
+        values = {name: getattr(self, name) for name in LIBRARY_DEFAULTS}
+        for name in self.unset:
+            if defaults.get(name) is not None:
+                values[name] = defaults[name]
+        return SamplingParams(max_tokens=self.max_tokens, seed=self.seed, stop=self.stop,
+                              stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, **values)
 
 
 def _float32(x) -> float:

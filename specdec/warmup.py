@@ -42,7 +42,8 @@ def warm_up_eager(engine, modes: tuple[str, ...], batch_sizes: list[int]) -> int
     launches = 0
     for model, cache, num_layers in models:
         k_cache, v_cache = cache.layer(0)
-        launches += va.precompile(k_cache, v_cache, model.config.num_heads, scratch, trees=trees)
+        launches += va.precompile(k_cache, v_cache, model.config.num_heads, scratch, trees=trees,
+                                  kinds=model.attention_kinds())
         launches += _one_token_forward(model, cache, engine.ops, scratch, num_layers)
     launches += _sampler_warm_up(engine, modes, trees, batch_sizes)
     if trees:  # keep-path compaction: a slot of the scratch block onto itself

@@ -7,7 +7,9 @@ import shutil
 
 import torch
 
-FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "qwen2")
+FAMILIES = ("llama", "llama3-rope", "llama-tied", "mistral", "mistral-window", "qwen2", "qwen3",
+            "qwen3-tied", "gemma2", "gemma3")
+WINDOW = 6  # mistral-window's sliding window: shorter than the tests' sequences
 
 
 def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: int = 97,
@@ -20,8 +22,9 @@ def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: in
     Every parameter (biases and norms included) is drawn from N(0, std), so biases and
     norm weights are exercised and the logits are far from uniform (greedy is stable).
     """
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                              LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -38,8 +41,32 @@ def make_checkpoint(path: pathlib.Path, family: str = "llama", *, vocab_size: in
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "mistral-window":
+        common.setdefault("sliding_window", WINDOW)
+        model = MistralForCausalLM(MistralConfig(**common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif family in ("qwen3", "qwen3-tied"):
+        # head_dim is explicit in Qwen3 (128 in every release, != hidden / heads in some)
+        common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])
+        model = Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=family == "qwen3-tied", **common))
+    elif family == "gemma2":
+        # alternating local/global layers; caps small enough to bite on random weights
+        common.setdefault("head_dim", 16)
+        common.setdefault("sliding_window", WINDOW)
+        model = Gemma2ForCausalLM(Gemma2Config(attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+                                               query_pre_attn_scalar=24, **common))
+    elif family == "gemma3":
+        # local layers (base 10^4) and a global one (base 10^6, linear scaling 8), q/k norms
+        common.setdefault("head_dim", 16)
+        common.setdefault("sliding_window", WINDOW)
+        n = common["num_hidden_layers"]
+        common.setdefault("layer_types", ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                          for i in range(n)])
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+        model = Gemma3ForCausalLM(Gemma3TextConfig(rope_parameters=rope, query_pre_attn_scalar=24,
+                                                   final_logit_softcapping=5.0, **common))
     else:
         raise ValueError(f"unknown family {family!r}")
     gen = torch.Generator().manual_seed(seed)

@@ -163,7 +163,7 @@ def _install(arch: int) -> None:
 # --------------------------------------------------------------------------- cases
 
 
-def _attention(model, B, n, prefix, tree, hint="real", dtype=None):
+def _attention(model, B, n, prefix, tree, hint="real", dtype=None, window=None, softcap=None):
     """verify_attention at B sequences of ``prefix`` cached + ``n`` new tokens.
 
     hint: "real" = max(seq_lens), as the eager engine passes; "graph" = the context
@@ -186,7 +186,8 @@ def _attention(model, B, n, prefix, tree, hint="real", dtype=None):
     mask = torch.zeros(B * n, dtype=torch.int64) if tree else None
     max_seq_len = {"real": length, "graph": ctx + n, None: None}[hint]
     return lambda: verify_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, mask,
-                                    D ** -0.5, max_query_len=n, max_seq_len=max_seq_len)
+                                    D ** -0.5, max_query_len=n, max_seq_len=max_seq_len,
+                                    sliding_window=window, softcap=softcap)
 
 
 def _attention_cases(arch: int, full: bool):
@@ -231,6 +232,13 @@ def _attention_cases(arch: int, full: bool):
             ("attn 1B tree64 B=8", att("1B", 8, 64, 4096, True)),
         ]
     out.append(("attn D256 tree64 B=8 fp16", att("D256", 8, 64, 4096, True, dtype=fp16)))
+    # sliding-window and soft-capped variants (Gemma 2/3, mistral): the window's edge loop
+    # (with the tree's popcount) and the tanh add code, not registers
+    out.append(("attn 8B tree64 B=8 window softcap", att("8B", 8, 64, 8192, True, window=4096, softcap=50.0)))
+    out.append(("attn 8B chain k=4 B=1 window", att("8B", 1, 5, 8192, False, window=4096)))
+    out.append(("attn 8B prefill 2048 window", att("8B", 1, 2048, 0, False, window=512)))
+    out.append(("attn D256 tree64 B=8 fp16 window softcap",
+                att("D256", 8, 64, 8192, True, dtype=fp16, window=4096, softcap=50.0)))
     # float32 on a GPU (the CUDA-graph tests' dtype): small tiles, or refused up front
     out.append(("attn 8B fp32 tree64 B=8", att("8B", 8, 64, 4096, True, dtype=fp32)))
     out.append(("attn D256 fp32 chain k=4 B=1", att("D256", 1, 5, 512, False, dtype=fp32)))
@@ -276,7 +284,10 @@ def _fused_cases(arch: int, full: bool):
                 (f"add_rms_norm {model} T={T}", lambda x=x, w=w: fused_ops.add_rms_norm(x, x, w, 1e-5)),
                 (f"rms_norm {model} T={T}", lambda x=x, w=w: fused_ops.add_rms_norm(x, None, w, 1e-5)),
                 (f"rotary {model} T={T}", lambda q=q, k=k, p=pos, i=inv: fused_ops.rotary(q, k, p, i)),
+                (f"rotary+qk_norm {model} T={T}", lambda q=q, k=k, p=pos, i=inv, wd=torch.empty(D, dtype=bf16):
+                 fused_ops.rotary(q, k, p, i, q_norm_weight=wd, k_norm_weight=wd, norm_eps=1e-6)),
                 (f"silu_mul {model} T={T}", lambda g=gate_up: fused_ops.silu_mul(g)),
+                (f"gelu_tanh_mul {model} T={T}", lambda g=gate_up: fused_ops.silu_mul(g, activation="gelu_tanh")),
                 (f"write_kv {model} T={T}",
                  lambda k=k, v=v, kc=kc, vc=vc, s=slots: kv_cache_ops.write_kv(k.contiguous(), v, kc, vc, s)),
                 (f"move_kv {model} n={T}", lambda kc=kc, vc=vc, s=slots: kv_cache_ops.move_kv(kc, vc, s, s)),

@@ -542,3 +542,35 @@ def test_fixed_shape_steps_with_a_wrong_sampler_are_rejected(ckpts):
     llm.engine.ops = llm.engine.runner.ops = dataclasses.replace(llm.engine.ops, rejection_sample=_accept_all)
     counts, _ = sample_outcomes(llm, params)
     assert chi_square_test(counts, joint).p_value < POWER_ALPHA
+
+
+# ---------------------------------------------------------------------------------------
+# A sliding-window, soft-capped target (Gemma 2 layout) samples its own law too
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def window_ckpts(tmp_path_factory):
+    """A 2-layer V = 8 Gemma 2 target whose first layer attends over a 4-position window
+    (the prompt has 14 tokens) with soft-capped scores and logits, and a noisy copy."""
+    root = tmp_path_factory.mktemp("window_distribution")
+    target = make_checkpoint(root / "target", "gemma2", num_layers=2, seed=1, sliding_window=4, **_ARCH)
+    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    return SimpleNamespace(target=target, dirs={"near": near}, model=load_model(target))
+
+
+@pytest.mark.slow
+def test_sliding_window_model_samples_target_distribution(window_ckpts):
+    ckpts, params = window_ckpts, SamplingParams(temperature=1.0)
+    assert ckpts.model.config.sliding_layers == (True, False)
+    joint, _ = exact_joint(ckpts.model, PROMPT, params)
+    # the window shapes the law being tested
+    unwindowed = copy.deepcopy(ckpts.model)
+    unwindowed.model.layers[0].self_attn.sliding_window = None
+    assert (exact_joint(unwindowed, PROMPT, params)[0] - joint).abs().max() > 1e-3
+    llm = make_llm(ckpts, "near", 2)
+    counts, outs = sample_outcomes(llm, params)
+    res = chi_square_test(counts, joint)
+    assert res.impossible == 0 and res.p_value > ALPHA, res
+    assert_paths_exercised(llm, outs)
+    got, expected = first_draft_accepted(outs), first_draft_acceptance(ckpts, "near", params)
+    assert binomial_two_sided_p(got, len(outs), expected) > ALPHA, (got, expected)

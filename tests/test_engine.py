@@ -216,6 +216,23 @@ def test_greedy_speculative_equals_plain_greedy(dirs, family, drafter):
         assert totals["num_accepted_tokens"] > 0, "the repetitive prompt should get n-gram hits"
 
 
+@pytest.mark.parametrize("drafter", [None, "near-draft", "early-exit:1"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied", "gemma2", "gemma3"])
+def test_greedy_equals_transformers_generate(dirs, family, drafter):
+    """Token for token what transformers' greedy ``generate`` produces (its EOS stop
+    included), one prompt at a time so that it pads nothing."""
+    from transformers import AutoModelForCausalLM
+
+    path = dirs[family]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    outs = make_llm(path, _draft_arg(dirs, family, drafter), block_size=4).generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ids = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_TOKENS,
+                              eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == ids
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_target_as_its_own_draft_accepts_everything(dirs, family):
     path = dirs[family]
@@ -237,11 +254,14 @@ def test_target_as_its_own_draft_accepts_everything(dirs, family):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
-@pytest.mark.parametrize("drafter", ["ngram", "near-draft"])
-def test_greedy_identity_on_the_triton_backend(dirs, device, drafter):
-    """The Triton kernels (the interpreter on CPU, native on CUDA) in the whole engine."""
-    path = dirs["qwen2"]
-    llm = LLM(str(path), draft=_draft_arg(dirs, "qwen2", drafter), num_draft_tokens=K, device=device,
+@pytest.mark.parametrize("family,drafter", [("qwen2", "ngram"), ("qwen2", "near-draft"),
+                                             ("qwen3", "near-draft"), ("mistral-window", "near-draft"),
+                                             ("gemma2", "near-draft"), ("gemma3", "near-draft")])
+def test_greedy_identity_on_the_triton_backend(dirs, device, family, drafter):
+    """The Triton kernels (the interpreter on CPU, native on CUDA) in the whole engine;
+    qwen3's head norms go through the fused rotary kernel."""
+    path = dirs[family]
+    llm = LLM(str(path), draft=_draft_arg(dirs, family, drafter), num_draft_tokens=K, device=device,
               dtype=torch.float32, backend="triton", block_size=16)
     assert llm.backend == "triton"
     _poison(llm)

@@ -14,6 +14,8 @@ On CPU the kernels run in Triton's interpreter (~1 ms a program), so shapes stay
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,6 +212,44 @@ def test_rotary_matches_reference(t, h, h_kv, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_rotary_with_head_norm_is_qwen3(dtype):
+    """q_norm/k_norm: llama.py's RMSNorm of each head, then its RoPE, bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    t, h, h_kv, d = 5, 4, 2, 32
+    rotary = Rotary(config(h, h_kv, d))
+    q, k = qkv_views(t, h, h_kv, d, g, dtype, scale=3.0)
+    qn, kn = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+    qn.weight.data, kn.weight.data = randn(d, gen=g) + 1.0, randn(d, gen=g) + 1.0
+    qn.to(dtype), kn.to(dtype)
+    positions = torch.tensor([0, 3, 100, 2047, 4000])
+    cos, sin = rotary.cos_sin(positions, dtype)
+    with torch.no_grad():
+        q_rot, k_rot = ref.rotary(q, k, positions, rotary.inv_freq, q_norm_weight=qn.weight,
+                                  k_norm_weight=kn.weight, norm_eps=1e-6)
+        assert torch.equal(q_rot, apply_rope(qn(q), cos, sin))
+        assert torch.equal(k_rot, apply_rope(kn(k), cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,h,h_kv,d", [(1, 4, 2, 8), (3, 5, 1, 24), (2, 65, 1, 128)])
+def test_rotary_with_head_norm_matches_reference(t, h, h_kv, d, dtype):
+    g = torch.Generator().manual_seed(7 * t + d)
+    q, k = qkv_views(t, h, h_kv, d, g, dtype, scale=5.0)  # the norm brings heads back to ~1
+    wq, wk = (randn(d, gen=g, scale=0.5) + 1.0).to(dtype), (randn(d, gen=g, scale=0.5) + 1.0).to(dtype)
+    positions = torch.randint(0, 4001, (t,), generator=g)
+    inv_freq = inv_freq_of(d)
+    norm = dict(q_norm_weight=wq, k_norm_weight=wk, norm_eps=1e-5)
+    got_q, got_k = fused_ops.rotary(*(a.to(DEVICE) for a in (q, k, positions, inv_freq)),
+                                    **{n: (w.to(DEVICE) if torch.is_tensor(w) else w) for n, w in norm.items()})
+    want_q, want_k = ref.rotary(q, k, positions, inv_freq, **norm)
+    plain_q, _ = ref.rotary(q, k, positions, inv_freq)
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        assert got.dtype == dtype and got.is_contiguous()
+        close(got, want, VS_REFERENCE[dtype])
+    assert not torch.allclose(want_q.float(), plain_q.float(), atol=0.1)  # the norm did something
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_large_activations_rounded_once(dtype):
     """At activation scale ~8 and positions up to 4000 the kernel still rounds once."""
     g = torch.Generator().manual_seed(3)
@@ -235,6 +275,40 @@ def test_silu_mul_matches_reference(t, i, dtype):
     close(out, ref.silu_mul(gate_up), VS_REFERENCE[dtype])
     exact = F.silu(gate_up[:, :i].float()) * gate_up[:, i:].float()
     assert_rounded_once(out, exact, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, exp(100)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,i", [(1, 36), (3, 100), (2, 1100)])
+def test_gelu_tanh_mul_matches_reference(t, i, dtype):
+    g = torch.Generator().manual_seed(t * i + 1)
+    wide = randn(t, 2 * i + 8, gen=g, scale=3, dtype=dtype)
+    wide[0, :4] = torch.tensor([-100.0, 100.0, -20.0, 0.0])  # exp(-2u) overflows; gelu(0) = 0
+    gate_up = wide[:, :2 * i]  # row stride 2 I + 8
+    out = fused_ops.silu_mul(gate_up.to(DEVICE), activation="gelu_tanh")
+    assert out.shape == (t, i) and out.dtype == dtype and out.is_contiguous()
+    want = ref.silu_mul(gate_up, activation="gelu_tanh")
+    close(out, want, VS_REFERENCE[dtype])
+    # float64, in the form g * sigmoid(2 u): torch's 0.5 g (1 + tanh(u)) cancels for
+    # negative g (to 0 below g ~ -6 even in float64), so it is no rounded-once oracle there
+    gate = gate_up[:, :i].double()
+    u = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
+    exact = (gate * torch.sigmoid(2 * u) * gate_up[:, i:].double()).float()
+    assert_rounded_once(out, exact, dtype)
+    assert not torch.allclose(want.float(), ref.silu_mul(gate_up).float(), atol=1e-2)  # not SiLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_gelu_tanh_mul_is_gemma_mlp(dtype):
+    g = torch.Generator().manual_seed(5)
+    cfg = ModelConfig(architecture="gemma", vocab_size=32, hidden_size=64, intermediate_size=37, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, hidden_act="gelu_tanh")
+    mlp = MLP(cfg).to(dtype)
+    mlp.down_proj = nn.Identity()
+    x = randn(5, 64, gen=g, dtype=dtype)
+    with torch.no_grad():
+        gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)  # [T, 2 I]
+        assert torch.equal(ref.silu_mul(gate_up, activation="gelu_tanh"), mlp(x))
 
 
 def test_empty_batch():
@@ -304,6 +378,13 @@ ROPE_CASES = [
     (dict(inv_freq=inv_freq_of(8).to(_bf16)), r"inv_freq must be float32 \(RoPE frequencies"),
     (dict(positions=torch.arange(3, device="meta")), r"positions is on meta but q is on cpu"),
     (dict(k=torch.zeros(3, 2, 8, device="meta")), r"k is on meta but q is on cpu"),
+    (dict(q_norm_weight=torch.ones(8)), r"q_norm_weight and k_norm_weight go together"),
+    (dict(q_norm_weight=torch.ones(4), k_norm_weight=torch.ones(8)),
+     r"q_norm_weight must have shape \(8,\) \(D of q"),
+    (dict(q_norm_weight=torch.ones(8), k_norm_weight=torch.ones(8, dtype=_bf16)),
+     r"k_norm_weight is torch.bfloat16 but q is torch.float32"),
+    (dict(q_norm_weight=torch.ones(8), k_norm_weight=torch.ones(8), norm_eps=-1.0),
+     r"norm_eps must be a host float >= 0"),
 ]
 
 
@@ -312,6 +393,12 @@ ROPE_CASES = [
 def test_rotary_rejects(impl, kw, message):
     with pytest.raises(ValueError, match=message):
         impl.rotary(**_rope_args(**kw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unknown_activation_rejected(impl):
+    with pytest.raises(ValueError, match="activation must be one of silu, gelu_tanh, got 'relu'"):
+        impl.silu_mul(torch.zeros(2, 8), activation="relu")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

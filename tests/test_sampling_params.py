@@ -48,7 +48,6 @@ def test_boundary_values_accepted(kwargs):
         ("temperature", math.inf),
         ("temperature", "1.0"),
         ("temperature", True),
-        ("temperature", None),
         ("top_p", 0.0),
         ("top_p", -0.5),
         ("top_p", 1.0001),
@@ -101,3 +100,50 @@ def test_frozen():
     p = SamplingParams()
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 0.5
+
+
+# ---------------------------------------------------------------------- unset vs given
+
+
+def test_unset_fields_read_as_library_defaults():
+    p = SamplingParams()
+    assert (p.temperature, p.top_k, p.top_p) == (1.0, 0, 1.0)
+    assert p.unset == {"temperature", "top_k", "top_p"}
+    assert SamplingParams(temperature=None, top_k=None, top_p=None) == p
+    given = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    assert given.unset == frozenset()
+    assert given != p  # same values, but only the given ones override a model's defaults
+    assert repr(given) == repr(p)
+
+
+def test_with_defaults_fills_only_unset_fields():
+    model = dict(temperature=0.6, top_k=20, top_p=0.95)
+    p = SamplingParams(max_tokens=5, seed=3, stop=["x"], stop_token_ids=[9], ignore_eos=True).with_defaults(**model)
+    assert (p.temperature, p.top_k, p.top_p) == (0.6, 20, 0.95)
+    assert (p.max_tokens, p.seed, p.stop, p.stop_token_ids, p.ignore_eos) == (5, 3, ("x",), (9,), True)
+    assert p.unset == frozenset()
+    # a given value wins, even when it equals the library default
+    q = SamplingParams(temperature=1.0, top_k=0).with_defaults(**model)
+    assert (q.temperature, q.top_k, q.top_p) == (1.0, 0, 0.95)
+    greedy = SamplingParams(temperature=0).with_defaults(**model)
+    assert greedy.temperature == 0.0
+    # a model without defaults keeps the library's
+    assert SamplingParams().with_defaults(temperature=None) == SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+
+
+def test_with_defaults_checks_names_and_ranges():
+    with pytest.raises(ValueError, match="with_defaults takes temperature, top_k, top_p, got min_p"):
+        SamplingParams().with_defaults(min_p=0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams().with_defaults(temperature=-1.0)
+
+
+def test_copies_keep_unset_fields():
+    import dataclasses
+
+    p = SamplingParams(top_k=5)
+    assert SamplingParams(**vars(p)) == p and SamplingParams(**vars(p)).unset == {"temperature", "top_p"}
+    assert dataclasses.replace(p, max_tokens=3).unset == {"temperature", "top_p"}
+    # a new value given through replace is given
+    q = dataclasses.replace(p, temperature=0.5)
+    assert q.temperature == 0.5 and q.unset == {"top_p"}

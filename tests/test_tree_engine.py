@@ -61,7 +61,9 @@ SHAPES = [(2,), (3, 2, 1), (2, 2, 2), (1, 1, 1, 1)]  # the last one is a chain a
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree_engine")
-    out = {f: make_checkpoint(root / f, f) for f in ("llama", "qwen2", "llama3-rope")}
+    # mistral-window: a 6-position sliding window, shorter than the sequences
+    out = {f: make_checkpoint(root / f, f)
+           for f in ("llama", "qwen2", "llama3-rope", "qwen3", "mistral-window", "gemma2", "gemma3")}
     # an unrelated random model with another cache shape (acceptance near 0) ...
     out["draft-model"] = make_checkpoint(root / "draft", "llama", num_layers=2, num_kv_heads=1,
                                          hidden_size=16, intermediate_size=24, seed=1)
@@ -378,7 +380,8 @@ def test_greedy_tree_equals_plain_greedy(dirs, drafter, shape):
 
 
 # each drafter once per shape across the other families (block size 4, all in one batch)
-OTHER = [(f, d, SHAPES[(i + j) % 4]) for j, f in enumerate(("qwen2", "llama3-rope"))
+OTHER = [(f, d, SHAPES[(i + j) % 4])
+         for j, f in enumerate(("qwen2", "llama3-rope", "qwen3", "mistral-window", "gemma2", "gemma3"))
          for i, d in enumerate(["ngram", "early-exit:1", "early-exit:2", "draft-model", "self"])]
 
 
@@ -562,11 +565,13 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter, shape, temperature
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
-@pytest.mark.parametrize("drafter", ["ngram", "early-exit:1"])
-def test_triton_backend_tree(dirs, device, drafter):
+@pytest.mark.parametrize("family, drafter", [("qwen2", "ngram"), ("qwen2", "early-exit:1"),
+                                            ("mistral-window", "ngram"), ("gemma2", "early-exit:1")])
+def test_triton_backend_tree(dirs, device, family, drafter):
     """The Triton kernels (interpreter on CPU) in a tree step: greedy requests emit plain
-    greedy decoding, seeded sampled ones exactly the torch backend's tokens."""
-    path = dirs["qwen2"]
+    greedy decoding, seeded sampled ones exactly the torch backend's tokens (mistral-window:
+    tree nodes past the sliding window's reach)."""
+    path = dirs[family]
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11], [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
     params = [SamplingParams(max_tokens=5, temperature=0), SamplingParams(max_tokens=5, temperature=0),
               SamplingParams(max_tokens=5, temperature=1.0, seed=3)]
@@ -958,3 +963,30 @@ def test_children_without_replacement_are_caught(ckpts, monkeypatch):
     assert rec.summary().duplicate_siblings == 0  # the patched drafter was used
     p_value, results = law_test(counts, joint)
     assert p_value < POWER_ALPHA, f"distinct children went unnoticed: {[str(r) for r in results]}"
+
+
+@pytest.fixture(scope="module")
+def window_ckpts(tmp_path_factory):
+    """A 2-layer V = 8 Gemma 2 target, its first layer over a 4-position window (tree
+    nodes at depth 2 see 2 prompt positions), and a noisy copy."""
+    root = tmp_path_factory.mktemp("tree_window_distribution")
+    target = make_checkpoint(root / "target", "gemma2", num_layers=2, seed=1, sliding_window=4, **_ARCH)
+    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    return SimpleNamespace(target=target, dirs={"near": near}, model=load_model(target))
+
+
+@pytest.mark.slow
+def test_sliding_window_tree_samples_target_distribution(window_ckpts):
+    params = SamplingParams(temperature=1.0)
+    joint, _ = exact_joint(window_ckpts.model, PROMPT, params)
+    llm = _dist_llm(window_ckpts, "near", (3, 1))
+    rec = TreeWalkRecorder(llm.engine.ops.tree_rejection_sample)
+    llm.engine.ops = dataclasses.replace(llm.engine.ops, tree_rejection_sample=rec)
+    counts, outs = _sample_counts(llm, PROMPT, params)
+    p_value, results = law_test(counts, joint)
+    assert all(r.impossible == 0 for r in results) and p_value > ALPHA, [str(r) for r in results]
+    s = rec.summary()
+    assert any(n >= 2 for n in s.first_step) and s.rejected > 0.05 * N_SAMPLES, s
+    expected = first_step_acceptance(window_ckpts, "near", (3, 1), PROMPT, params)
+    got = sum(n >= 1 for n in s.first_step)
+    assert binomial_two_sided_p(got, N_SAMPLES, expected) > ALPHA, (got, expected)

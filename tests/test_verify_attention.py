@@ -438,3 +438,101 @@ def test_eager_batches_pass_the_longest_sequence_as_the_split_hint(monkeypatch):
     cuda = _pretend_gpu(monkeypatch)
     decode = va._pick_config(1, 8, 4, 128, 1, chain_batch.max_seq_len, torch.bfloat16, cuda)
     assert 8 * decode.num_splits >= 64
+
+
+# --------------------------------------------------------------------------- sliding window, soft-capping
+#
+# Windows W around the query positions: 1 (only itself), 5 (< a 16-slot page and < a
+# KV tile), 37 (a prefix that straddles the window edge). The caches keep every
+# position (NaN only where nobody wrote), so a key outside a window that the kernel
+# reads anyway changes the output and the comparison fails.
+
+WINDOW_KINDS = {
+    # prefixes, trees, causal, max_query_len
+    "prefill": ([0, 50], [70, 40], True, 70),
+    "decode": ([3, 40, 90], [1, 1, 1], True, 1),
+    "chain": ([20, 44], [6, 9], True, 9),
+    "tree": ([10, 45], [random_tree(12, 21), deep(16)], False, 16),
+}
+
+
+def check_window(case, window, softcap, **kwargs):
+    extra = dict(sliding_window=window, softcap=softcap)
+    out = va.verify_attention(**case, **extra, **kwargs)
+    want = ref.verify_attention(**case, **extra)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, **TOL[case["q"].dtype])
+    return out, want
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["nocap", "cap"])
+@pytest.mark.parametrize("window", [1, 5, 37])
+@pytest.mark.parametrize("kind", list(WINDOW_KINDS))
+def test_sliding_window_and_softcap_match_the_reference(kind, window, softcap):
+    prefixes, trees, causal, mql = WINDOW_KINDS[kind]
+    case = make_case(prefixes, trees, causal=causal, h=4, h_kv=2, d=16, seed=window)
+    out, want = check_window(case, window, softcap, max_query_len=mql)
+    # the window (or the cap) did change something: the test can fail
+    plain = ref.verify_attention(**case)
+    assert not torch.allclose(want, plain, atol=1e-3)
+
+
+def test_tree_nodes_at_the_window_edge():
+    # a 12-deep spine with side branches: with W = 4 node i sees exactly its 3 nearest
+    # ancestors and itself (positions prefix + depth), none of the prefix
+    parents = deep(20)
+    case = make_case([3], [parents], h=2, h_kv=1, d=16, seed=31)
+    for window in (3, 4, 5, 12):
+        check_window(case, window, None, max_query_len=20)
+
+
+def test_reference_window_tree_of_a_chain_is_the_causal_window():
+    tree = make_case([9, 30], [chain(7), chain(12)], h=2, h_kv=1, d=16, seed=32)
+    causal = dict(tree, tree_mask=None)
+    for window in (1, 4, 13):
+        torch.testing.assert_close(ref.verify_attention(**tree, sliding_window=window),
+                                   ref.verify_attention(**causal, sliding_window=window), atol=0, rtol=0)
+
+
+def test_reference_window_is_a_band():
+    # decode at position p with W: attention over keys (p - W, p] only, the textbook way
+    case = make_case([40], [1], causal=True, h=1, h_kv=1, d=16, seed=33)
+    window, p = 7, 40
+    out = ref.verify_attention(**case, sliding_window=window)
+    slots = ref._slots_of(case["block_table"][0], p + 1, case["k_cache"].shape[1])
+    k = case["k_cache"].reshape(-1, 1, 16)[slots][p - window + 1:, 0]  # [W, D]
+    v = case["v_cache"].reshape(-1, 1, 16)[slots][p - window + 1:, 0]
+    probs = torch.softmax(case["q"][0, 0] @ k.T * case["scale"], -1)
+    torch.testing.assert_close(out[0, 0], probs @ v, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["tree", "causal"])
+def test_sliding_window_with_split_kv_and_small_tiles(causal):
+    # 16-wide KV tiles over 8-slot pages, 3 splits of the windowed range, W = 20
+    # (not a multiple of the tile), two query tiles per sequence
+    case = make_case([0, 3, 130], [random_tree(10, 11), chain(2), wide(9)], page=8,
+                     causal=causal, seed=34)
+    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=3)
+    for window, cap in ((20, None), (3, 1.5)):
+        out = va._launch_attention(**case, max_query_len=10, cfg=cfg, sliding_window=window, softcap=cap)
+        want = ref.verify_attention(**case, sliding_window=window, softcap=cap)
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sliding_window_half_precision(dtype):
+    case = make_case([30, 5], [random_tree(9, 4), chain(6)], dtype=dtype, h=4, h_kv=2, d=64, seed=35)
+    check_window(case, 11, 30.0, max_query_len=9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sliding_window=0), "sliding_window must be None or an integer >= 1, got 0"),
+    (dict(sliding_window=4.0), "sliding_window must be None or an integer >= 1"),
+    (dict(softcap=0.0), "softcap must be None or a finite float > 0, got 0.0"),
+    (dict(softcap=float("inf")), "softcap must be None or a finite float > 0"),
+])
+@pytest.mark.parametrize("impl", [ref.verify_attention, va.verify_attention], ids=["reference", "triton"])
+def test_window_validation(impl, kwargs, match):
+    case = make_case([3], [2], causal=True, h=2, h_kv=1, d=16)
+    with pytest.raises(ValueError, match=match):
+        impl(**case, **kwargs)

@@ -37,7 +37,7 @@ def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, s
     monkeypatch.setattr(va, "_interpreting", lambda: False)
     monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
     launched = set()
-    monkeypatch.setattr(va, "_launch_attention", lambda *a: launched.add(_variant(a[-1], a[6] is not None)))
+    monkeypatch.setattr(va, "_launch_attention", lambda *a, **kw: launched.add(_variant(a[-1], a[6] is not None)))
     cache = torch.zeros(4, 16, h_kv, d, dtype=dtype)
     assert va.precompile(cache, cache, h, scratch_block=3) == len(launched)
     group = h // h_kv
@@ -65,6 +65,11 @@ def test_precompile_on_the_interpreter_reads_only_the_scratch_block():
     assert va.precompile(k, v, 4, scratch_block=1) == 4  # 1 config x split or not x tree or not
     torch.testing.assert_close(k, before[0], equal_nan=True)
     torch.testing.assert_close(v, before[1], equal_nan=True)
+    # a sliding-window model's kinds: each a variant of its own (window and cap are runtime values)
+    assert va.precompile(k, v, 4, scratch_block=1, kinds=((None, None), (3, None), (5, 50.0))) == 12
+    torch.testing.assert_close(k, before[0], equal_nan=True)
+    with pytest.raises(ValueError, match="sliding_window must be None or an integer >= 1"):
+        va.precompile(k, v, 4, scratch_block=1, kinds=((0, None),))
 
 
 @pytest.fixture(scope="module")

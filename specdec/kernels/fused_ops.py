@@ -84,21 +84,32 @@ def _add_rms_norm_kernel(
 
 
 @triton.jit
-def _rope_heads(x_ptr, out_ptr, n_heads, stride_h, stride_out_h, cos, sin,
+def _rope_heads(x_ptr, out_ptr, w_ptr, eps, n_heads, stride_h, stride_out_h, cos, sin,
                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                RNE_BF16: tl.constexpr):
-    """Rotate every head of one token, BLOCK_H heads at a time.
+                HAS_NORM: tl.constexpr, RNE_BF16: tl.constexpr):
+    """(RMSNorm each head, then) rotate every head of one token, BLOCK_H heads at a time.
 
     With x = [x1, x2] (the two halves of a head), x * cos + rotate_half(x) * sin is
-    [x1 cos - x2 sin, x2 cos + x1 sin]; ``cos``, ``sin``: [1, BLOCK_HALF] fp32.
+    [x1 cos - x2 sin, x2 cos + x1 sin]; ``cos``, ``sin``: [1, BLOCK_HALF] fp32. With
+    HAS_NORM, x is first w * x * rsqrt(mean(x^2) + eps) over the head's D = 2 HALF values
+    (``w_ptr``: [D] gain), kept in fp32.
     """
     j = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
+    if HAS_NORM:
+        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)  # [1, BLOCK_HALF]
+        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
         mask = (h < n_heads) & (j < HALF)
         src = x_ptr + h * stride_h + j
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            # masked columns load 0: the sum of squares is over the head's D values only
+            ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)  # [BLOCK_H]
+            inv_rms = tl.math.rsqrt(ss / (2 * HALF) + eps)[:, None]
+            x1 = x1 * inv_rms * w1
+            x2 = x2 * inv_rms * w2
         dst = out_ptr + h * stride_out_h + j
         tl.store(dst, _round(x1 * cos - x2 * sin, out_ptr.dtype.element_ty, RNE_BF16),
                  mask=mask)
@@ -109,13 +120,15 @@ def _rope_heads(x_ptr, out_ptr, n_heads, stride_h, stride_out_h, cos, sin,
 # head counts only bound a loop and mask whole heads: no need to specialise on them
 @triton.jit(do_not_specialize=["n_q_heads", "n_k_heads"])
 def _rotary_kernel(
-    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr, n_q_heads, n_k_heads,
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, eps,
+    n_q_heads, n_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_HK: tl.constexpr, HAS_NORM: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
-    """Token ``t``: RoPE on its H query heads and H_kv key heads (D = 2 * HALF)."""
+    """Token ``t``: (per-head RMSNorm and) RoPE on its H query heads and H_kv key heads
+    (D = 2 * HALF)."""
     t = tl.program_id(0).to(tl.int64)
     # -- angles theta_j = pos * inv_freq_j, the fp32 product the reference takes --
     j = tl.arange(0, BLOCK_HALF)
@@ -123,24 +136,31 @@ def _rotary_kernel(
     theta = pos * tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)  # [BLOCK_HALF]
     cos = tl.cos(theta)[None, :]
     sin = tl.sin(theta)[None, :]
-    _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, n_q_heads, stride_qh,
-                stride_qoh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF, RNE_BF16)
-    _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, n_k_heads, stride_kh,
-                stride_koh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF, RNE_BF16)
+    _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, qw_ptr, eps, n_q_heads,
+                stride_qh, stride_qoh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF, HAS_NORM, RNE_BF16)
+    _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, kw_ptr, eps, n_k_heads,
+                stride_kh, stride_koh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF, HAS_NORM, RNE_BF16)
 
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, n_inter, stride_gu, stride_out,
-                     BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
-    """Row ``t``, columns ``[b * BLOCK, (b + 1) * BLOCK)``: silu(gate) * up."""
+                     BLOCK: tl.constexpr, GELU: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Row ``t``, columns ``[b * BLOCK, (b + 1) * BLOCK)``: silu(gate) * up, or with GELU
+    gelu_tanh(gate) * up."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_inter
     row = gate_up_ptr + t * stride_gu
     gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + n_inter + cols, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); exp overflow to inf gives -0, as torch
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    if GELU:
+        # gelu_tanh(g) = g (1 + tanh(u)) / 2 = g * sigmoid(2 u), u = sqrt(2/pi) (g + 0.044715 g^3)
+        # (no cancellation for negative g, unlike 1 + tanh)
+        u2 = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)  # 2 u
+        out = gate / (1.0 + tl.exp(-u2)) * up
+    else:
+        # silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); exp overflow to inf gives -0, as torch
+        out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + t * stride_out + cols, _round(out, out_ptr.dtype.element_ty, RNE_BF16),
              mask=mask)
 
@@ -200,14 +220,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-           inv_freq: torch.Tensor, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on the query and key heads of T tokens in one launch (one program per token).
+           inv_freq: torch.Tensor, *, q_norm_weight: torch.Tensor | None = None,
+           k_norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+           check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Per-head RMSNorm and) RoPE on the query and key heads of T tokens in one launch
+    (one program per token).
 
     q:         [T, H, D] float16/bfloat16/float32, any token/head strides, stride 1 in D
                (e.g. ``qkv[:, :H * D].view(T, H, D)`` of a fused projection); D even
     k:         [T, H_kv, D] q's dtype, same layout rules
     positions: [T] int64 (or int32), absolute positions, exact below 2**24
     inv_freq:  [D / 2] float32 rotation frequencies
+    q_norm_weight, k_norm_weight: [D] q's dtype or None (both or neither): an RMSNorm of
+               each head (eps ``norm_eps``) before the rotation (Qwen3's q_norm/k_norm),
+               kept in fp32 into the rotation (the reference rounds it to q's dtype)
     returns:   q_rot [T, H, D], k_rot [T, H_kv, D], new and contiguous, in q's dtype
 
     Per token, theta_j = float(pos) * inv_freq_j (the reference's fp32 product), cos and
@@ -222,7 +248,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         [0.5, 0.866, -1.732, 1.0]
     """
     if check:
-        _check_rotary_args(q, k, positions, inv_freq)
+        _check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
     t, h, d = q.shape
     h_kv = k.shape[1]
     q_out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
@@ -231,18 +257,22 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return q_out, k_out
     block_half = triton.next_power_of_2(d // 2)
     max_heads = max(1, 4096 // block_half)  # keep a [BLOCK_H, BLOCK_HALF] tile <= 4096
+    has_norm = q_norm_weight is not None
     _rotary_kernel[(t,)](
-        q, k, positions, inv_freq, q_out, k_out, h, h_kv,
+        q, k, positions, inv_freq, q_out, k_out,
+        q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, float(norm_eps), h, h_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         HALF=d // 2, BLOCK_HALF=block_half, BLOCK_HQ=min(triton.next_power_of_2(h), max_heads),
-        BLOCK_HK=min(triton.next_power_of_2(h_kv), max_heads), RNE_BF16=_rne_bf16(q.dtype), num_warps=4,
+        BLOCK_HK=min(triton.next_power_of_2(h_kv), max_heads), HAS_NORM=has_norm,
+        RNE_BF16=_rne_bf16(q.dtype), num_warps=4,
     )
     return q_out, k_out
 
 
-def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-    """SwiGLU's activation ``silu(gate) * up`` in one launch (a program per row and block).
+def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", check: bool = True) -> torch.Tensor:
+    """SwiGLU's activation ``silu(gate) * up`` in one launch (a program per row and block);
+    GeGLU's ``gelu_tanh(gate) * up`` with ``activation="gelu_tanh"`` (Gemma).
 
     gate_up: [T, 2 I] float16/bfloat16/float32, any row stride, stride 1 in the last dim:
              gate in columns [0, I), up in [I, 2 I) (a fused gate/up projection's output)
@@ -256,7 +286,7 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         [[0.0, 10.0]]
     """
     if check:
-        _check_silu_mul_args(gate_up)
+        _check_silu_mul_args(gate_up, activation)
     t, i = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:
@@ -264,6 +294,6 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     block = min(triton.next_power_of_2(i), 1024)
     _silu_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up, out, i, gate_up.stride(0), out.stride(0),
-        BLOCK=block, RNE_BF16=_rne_bf16(gate_up.dtype), num_warps=4,
+        BLOCK=block, GELU=activation == "gelu_tanh", RNE_BF16=_rne_bf16(gate_up.dtype), num_warps=4,
     )
     return out

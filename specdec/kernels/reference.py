@@ -90,6 +90,9 @@ def verify_attention(
     q_start: torch.Tensor,
     tree_mask: torch.Tensor | None,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ragged query tokens over the paged KV cache.
 
@@ -103,12 +106,20 @@ def verify_attention(
                   the j-th new token of its own sequence (itself and its tree ancestors).
                   None means causal order among the new tokens (prefill, decode, chain).
     scale:        softmax scale, usually D ** -0.5
+    sliding_window: None, or W >= 1: a query at position p sees only keys at positions
+                  > p - W (mistral / Gemma local layers). Positions: a committed key's is
+                  its cache index; a causal query i's is prefix + i; a tree node's is
+                  prefix + depth, depth = its ancestors among the new tokens (popcount of
+                  its mask - 1), the position the engine rotates it by
+    softcap:      None, or c > 0: scores become c * tanh(scores / c) before the mask
+                  (Gemma 2's attention logit soft-capping)
     returns:      [T, H, D] in q's dtype
 
     Query i of sequence b sees every cached position < seq_lens[b] - n_b (the committed
-    prefix), plus the new positions its mask allows. A query that sees nothing yields
-    zeros.
+    prefix), plus the new positions its mask allows, less those outside its window. A
+    query that sees nothing yields zeros.
     """
+    _check_window_args(sliding_window, softcap)
     T, H, D = q.shape
     block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
     group = H // h_kv
@@ -134,7 +145,12 @@ def verify_attention(
             j = (pos - prefix).clamp(min=0)
             bits = (tree_mask[t0:t1, None] >> j[None, :]) & 1  # [n, L]
             visible = (pos[None, :] < prefix) | ((pos[None, :] >= prefix) & (bits == 1))
+        if sliding_window is not None:
+            q_pos, k_pos = _token_positions(tree_mask, t0, t1, prefix, pos)  # [n], [L]
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
         scores = torch.einsum("nhd,lhd->hnl", q[t0:t1].float(), k) * scale  # [H, n, L]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         out[t0:t1] = torch.einsum("hnl,lhd->nhd", probs, v)
@@ -219,6 +235,29 @@ def draft_dist_probs(dist: DraftDist) -> torch.Tensor:
     x = dist.logits.float() * dist.inv_t[:, None]
     kept = key_of(x) >= dist.thr[:, None]
     return torch.where(kept, torch.exp(x - dist.m[:, None]), 0.0) / dist.z[:, None]
+
+
+def _check_window_args(sliding_window, softcap) -> None:
+    require(sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
+                                       and sliding_window >= 1),
+            f"sliding_window must be None or an integer >= 1, got {sliding_window!r}")
+    require(softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                and math.isfinite(softcap) and softcap > 0),
+            f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _token_positions(tree_mask, t0: int, t1: int, prefix: int, pos: torch.Tensor):
+    """Positions of one sequence's queries [n] and of its cached keys [L] (see
+    ``verify_attention``): new token j sits at prefix + j (causal) or prefix + depth_j."""
+    n = t1 - t0
+    if tree_mask is None:
+        new_pos = prefix + torch.arange(n, device=pos.device)
+    else:
+        bits = (tree_mask[t0:t1, None] >> torch.arange(64, device=pos.device)) & 1  # [n, 64]
+        new_pos = prefix + bits.sum(-1) - 1  # depth = ancestors among the new tokens
+    k_pos = pos.clone()
+    k_pos[prefix:] = new_pos
+    return new_pos, k_pos
 
 
 def sampling_probs(
@@ -918,7 +957,8 @@ def _check_add_rms_norm_args(x, residual, weight, eps) -> None:
             and eps >= 0, f"eps must be a host float >= 0, got {eps!r}")
 
 
-def _check_rotary_args(q, k, positions, inv_freq) -> None:
+def _check_rotary_args(q, k, positions, inv_freq, q_norm_weight=None, k_norm_weight=None,
+                       norm_eps=1e-6) -> None:
     _require_activation("q", q, 3, "[T, H, D]")
     _require_activation("k", k, 3, "[T, H_kv, D]")
     t, _, d = q.shape
@@ -940,9 +980,27 @@ def _check_rotary_args(q, k, positions, inv_freq) -> None:
             f"stay fp32 whatever the model's dtype), got {inv_freq.dtype}")
     require_unit_stride("inv_freq", inv_freq)
     require_same_device("q", q, k=k, positions=positions, inv_freq=inv_freq)
+    require((q_norm_weight is None) == (k_norm_weight is None),
+            "q_norm_weight and k_norm_weight go together: pass both (a per-head q/k norm) or neither")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is None:
+            continue
+        _require_activation(name, w, 1, "[D]")
+        require(w.shape[0] == d, f"{name} must have shape ({d},) (D of q {shape_of(q)}), "
+                f"got {shape_of(w)}")
+        require(w.dtype == q.dtype, f"{name} is {w.dtype} but q is {q.dtype}")
+        require_same_device("q", q, **{name: w})
+    require(isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool)
+            and math.isfinite(norm_eps) and norm_eps >= 0,
+            f"norm_eps must be a host float >= 0, got {norm_eps!r}")
 
 
-def _check_silu_mul_args(gate_up) -> None:
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _check_silu_mul_args(gate_up, activation: str = "silu") -> None:
+    require(activation in ACTIVATIONS,
+            f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     _require_activation("gate_up", gate_up, 2, "[T, 2 I]")
     require(gate_up.shape[1] >= 2 and gate_up.shape[1] % 2 == 0,
             f"gate_up must be [T, 2 I] with an even, non-zero last dim, got {shape_of(gate_up)}")
@@ -986,21 +1044,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llama.py's ``RMSNorm`` over the last dim (each head): fp32 statistics, the
+    normalised row rounded to x's dtype, then the gain."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def rotary(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
     *,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on the query and key heads of T tokens (transformers' half-split layout).
+    """(Per-head RMSNorm, then) RoPE on the query and key heads of T tokens
+    (transformers' half-split layout).
 
     q:         [T, H, D] float16/bfloat16/float32, any token/head strides, stride 1 in D
                (e.g. a view into a fused qkv projection's output); D even
     k:         [T, H_kv, D] q's dtype, same layout rules
     positions: [T] int64 (or int32), each token's absolute position, exact below 2**24
     inv_freq:  [D / 2] float32, the rotation frequencies (``ModelConfig.rope_inv_freq``)
+    q_norm_weight, k_norm_weight: [D] q's dtype or None (both or neither): Qwen3's
+               ``q_norm`` / ``k_norm``, an RMSNorm over each head (eps ``norm_eps``)
+               applied before the rotation, as llama.py's ``RMSNorm`` computes it
     returns:   q_rot [T, H, D], k_rot [T, H_kv, D], contiguous, in q's dtype
 
     llama.py's ``Rotary.cos_sin`` then ``apply_rope`` op for op: angles in fp32, cos and
@@ -1011,7 +1084,9 @@ def rotary(
         x1, x2 = halves of x -> x * cos(emb) + cat(-x2, x1) * sin(emb)
     """
     if check:
-        _check_rotary_args(q, k, positions, inv_freq)
+        _check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
+    if q_norm_weight is not None:
+        q, k = _head_rms_norm(q, q_norm_weight, norm_eps), _head_rms_norm(k, k_norm_weight, norm_eps)
     freqs = positions.float()[:, None] * inv_freq.float()  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     cos = emb.cos().to(q.dtype)[:, None]  # [T, 1, D]
@@ -1021,8 +1096,9 @@ def rotary(
     return q_rot, k_rot
 
 
-def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-    """SwiGLU's activation: SiLU of the gate half times the up half.
+def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", check: bool = True) -> torch.Tensor:
+    """SwiGLU's activation: SiLU of the gate half times the up half (GeGLU's with
+    ``activation="gelu_tanh"``: ``F.gelu(gate, approximate="tanh") * up``, Gemma's MLP).
 
     gate_up: [T, 2 I] float16/bfloat16/float32, stride 1 in its last dim: the gate
              projection's output in columns [0, I), the up projection's in [I, 2 I)
@@ -1033,6 +1109,8 @@ def silu_mul(gate_up: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     vectorised path a contiguous ``gate_proj(x)`` output gets.
     """
     if check:
-        _check_silu_mul_args(gate_up)
+        _check_silu_mul_args(gate_up, activation)
     i = gate_up.shape[1] // 2
-    return F.silu(gate_up[:, :i].contiguous()) * gate_up[:, i:]
+    gate = gate_up[:, :i].contiguous()
+    act = F.gelu(gate, approximate="tanh") if activation == "gelu_tanh" else F.silu(gate)
+    return act * gate_up[:, i:]

@@ -57,6 +57,7 @@ from ._validation import (
     require_unit_stride,
     shape_of,
 )
+from .reference import _check_window_args
 
 __all__ = ["verify_attention"]
 
@@ -89,18 +90,31 @@ def _load_kv_tile(ptr, row_off, d, pos_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def _popcount64(x):
+    """Set bits of each int64 (SWAR; the masks clear the sign bits arithmetic shifts copy)."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return (x * 0x0101010101010101) >> 56  # the byte sums, added into the top byte
+
+
+@triton.jit
 def _attend_range(
-    acc, l_i, m_i, q, qi, tree_bits, lo, hi, prefix, n_new,
-    k_ptr, v_ptr, bt_row_ptr, scale_log2,
+    acc, l_i, m_i, q, qi, q_pos, tree_bits, lo, hi, prefix, n_new,
+    k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
     stride_kb, stride_ks, stride_vb, stride_vs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, HAS_TREE: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax accumulation over KV positions [lo, hi) (lo a multiple of BLOCK_N).
+    """Online-softmax accumulation over KV positions [lo, hi) (hi - lo a whole number of
+    KV tiles unless MASKED).
 
     acc [BLOCK_M, BLOCK_D] f32, l_i / m_i [BLOCK_M] f32 (row sum and max, base 2).
-    k_ptr / v_ptr already point at the program's KV head.
+    k_ptr / v_ptr already point at the program's KV head. SOFTCAP: ``scale_log2`` is
+    scale / cap and scores are cap * tanh(q.k * scale / cap) (``cap_log2`` = cap / ln 2).
+    SLIDING (with MASKED): row r also needs q_pos[r] - key position < ``window``.
     """
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -118,6 +132,9 @@ def _attend_range(
                           HEAD_DIM, BLOCK_D, MASKED, UPCAST)
         # -- compute qk: s = (q . k) * scale / ln 2, so that exp(x) becomes exp2(s) --
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if SOFTCAP:
+            # cap * tanh(x), x = q.k * scale / cap; tanh(x) = 1 - 2 / (e^2x + 1) (+-1 at +-inf)
+            s = (1.0 - 2.0 / (tl.math.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * cap_log2
         if MASKED:
             j = pos - prefix  # index among the new tokens; < 0 inside the prefix
             if HAS_TREE:
@@ -127,6 +144,15 @@ def _attend_range(
                 visible = (j[None, :] < 0) | ((j[None, :] < n_new) & (bit != 0))
             else:
                 visible = j[None, :] <= qi[:, None]  # causal among the new tokens
+            if SLIDING:
+                # distance from the query to the key in positions; a tree ancestor j sits
+                # as many positions before the query as the query has ancestors after j
+                dist = q_pos[:, None] - pos[None, :]
+                if HAS_TREE:
+                    jj = tl.minimum(tl.maximum(j, 0), 63).to(tl.int64)
+                    after_j = tree_bits[:, None] & ~((2 << jj[None, :]) - 1)  # bits above j
+                    dist = tl.where(j[None, :] < 0, dist, _popcount64(after_j))
+                visible = visible & (dist < window)
             visible = visible & pos_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
         # -- online softmax: m_new = max(m, rowmax s); rescale acc and l by 2^(m - m_new) --
@@ -148,11 +174,11 @@ def _attend_range(
 # batch. Split strides are passed in units of 16 elements and multiplied back in the
 # kernel, so the compiler still knows they keep 16-element alignment.
 @triton.jit(do_not_specialize=["max_positions", "stride_bt", "num_splits", "stride_os16",
-                               "stride_ls16"])
+                               "stride_ls16", "window"])
 def _verify_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr,
     tree_mask_ptr, out_ptr, lse_ptr,
-    scale_log2, max_positions, num_splits,
+    scale_log2, cap_log2, window, max_positions, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -162,6 +188,7 @@ def _verify_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_TREE: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0) // num_splits
@@ -202,13 +229,36 @@ def _verify_attention_kernel(
         kv_end = prefix + tl.minimum(q0 + BLOCK_Q, n_new)
         dense_end = prefix + q0 + 1
     kv_end = tl.minimum(kv_end, max_positions)  # never read past the block table row
-    lo = 0
+    # -- sliding window: a query at position p sees keys > p - window. The tile's rows sit
+    # at positions [first_q, last_q] (a tree node at prefix + its depth, depth < n_new):
+    # no row sees a key <= first_q - window, every row's window holds the keys > last_q - window
+    if SLIDING:
+        if HAS_TREE:
+            q_pos = prefix + _popcount64(tree_bits) - 1  # [BLOCK_M] ancestors = depth + 1
+            first_q = prefix
+            last_q = prefix + n_new - 1
+        else:
+            q_pos = prefix + qi
+            first_q = prefix + q0
+            last_q = prefix + tl.minimum(q0 + BLOCK_Q, n_new) - 1
+        win_lo = (tl.maximum(first_q - window + 1, 0) // BLOCK_N) * BLOCK_N
+        win_all = tl.maximum(last_q - window + 1, 0)
+    else:
+        q_pos = qi  # unused
+        win_lo = 0
+        win_all = 0
+    lo = win_lo
     hi = kv_end
     if SPLIT:  # this split's slice, a whole number of KV tiles (possibly empty)
-        chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-        lo = tl.minimum(split * chunk, kv_end)
+        chunk = tl.cdiv(tl.cdiv(kv_end - win_lo, num_splits), BLOCK_N) * BLOCK_N
+        lo = tl.minimum(win_lo + split * chunk, kv_end)
         hi = tl.minimum(lo + chunk, kv_end)
-    dense_stop = tl.maximum(lo, (tl.minimum(dense_end, hi) // BLOCK_N) * BLOCK_N)
+    # [lo, edge_stop): the window's edge, masked; [edge_stop, dense_stop): every row sees
+    # every key, unmasked; [dense_stop, hi): the causal / tree mask
+    edge_stop = lo
+    if SLIDING:
+        edge_stop = tl.minimum(tl.maximum(lo, tl.cdiv(win_all, BLOCK_N) * BLOCK_N), hi)
+    dense_stop = tl.maximum(edge_stop, (tl.minimum(dense_end, hi) // BLOCK_N) * BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -216,14 +266,22 @@ def _verify_attention_kernel(
     k_ptr = k_cache_ptr + kvh.to(tl.int64) * stride_kh
     v_ptr = v_cache_ptr + kvh.to(tl.int64) * stride_vh
     bt_row_ptr = block_table_ptr + b.to(tl.int64) * stride_bt
+    if SLIDING:
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, qi, q_pos, tree_bits, lo, edge_stop, prefix, n_new,
+            k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE,
+            True, HAS_TREE, True, SOFTCAP, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, qi, tree_bits, lo, dense_stop, prefix, n_new,
-        k_ptr, v_ptr, bt_row_ptr, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, HAS_TREE, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i, q, qi, q_pos, tree_bits, edge_stop, dense_stop, prefix, n_new,
+        k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
+        stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE,
+        False, HAS_TREE, False, SOFTCAP, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, qi, tree_bits, dense_stop, hi, prefix, n_new,
-        k_ptr, v_ptr, bt_row_ptr, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, HAS_TREE, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i, q, qi, q_pos, tree_bits, dense_stop, hi, prefix, n_new,
+        k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
+        stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE,
+        True, HAS_TREE, False, SOFTCAP, UPCAST, DOT_PRECISION)
 
     # -- epilogue: out = acc / l; a row that saw nothing (l == 0) gets zeros --
     seen = l_i > 0.0
@@ -464,6 +522,8 @@ def verify_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ragged query tokens over the paged KV cache (Triton).
 
@@ -485,6 +545,10 @@ def verify_attention(
                   a small grid (decode with few sequences) is split along the KV range
                   to fill the GPU; without it the KV range is not split. Results do not
                   depend on it.
+    sliding_window (keyword): None, or W >= 1: a query at position p sees only keys at
+                  positions > p - W; a tree node's position is prefix + its depth (see
+                  the reference). Keys before the window are not read.
+    softcap       (keyword): None, or c > 0: scores c * tanh(scores / c) (Gemma 2)
     returns:      [T, H, D] in q's dtype
 
     Query i of sequence b sees cached positions < seq_lens[b] - n_b and the new
@@ -508,6 +572,7 @@ def verify_attention(
         torch.Size([3, 4, 64])
     """
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale)
+    _check_window_args(sliding_window, softcap)
     check_host_int("max_query_len", max_query_len)
     check_host_int("max_seq_len", max_seq_len)
     T, H, D = q.shape
@@ -522,13 +587,17 @@ def verify_attention(
             f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
     h_kv = k_cache.shape[2]
     _check_gpu_support(q.dtype, D, H // h_kv, q.device)
+    if sliding_window is not None and max_seq_len is not None:
+        # a program streams at most its rows' windows: split that range, not the sequence
+        max_seq_len = min(max_seq_len, sliding_window + max_query_len)
     cfg = _pick_config(B, h_kv, H // h_kv, D, max_query_len, max_seq_len, q.dtype, q.device)
     return _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
-                             scale, max_query_len, cfg)
+                             scale, max_query_len, cfg, sliding_window, softcap)
 
 
 def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale,
-                      max_query_len: int, cfg: _Config) -> torch.Tensor:
+                      max_query_len: int, cfg: _Config, sliding_window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """Launch with an explicit config (inputs already validated)."""
     T, H, D = q.shape
     B = block_table.shape[0]
@@ -557,7 +626,10 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
     _verify_attention_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, q_start,
         tree_mask if tree_mask is not None else seq_lens, dst, lse,
-        float(scale) * _LOG2E, block_table.shape[1] * page, splits,
+        # soft-capping: the kernel takes scale / cap and cap / ln 2 (see _attend_range)
+        float(scale) / softcap if softcap else float(scale) * _LOG2E,
+        float(softcap) * _LOG2E if softcap else 0.0,
+        int(sliding_window) if sliding_window else 0, block_table.shape[1] * page, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -566,7 +638,8 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
         stride_ls16, stride_lt,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE_SIZE=page, GROUP=group,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=splits > 1,
-        HAS_TREE=tree_mask is not None, UPCAST=upcast,
+        HAS_TREE=tree_mask is not None, SLIDING=sliding_window is not None,
+        SOFTCAP=softcap is not None, UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -582,7 +655,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
 
 
 def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scratch_block: int,
-               *, trees: bool = True) -> int:
+               *, trees: bool = True, kinds: tuple = ((None, None),)) -> int:
     """Launch every kernel variant the policy can choose for this cache once, ahead of
     serving, so that no request waits for a Triton compile (a few seconds each).
 
@@ -590,6 +663,8 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scr
     num_heads:       the model's query heads H
     scratch_block:   a block no sequence owns; the launches read it and write nothing
     trees:           also the tree-mask variants
+    kinds:           the model's attention kinds, (sliding_window, softcap) pairs (one
+                     variant each; the window size and cap are runtime values)
     returns:         the number of launches
 
     A variant is a tile config (``_policy_tiles``) x split or not x tree or causal; the
@@ -613,10 +688,14 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scr
     q_start = torch.arange(2, dtype=torch.int32, device=device)
     masks = [None] + ([torch.ones(1, dtype=torch.int64, device=device)] if trees else [])
     launches = 0
-    for cfg in tiles:
-        for splits in (1, 2):
-            for mask in masks:
-                _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, mask,
-                                  d ** -0.5, 1, dataclasses.replace(cfg, num_splits=splits))
-                launches += 1
+    for window, softcap in kinds:
+        _check_window_args(window, softcap)
+    for window, softcap in kinds:
+        for cfg in tiles:
+            for splits in (1, 2):
+                for mask in masks:
+                    _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, mask,
+                                      d ** -0.5, 1, dataclasses.replace(cfg, num_splits=splits),
+                                      sliding_window=window, softcap=softcap)
+                    launches += 1
     return launches

@@ -1,6 +1,6 @@
 """Llama-family model runner: config, model, safetensors loader, llama2.c converter."""
 
-from .config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from .config import SUPPORTED_ARCHITECTURES, ConfigError, GenerationDefaults, ModelConfig
 from .llama import ForwardBatch, LlamaForCausalLM
 from .loader import CheckpointError, load_model
 
@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ForwardBatch",
+    "GenerationDefaults",
     "LlamaForCausalLM",
     "ModelConfig",
     "load_model",

@@ -49,7 +49,7 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Load an HF-style llama/mistral/qwen2 directory.
+    """Load an HF-style llama / mistral / qwen2 / qwen3 / gemma2 / gemma3 (text) directory.
 
     path:   directory with config.json and model.safetensors (or a sharded index)
     device: where the parameters go
@@ -101,5 +101,7 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     model = model.to(dtype=dtype).eval()
     # RoPE frequencies stay fp32 whatever the weights' dtype, as transformers keeps them
     model.model.rotary.inv_freq = cfg.rope_inv_freq().to(device)
+    if model.model.rotary_local is not None:
+        model.model.rotary_local.inv_freq = cfg.rope_local_inv_freq().to(device)
     model.fuse_projections()
     return model
