@@ -1,7 +1,7 @@
 """Tree verification (SpecInfer multi-step speculative sampling) with the vocabulary split
 across programs. The rule, its proof and the contract a drafter must meet are in
-``reference.tree_rejection_sample``; this file computes the same thing in three launches (plus the radix rounds
-of rows the candidates cannot settle).
+``reference.tree_rejection_sample``; this file computes the same thing in three launches
+(plus the radix rounds of rows the candidates cannot settle).
 
 1. ``_tree_partials_kernel``, grid (tree rows, chunks of CHUNK tokens): every target row of
    every tree is read once, each program one chunk. It writes the chunk's softmax partials
@@ -634,9 +634,9 @@ def tree_rejection_sample(
     chunk: int = CHUNK,
     radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tree verification in three launches (plus the radix rounds); same arguments, rule, results and errors as
-    ``reference.tree_rejection_sample`` (see its docstring for every tensor's shape and
-    dtype, the rule and how a drafter must draw the children).
+    """Tree verification in three launches (plus the radix rounds); same arguments, rule,
+    results and errors as ``reference.tree_rejection_sample`` (see its docstring for every
+    tensor's shape and dtype, the rule and how a drafter must draw the children).
 
     chunk: tokens per program of the partials launch (a power of two >= 16; rows of V
     tokens get cdiv(V, chunk) programs). Tests use small chunks to split small
