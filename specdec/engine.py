@@ -364,7 +364,7 @@ class Engine:
         return self.ops.tree_rejection_sample(
             logits, draft.tokens, parents, draft.q, _cumsum(draft.counts, dev), max_depth,
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
-            check_finite=False,
+            check_finite=False, radix_rounds=sampling.radix_rounds,
         )
 
     def _keep_path(self, seqs, accepted: list[int], paths: list[list[int]]) -> None:

@@ -101,11 +101,13 @@ def _sampler_warm_up(engine, modes: tuple[str, ...], trees: bool, batch_sizes: l
                                      check_finite=False, **hints)
                 launches += 1
             if trees:
-                launches += _tree_sampler_warm_up(engine, B, dtype, with_q, temperature, top_k, top_p, seeds)
+                launches += _tree_sampler_warm_up(engine, B, dtype, with_q, temperature, top_k, top_p, seeds,
+                                                  hints["radix_rounds"])
     return launches
 
 
-def _tree_sampler_warm_up(engine, B: int, dtype, with_q: bool, temperature, top_k, top_p, seeds) -> int:
+def _tree_sampler_warm_up(engine, B: int, dtype, with_q: bool, temperature, top_k, top_p, seeds,
+                          radix_rounds: int) -> int:
     """The tree sampler for B chains-as-trees of the drafter's node count, every depth."""
     dev, ops = engine.device, engine.ops
     V = engine.target.config.vocab_size
@@ -121,5 +123,5 @@ def _tree_sampler_warm_up(engine, B: int, dtype, with_q: bool, temperature, top_
     ids = torch.zeros(B * n, dtype=torch.int64, device=dev)
     for depth in range(1, engine.draft_depth + 1):
         ops.tree_rejection_sample(logits, ids, parents, q, cu, depth, temperature, top_k, top_p, seeds, seeds,
-                                  check_finite=False)
+                                  check_finite=False, radix_rounds=radix_rounds)
     return engine.draft_depth + int(with_q)

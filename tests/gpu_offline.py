@@ -354,7 +354,8 @@ def _sampler_cases(arch: int, full: bool):
                     torch.full((B,), 0.9 if filtered else 1.0), torch.zeros(B, dtype=torch.int64),
                     torch.zeros(B, dtype=torch.int64))
             out.append((f"tree B={B} nodes={nodes} q={has_q} filtered={filtered}",
-                        lambda a=args: tree_sampling.tree_rejection_sample(*a, check_finite=False)))
+                        lambda a=args, r=8 if filtered else 0: tree_sampling.tree_rejection_sample(
+                            *a, check_finite=False, radix_rounds=r)))
     return out
 
 

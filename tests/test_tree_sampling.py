@@ -836,6 +836,45 @@ def test_kernel_ties_cut_by_the_candidate_buffers():
     assert_agree(got, run("reference", tuple(args)))
 
 
+@pytest.mark.parametrize("has_q", [True, False])
+def test_kernel_radix_fallback_agrees(has_q):
+    # rows the 64 candidates a chunk cannot settle, through the shared radix select: top-p
+    # alone with a nucleus of ~210 of 300 tokens (T = 2), top_k = 100 and 65 (> 64) with and
+    # without top-p, top_k = 150 then top-p 0.8 (8 rounds)
+    from load_counter import LoadCounter
+
+    args = tree_batch(["random", "star", "chain", "single"], 300, has_q=has_q, seed=71 + has_q,
+                      temperature=[2.0, 1.0, 1.0, 0.8], top_k=[0, 100, 65, 150],
+                      top_p=[0.95, 1.0, 0.9, 0.8])
+    with LoadCounter() as counter:
+        got = run("kernel", args, chunk=64)
+    assert [n for n, _ in counter.launches].count("_radix_hist_kernel") == 8
+    check_invariants(args, *got)
+    assert_agree(got, run("reference", args))
+
+
+@pytest.mark.parametrize("top_k,top_p,rounds", [(100, 1.0, 4), (0, 0.95, 4), (120, 0.9, 8)])
+def test_budget_radix_fallback_passes(top_k, top_p, rounds):
+    # every row unsettled by the candidates (top_k > 64, or a top-p nucleus of ~250 of 300
+    # tokens): one read for the partials, one per radix round, and the walk reads at most
+    # two passes of a visited row (point-mass children on a dense row: the final sample's
+    # chunk masses and its scan). A bisection over the key would read ~32 a visited row.
+    from load_counter import LoadCounter
+
+    args = tree_batch(["single", "single", "star"], 300, has_q=False, seed=61, temperature=3.0,
+                      top_k=top_k, top_p=top_p)
+    with LoadCounter(logits=args[0]) as counter:
+        got = run("kernel", args, chunk=64)
+    assert_agree(got, run("reference", args))
+    assert [n for n, _ in counter.launches].count("_radix_hist_kernel") == rounds
+    rows = args[0].shape[0]
+    visited = int(got[1].clamp(min=0).sum()) + 3
+    budget = 1.0 + rounds + 2.0 * visited / rows + 0.05
+    print(f"tree passes, radix fallback top_k={top_k} top_p={top_p}: "
+          f"{counter.passes('logits'):.3f} (budget {budget:.3f}, {visited} of {rows} rows visited)")
+    assert counter.passes("logits") <= budget
+
+
 def test_kernel_chunk_is_checked():
     args = tree_batch(["chain"], 8)
     with pytest.raises(ValueError, match="chunk must be a power of two"):

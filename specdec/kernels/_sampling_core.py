@@ -339,6 +339,22 @@ def _candidate_thresholds(cand_ptr, tail_ptr, top_ptr, r, n_chunks, m, z, top_k,
     return thr, zk, mode
 
 
+@triton.jit
+def radix_start(rad_i_ptr, rad_f_ptr, r, mode, top_k, target):
+    """Radix-select state of row r: rad_i [R, 4] int32 (mode, prefix, shift, count left),
+    rad_f [R, 2] float32 (mass above the prefix, top-p target).
+
+    mode 0: settled (nothing to do); 1: top-k for k = ``top_k`` (then top-p over the
+    survivors when the row's top_p < 1); 2: top-p alone, ``target`` = top_p * Z.
+    """
+    tl.store(rad_i_ptr + r * 4, mode)
+    tl.store(rad_i_ptr + r * 4 + 1, 0)
+    tl.store(rad_i_ptr + r * 4 + 2, _RADIX_TOP)
+    tl.store(rad_i_ptr + r * 4 + 3, top_k)
+    tl.store(rad_f_ptr + r * 2, 0.0)
+    tl.store(rad_f_ptr + r * 2 + 1, target)
+
+
 @triton.jit(do_not_specialize=["n_seq", "V", "n_chunks"])
 def _row_finish_kernel(
     part_m_ptr, part_z_ptr, part_arg_ptr, cand_ptr, tail_ptr, top_ptr,
@@ -370,13 +386,7 @@ def _row_finish_kernel(
         if (temp > 0.0) & ~bad:
             thr, z, mode = _candidate_thresholds(cand_ptr, tail_ptr, top_ptr, r, n_chunks, m, z,
                                                  top_k, tl.load(top_p_ptr + seq), V, CAND_K, BLOCK_C)
-        # radix state: mode, prefix, shift, count left; mass above the prefix, target
-        tl.store(rad_i_ptr + r * 4, mode)
-        tl.store(rad_i_ptr + r * 4 + 1, 0)
-        tl.store(rad_i_ptr + r * 4 + 2, _RADIX_TOP)
-        tl.store(rad_i_ptr + r * 4 + 3, top_k)
-        tl.store(rad_f_ptr + r * 2, 0.0)
-        tl.store(rad_f_ptr + r * 2 + 1, tl.load(top_p_ptr + seq) * z)
+        radix_start(rad_i_ptr, rad_f_ptr, r, mode, top_k, tl.load(top_p_ptr + seq) * z)
     tl.store(m_ptr + r, m)
     tl.store(z_ptr + r, z)
     tl.store(thr_ptr + r, thr)
@@ -505,13 +515,13 @@ class RowStats(NamedTuple):
     n_chunks: int
 
 
-def radix_rounds_needed(top_k: torch.Tensor, top_p: torch.Tensor, vocab: int) -> int:
+def radix_rounds_needed(top_k: torch.Tensor, top_p: torch.Tensor, vocab: int, cand: int = CAND) -> int:
     """Radix rounds a batch may need (host read; free on CPU tensors): 0 when every row's
-    thresholds come from the candidates for sure, 4 for top-p cuts, 8 for top-k > CAND
-    followed by top-p."""
+    thresholds come from the candidates for sure, 4 for top-p cuts, 8 for top-k > cand
+    (the candidates kept per chunk) followed by top-p."""
     k = top_k.cpu()
     p = top_p.cpu()
-    big_k = (k > CAND) & (k < vocab)
+    big_k = (k > cand) & (k < vocab)
     if bool(big_k.any()):
         return 8 if bool((big_k & (p < 1)).any()) else 4
     return 4 if bool(((p < 1) & ((k <= 0) | (k >= vocab))).any()) else 0
@@ -591,19 +601,55 @@ def row_statistics(
     if filtered:
         if radix_rounds is None:
             radix_rounds = radix_rounds_needed(top_k, top_p, vocab)
-        if radix_rounds:
-            bins = _RADIX_BINS.value
-            hist_n = torch.empty((rows, n_chunks, bins), dtype=i32, device=dev)
-            hist_w = torch.empty((rows, n_chunks, bins), dtype=f32, device=dev)
-            for _ in range(radix_rounds):
-                if _INTERPRETED and not bool(rad_i[:, 0].any()):
-                    break  # free to check under the interpreter: every row is settled
-                _radix_hist_kernel[(rows, n_chunks)](
-                    logits, logits.stride(0), vocab, n_chunks, m, thr, inv_t, rad_i, hist_n, hist_w,
-                    CHUNK=chunk, SUB=32, num_warps=4,
-                )
-                _radix_step_kernel[(rows,)](
-                    hist_n, hist_w, n_chunks, rad_i, rad_f, thr, z, top_p, cu_t, n_seq,
-                    HAS_CU=has_cu, BLOCK_C=block_c, BLOCK_B=block_b, num_warps=4,
-                )
+        radix_select(logits, chunk, m, z, thr, inv_t, rad_i, rad_f, top_p, cu, radix_rounds)
     return RowStats(m, z, thr, arg, inv_t, part_m, part_z, chunk, n_chunks)
+
+
+def radix_select(
+    logits: torch.Tensor,
+    chunk: int,
+    m: torch.Tensor,
+    z: torch.Tensor,
+    thr: torch.Tensor,
+    inv_t: torch.Tensor,
+    rad_i: torch.Tensor,
+    rad_f: torch.Tensor,
+    top_p: torch.Tensor,
+    cu: torch.Tensor | None,
+    rounds: int,
+) -> None:
+    """Exact top-k / top-p thresholds of the rows whose radix state (``radix_start``) is
+    not settled, in place: thr [R] int32 and z [R] float32 (the kept mass).
+
+    logits [R, V] (stride(1) == 1), split in chunks of ``chunk`` tokens; m, inv_t [R]
+    float32 of each row; rad_i [R, 4] int32, rad_f [R, 2] float32 the radix state; top_p
+    [S] float32 per sequence, cu as in ``row_statistics`` (None: row r is sequence r).
+
+    Up to ``rounds`` rounds (host hint, no sync: 4 settle a top-k or a top-p key, 8 a
+    top-k followed by top-p), each a histogram launch (R x C programs, one read of the
+    unsettled rows; settled rows return at once) and a step launch (R): the same
+    thresholds and tie rules as ``reference.sampling_probs``.
+    """
+    rows, vocab = logits.shape
+    if rows == 0 or not rounds:
+        return
+    n_chunks = triton.cdiv(vocab, chunk)
+    has_cu = cu is not None
+    n_seq = top_p.shape[0]
+    cu_t = cu if has_cu else rad_i  # never read without cu
+    block_b = triton.next_power_of_2(n_seq) if has_cu else 1
+    block_c = triton.next_power_of_2(n_chunks)
+    bins = _RADIX_BINS.value
+    hist_n = torch.empty((rows, n_chunks, bins), dtype=torch.int32, device=logits.device)
+    hist_w = torch.empty((rows, n_chunks, bins), dtype=torch.float32, device=logits.device)
+    for _ in range(rounds):
+        if _INTERPRETED and not bool(rad_i[:, 0].any()):
+            break  # free to check under the interpreter: every row is settled
+        _radix_hist_kernel[(rows, n_chunks)](
+            logits, logits.stride(0), vocab, n_chunks, m, thr, inv_t, rad_i, hist_n, hist_w,
+            CHUNK=chunk, SUB=min(32, chunk), num_warps=4,
+        )
+        _radix_step_kernel[(rows,)](
+            hist_n, hist_w, n_chunks, rad_i, rad_f, thr, z, top_p, cu_t, n_seq,
+            HAS_CU=has_cu, BLOCK_C=block_c, BLOCK_B=block_b, num_warps=4,
+        )

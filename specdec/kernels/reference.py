@@ -758,6 +758,8 @@ def tree_rejection_sample(
     seeds: torch.Tensor,
     offsets: torch.Tensor,
     check_finite: bool = True,
+    *,
+    radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speculative verification of draft trees for a ragged batch (SpecInfer).
 
@@ -781,7 +783,8 @@ def tree_rejection_sample(
     cu_num_nodes:    [B + 1] int32 cumulative node counts; N_b may be 0
     max_depth:       host int D in [0, 64] >= the depth of every tree (children of the
                      root have depth 1)
-    temperature, top_k, top_p, seeds, offsets, check_finite: as in ``rejection_sample``
+    temperature, top_k, top_p, seeds, offsets, check_finite: as in ``rejection_sample``;
+    radix_rounds: the kernel's hint, ignored here
     returns:         out_tokens [B, D + 1] int64 (the accepted path's tokens, one emitted
                      token, then -1), n_accepted [B] int32 (path length), accepted_nodes
                      [B, D] int32 (node indices of the accepted path, root to leaf, then -1)

@@ -1,6 +1,7 @@
 """Tree verification (SpecInfer multi-step speculative sampling) with the vocabulary split
 across programs. The rule, its proof and the contract a drafter must meet are in
-``reference.tree_rejection_sample``; this file computes the same thing in three launches.
+``reference.tree_rejection_sample``; this file computes the same thing in three launches
+(plus the radix rounds of rows the candidates cannot settle).
 
 1. ``_tree_partials_kernel``, grid (tree rows, chunks of CHUNK tokens): every target row of
    every tree is read once, each program one chunk. It writes the chunk's softmax partials
@@ -12,8 +13,12 @@ across programs. The rule, its proof and the contract a drafter must meet are in
    argmax, flag; no read of the row) and, for a filtered row, its top-k / top-p threshold
    thr (p_u(v) = [key(x_v) >= thr] exp(x_v - m) / Z) from the row's CANDIDATES largest
    entries of the union of its chunk buffers, exact whenever top_k <= 64, and for top-p
-   alone whenever the nucleus lies within those entries (otherwise the walk falls back to a
-   bisection over the row, the only one left). It stores the entries per row.
+   alone whenever the nucleus lies within those entries. It stores the entries per row.
+   Rows the entries cannot settle (top_k > 64, or top-p alone with a wider nucleus) get
+   their exact thr and kept mass from the radix select shared with the chain sampler
+   (``_sampling_core.radix_select``: per round an 8-bit digit histogram of the key over
+   (rows x chunks) and a per-row step; <= 4 rounds, 8 for top_k > 64 then top-p, as the
+   host hint ``radix_rounds`` says); the walk treats them as dense rows. No bisection.
 3. ``_tree_walk_kernel``, grid (B,): one program per sequence walks its tree, one level at
    a time, from the per-row results of the rows it visits; rows off the path are never
    looked at (their flags are not consulted). Per visited position u (tree row r):
@@ -53,7 +58,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._sampling_core import INT32_MIN, DraftDist, key, kth_largest, row_inv_t
+from ._sampling_core import (
+    INT32_MIN,
+    DraftDist,
+    key,
+    kth_largest,
+    radix_rounds_needed,
+    radix_select,
+    radix_start,
+    row_inv_t,
+)
 from .reference import (
     MAX_TREE_NODES,
     TREE_ACCEPT_STREAM,
@@ -265,14 +279,16 @@ def _candidate_thresholds(cand_ptr, n_ge_ptr, top_ptr, row, n_chunks, V, m, z, t
 @triton.jit(do_not_specialize=["V", "n_seq", "n_chunks"])
 def _tree_rows_kernel(
     cu_ptr, temp_ptr, top_k_ptr, top_p_ptr, stats_ptr, arg_ptr, cand_ptr, n_ge_ptr,
-    row_f_ptr, row_i_ptr, ent_ptr,
+    m_ptr, z_ptr, thr_ptr, inv_t_ptr, row_i_ptr, ent_ptr, rad_i_ptr, rad_f_ptr,
     V, n_seq, n_chunks,
     BLOCK_C: tl.constexpr, CAND: tl.constexpr,
 ):
     """Program (row): merges the row's chunk partials and, for a filtered row, finds its
-    threshold from the candidates. Writes row_f [row] = (m, Z_kept) float32, row_i [row] =
-    (thr, found | sparse << 1, first argmax, bad) int32 and, for a filtered row, ent [row]
-    = its CAND largest entries (key << 32 | id), in no order."""
+    threshold from the candidates. Writes m, Z_kept, 1 / T (float32) and thr (int32) at
+    [row], row_i [row] = (sparse, first argmax, bad) int32, for a filtered row ent [row] =
+    its CAND largest entries (key << 32 | id), in no order, and the row's radix state
+    (``radix_start``): unsettled (top_k > CAND: mode 1; top-p alone with a nucleus wider
+    than the entries: mode 2) when the candidates cannot settle thr / Z_kept."""
     row = tl.program_id(0).to(tl.int64)
     b = _sequence_of(cu_ptr, row, n_seq)
     temp = tl.load(temp_ptr + b)
@@ -286,65 +302,16 @@ def _tree_rows_kernel(
         thr, z, found, sparse, _, _ = _candidate_thresholds(
             cand_ptr, n_ge_ptr, ent_ptr + row * CAND, row, n_chunks, V, m, z, top_k, top_p,
             BLOCK_C, CAND)
-    tl.store(row_f_ptr + row * 2, m)
-    tl.store(row_f_ptr + row * 2 + 1, z)
-    tl.store(row_i_ptr + row * 4, thr)
-    tl.store(row_i_ptr + row * 4 + 1, found.to(tl.int32) | (sparse.to(tl.int32) << 1))
-    tl.store(row_i_ptr + row * 4 + 2, arg.to(tl.int32))
-    tl.store(row_i_ptr + row * 4 + 3, bad.to(tl.int32))
-
-
-@triton.jit
-def _split_pass(row_ptr, V, inv_t, m, floor, mid, BLOCK_V: tl.constexpr):
-    """Over the tokens with key >= floor: (#{key >= mid}, mass{key >= mid}, min key >= mid,
-    max key < mid), the mass being sum exp(x - m)."""
-    offs = tl.arange(0, BLOCK_V)
-    count = tl.zeros((BLOCK_V,), tl.int32)
-    mass = tl.zeros((BLOCK_V,), tl.float32)
-    above = tl.full((BLOCK_V,), _INT32_MAX, tl.int32)
-    below = tl.full((BLOCK_V,), _INT32_MIN, tl.int32)
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + offs
-        mask = idx < V
-        x = tl.load(row_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        k = key(x)
-        live = mask & (k >= floor)
-        ge = live & (k >= mid)
-        count += ge.to(tl.int32)
-        mass += tl.where(ge, tl.exp(x - m), 0.0)
-        above = tl.minimum(above, tl.where(ge, k, _INT32_MAX))
-        below = tl.maximum(below, tl.where(live & (k < mid), k, _INT32_MIN))
-    return tl.sum(count), tl.sum(mass), tl.min(above), tl.max(below)
-
-
-@triton.jit
-def _bisect_thresholds(row_ptr, V, inv_t, m, z, top_k, top_p, BLOCK_V: tl.constexpr):
-    """Fallback for top_k > CANDIDATES and top-p nuclei wider than the candidates: a
-    bisection on the key, one pass a step, snapped to keys present in the row."""
-    thr = tl.full((), _INT32_MIN, tl.int32)
-    hi_key = key(m)
-    if (top_k > 0) & (top_k < V):
-        lo = thr
-        hi = hi_key
-        while lo < hi:
-            mid = ((lo.to(tl.int64) + hi + 1) >> 1).to(tl.int32)
-            count, _, above, below = _split_pass(row_ptr, V, inv_t, m, _INT32_MIN, mid, BLOCK_V)
-            lo = tl.where(count >= top_k, above, lo)
-            hi = tl.where(count >= top_k, hi, below)
-        thr = lo
-        _, z, _, _ = _split_pass(row_ptr, V, inv_t, m, _INT32_MIN, thr, BLOCK_V)
-    if top_p < 1.0:
-        target = top_p * z
-        lo = thr
-        hi = hi_key
-        while lo < hi:
-            mid = ((lo.to(tl.int64) + hi + 1) >> 1).to(tl.int32)
-            _, mass, above, below = _split_pass(row_ptr, V, inv_t, m, thr, mid, BLOCK_V)
-            lo = tl.where(mass < target, lo, above)
-            hi = tl.where(mass < target, below, hi)
-        thr = lo
-        _, z, _, _ = _split_pass(row_ptr, V, inv_t, m, thr, thr, BLOCK_V)
-    return thr, z
+    # unsettled rows: thr = INT32_MIN and Z_kept = Z here; the radix launches fix both
+    mode = tl.where(found, 0, tl.where((top_k > 0) & (top_k < V), 1, 2))
+    radix_start(rad_i_ptr, rad_f_ptr, row, mode, top_k, top_p * z)
+    tl.store(m_ptr + row, m)
+    tl.store(z_ptr + row, z)
+    tl.store(thr_ptr + row, thr)
+    tl.store(inv_t_ptr + row, row_inv_t(temp))
+    tl.store(row_i_ptr + row * 3, sparse.to(tl.int32))
+    tl.store(row_i_ptr + row * 3 + 1, arg.to(tl.int32))
+    tl.store(row_i_ptr + row * 3 + 2, bad.to(tl.int32))
 
 
 @triton.jit
@@ -441,8 +408,8 @@ def _sparse_sample(w, ids, u):
 @triton.jit(do_not_specialize=["V", "n_nodes", "max_depth", "n_chunks"])
 def _tree_walk_kernel(
     logits_ptr, stride_l, ids_ptr, par_ptr, cu_ptr,
-    temp_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr,
-    stats_ptr, row_f_ptr, row_i_ptr, ent_ptr,
+    temp_ptr, seed_ptr, offset_ptr,
+    stats_ptr, m_ptr, z_ptr, thr_ptr, row_i_ptr, ent_ptr,
     ql_ptr, stride_q, q_inv_t_ptr, q_m_ptr, q_z_ptr, q_thr_ptr,
     out_ptr, stride_o, n_acc_ptr, path_ptr, stride_p,
     V, n_nodes, max_depth, n_chunks,
@@ -460,8 +427,6 @@ def _tree_walk_kernel(
     temp = tl.load(temp_ptr + b)
     greedy = temp <= 0.0
     inv_t = row_inv_t(temp)
-    top_k = tl.load(top_k_ptr + b)
-    top_p = tl.load(top_p_ptr + b)
     ids_ptr += start
     par_ptr += start
     seed = tl.load(seed_ptr + b)
@@ -498,12 +463,12 @@ def _tree_walk_kernel(
         if ~done:
             row = start + b + 1 + node  # tree row of the position
             row_ptr = logits_ptr + row * stride_l
-            m = tl.load(row_f_ptr + row * 2)
-            z = tl.load(row_f_ptr + row * 2 + 1)
-            thr = tl.load(row_i_ptr + row * 4)
-            flags = tl.load(row_i_ptr + row * 4 + 1)
-            arg = tl.load(row_i_ptr + row * 4 + 2).to(tl.int64)
-            bad = bad | (tl.load(row_i_ptr + row * 4 + 3) > 0)
+            m = tl.load(m_ptr + row)
+            z = tl.load(z_ptr + row)
+            thr = tl.load(thr_ptr + row)
+            sparse = tl.load(row_i_ptr + row * 3) > 0
+            arg = tl.load(row_i_ptr + row * 3 + 1).to(tl.int64)
+            bad = bad | (tl.load(row_i_ptr + row * 3 + 2) > 0)
             is_child = live & (par == node)  # [BLOCK_N]
             chosen = tl.full((), -1, tl.int32)
             emit = arg
@@ -513,11 +478,8 @@ def _tree_walk_kernel(
                     hit = tl.min(tl.where(is_child & (tok == arg), nodes, BLOCK_N))
                     chosen = tl.where(hit < BLOCK_N, hit, -1)
                 else:
-                    # -- p_u: threshold and kept mass; sparse rows live on the entries --
-                    sparse = (flags & 2) > 0
-                    if (flags & 1) == 0:  # the candidates could not settle it
-                        thr, z = _bisect_thresholds(row_ptr, V, inv_t, m, z, top_k, top_p,
-                                                    BLOCK_W)
+                    # -- p_u: threshold and kept mass (from the candidates or the radix
+                    # select); sparse rows live on the entries --
                     j = tl.arange(0, CAND)
                     ent = tl.load(ent_ptr + row * CAND + j, mask=tl.where(sparse, j < CAND, False),
                                   other=_NO_CANDIDATE)
@@ -670,14 +632,19 @@ def tree_rejection_sample(
     check_finite: bool = True,
     *,
     chunk: int = CHUNK,
+    radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tree verification in three launches; same arguments, rule, results and errors as
-    ``reference.tree_rejection_sample`` (see its docstring for every tensor's shape and
-    dtype, the rule and how a drafter must draw the children).
+    """Tree verification in three launches (plus the radix rounds); same arguments, rule,
+    results and errors as ``reference.tree_rejection_sample`` (see its docstring for every
+    tensor's shape and dtype, the rule and how a drafter must draw the children).
 
     chunk: tokens per program of the partials launch (a power of two >= 16; rows of V
     tokens get cdiv(V, chunk) programs). Tests use small chunks to split small
     vocabularies.
+    radix_rounds: host hint, radix-select rounds to launch for rows the candidates cannot
+    settle (top_k > 64, top-p alone with a nucleus wider than the candidates): the
+    engine's ``SamplingTensors.radix_rounds``; None reads top_k / top_p
+    (``_sampling_core.radix_rounds_needed``).
 
     returns: out_tokens [B, max_depth + 1] int64 padded with -1, n_accepted [B] int32,
     accepted_nodes [B, max_depth] int32 padded with -1 (n_accepted = -1 and all -1 rows for
@@ -728,9 +695,14 @@ def tree_rejection_sample(
     arg = torch.empty((rows, n_chunks, 2), dtype=torch.int32, device=dev)
     cands = torch.empty((rows, n_chunks, cand), dtype=torch.int64, device=dev)
     n_ge = torch.empty((rows, n_chunks), dtype=torch.int32, device=dev)
-    row_f = torch.empty((rows, 2), dtype=torch.float32, device=dev)
-    row_i = torch.empty((rows, 4), dtype=torch.int32, device=dev)
+    m = torch.empty((rows,), dtype=torch.float32, device=dev)
+    z = torch.empty((rows,), dtype=torch.float32, device=dev)
+    inv_t = torch.empty((rows,), dtype=torch.float32, device=dev)
+    thr = torch.empty((rows,), dtype=torch.int32, device=dev)
+    row_i = torch.empty((rows, 3), dtype=torch.int32, device=dev)
     entries = torch.empty((rows, cand), dtype=torch.int64, device=dev)
+    rad_i = torch.empty((rows, 4), dtype=torch.int32, device=dev)
+    rad_f = torch.empty((rows, 2), dtype=torch.float32, device=dev)
     _tree_partials_kernel[(rows, n_chunks)](
         logits, logits.stride(0), cu_num_nodes, temperature, top_k, top_p,
         stats, arg, cands, n_ge, vocab, batch,
@@ -738,13 +710,18 @@ def tree_rejection_sample(
     )
     block_c = triton.next_power_of_2(n_chunks)
     _tree_rows_kernel[(rows,)](
-        cu_num_nodes, temperature, top_k, top_p, stats, arg, cands, n_ge, row_f, row_i, entries,
+        cu_num_nodes, temperature, top_k, top_p, stats, arg, cands, n_ge,
+        m, z, thr, inv_t, row_i, entries, rad_i, rad_f,
         vocab, batch, n_chunks, BLOCK_C=block_c, CAND=cand, num_warps=8 if block_v >= 2048 else 4,
     )
+    # -- rows the candidates cannot settle: exact thr / Z_kept by the shared radix select --
+    if radix_rounds is None:
+        radix_rounds = radix_rounds_needed(top_k, top_p, vocab, cand)
+    radix_select(logits, block_v, m, z, thr, inv_t, rad_i, rad_f, top_p, cu_num_nodes, radix_rounds)
     _tree_walk_kernel[(batch,)](
         logits, logits.stride(0), ids, par, cu_num_nodes,
-        temperature, top_k, top_p, seeds, offsets,
-        stats, row_f, row_i, entries, *q_args,
+        temperature, seeds, offsets,
+        stats, m, z, thr, row_i, entries, *q_args,
         out, out.stride(0), n_acc, path, path.stride(0),
         vocab, draft_token_ids.shape[0], max_depth, n_chunks,
         HAS_Q=q is not None, BLOCK_V=block_v,
