@@ -18,7 +18,7 @@ starting parts that would not fit in TOTAL_S. Children print every row as it is 
   kernels    the kernel tests that run on the GPU when there is one: Philox (tl.rand and
              the torch Philox on the GPU, bit for bit), attention (every policy config),
              fused ops, both samplers
-  tables     the verification-attention and rejection-sampling tables
+  tables     the verification-attention, rejection-sampling and tree-sampling tables
   e2e        ``specdec bench`` on the synthetic llama-3.2-1B-shaped pair, batches 1 and 16
              (transformers' contenders left out: each compile costs a minute)
 
@@ -40,10 +40,11 @@ PARTS = {
                        "run_budget_table as t; sys.exit(0 if t() else 1)"]),
     "graphs": (150, PYTEST + ["tests/test_cuda_graphs.py", "-k",
                               "warm_up_with_default_modes or cuda_graphs_give or no_host_sync"]),
-    "kernels": (110, PYTEST + ["tests/test_philox.py", "tests/test_verify_attention.py", "tests/test_fused_ops.py",
+    "kernels": (90, PYTEST + ["tests/test_philox.py", "tests/test_verify_attention.py", "tests/test_fused_ops.py",
                                "tests/test_rejection_sampling.py", "tests/test_tree_sampling.py"]),
-    "tables": (60, [sys.executable, "-c", "from bench.bench_verify_attention import run_gpu_table as a; "
-                    "from bench.bench_rejection_sampling import run_gpu_table as r; a(); r()"]),
+    "tables": (80, [sys.executable, "-c", "from bench.bench_verify_attention import run_gpu_table as a; "
+                    "from bench.bench_rejection_sampling import run_gpu_table as r; "
+                    "from bench.bench_tree_sampling import run_gpu_table as t; a(); r(); t()"]),
     "e2e": (60, [sys.executable, "-m", "specdec", "bench", "--shape", "llama-3.2-1b", "--batches", "1,16",
                  "--max-tokens", "64", "--skip-hf"]),
 }
