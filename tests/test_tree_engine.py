@@ -822,7 +822,7 @@ def host_tree_sampler(rule: str):
     "first-child": always accepts the first child of each position.
     """
     def sample(target_logits, draft_token_ids, parents, q, cu_num_nodes, max_depth,
-               temperature, top_k, top_p, seeds, offsets, check_finite=True):
+               temperature, top_k, top_p, seeds, offsets, check_finite=True, radix_rounds=None):
         draft_probs = reference.draft_dist_probs(q) if q is not None else None  # [rows, V]
         cu = cu_num_nodes.tolist()
         batch = len(cu) - 1

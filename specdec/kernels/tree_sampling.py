@@ -61,6 +61,7 @@ import triton.language as tl
 from ._sampling_core import (
     INT32_MIN,
     DraftDist,
+    cdf_block,
     key,
     kth_largest,
     radix_rounds_needed,
@@ -383,13 +384,7 @@ def _dense_sample(row_ptr, q_row_ptr, q_inv_t, q_m, q_z, q_thr, ids_ptr, par_ptr
         idx = v0 + offs
         w = _dense_weights(row_ptr, q_row_ptr, q_inv_t, q_m, q_z, q_thr, ids_ptr, par_ptr, idx,
                            idx < V, inv_t, m, z, thr, node, coef, cut, HAS_Q)
-        last = tl.where(w > 0.0, idx, last)
-        block_sum = tl.sum(w)
-        if cum + block_sum > target:
-            hit = (cum + tl.cumsum(w, 0) > target) & (w > 0.0)
-            first = tl.min(tl.where(hit, idx, _INT32_MAX))
-            token = tl.where(first == _INT32_MAX, -1, first.to(tl.int64))
-        cum += block_sum
+        token, last, cum = cdf_block(w, idx, cum, target, token, last)
         v0 += BLOCK_W
     token = tl.where(token < 0, tl.max(last).to(tl.int64), token)
     return tl.where(token < 0, fallback, token)
