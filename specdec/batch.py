@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels._sampling_core import CAND
+from .kernels._sampling_core import radix_rounds_needed
 from .kv_cache import BlockManager
 from .models.llama import ForwardBatch
 from .sequence import Sequence
@@ -33,7 +33,7 @@ class SamplingTensors:
     offsets: torch.Tensor
     all_greedy: bool = False  # host facts, so sampling code can skip work without a sync
     filtered: bool = True  # some row uses top-k or top-p
-    radix_rounds: int = 8  # radix-select rounds the samplers may need (_sampling_core.CAND)
+    radix_rounds: int = 8  # radix-select rounds the samplers may need (radix_rounds_needed)
 
     @classmethod
     def of(cls, seqs: list[Sequence], device) -> "SamplingTensors":
@@ -46,17 +46,8 @@ class SamplingTensors:
             offsets=torch.tensor([s.step for s in seqs], dtype=torch.int64, device=device),
             all_greedy=all(x.temperature == 0 for x in p),
             filtered=any(x.top_k > 0 or x.top_p < 1 for x in p),
-            radix_rounds=_radix_rounds([x.top_k for x in p], [x.top_p for x in p]),
+            radix_rounds=radix_rounds_needed([x.top_k for x in p], [x.top_p for x in p]),
         )
-
-
-def _radix_rounds(top_k: list[int], top_p: list[float]) -> int:
-    """Radix-select rounds a batch may need (``_sampling_core.radix_rounds_needed`` on
-    host values, any vocabulary): top-k above the candidate count, top-p without top-k."""
-    big_k = [k > CAND for k in top_k]
-    if any(big_k):
-        return 8 if any(b and p < 1 for b, p in zip(big_k, top_p)) else 4
-    return 4 if any(p < 1 and k <= 0 for k, p in zip(top_k, top_p)) else 0
 
 
 def build_forward_batch(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
-from ..kernels._sampling_core import DraftDist
+from ..kernels._sampling_core import INT32_MIN, DraftDist
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
 from ..sequence import Sequence
@@ -168,5 +168,5 @@ def _empty_tree_dist(q: DraftDist, batch: int, rows: int) -> DraftDist:
         torch.zeros(batch, rows, vocab, dtype=q.logits.dtype, device=dev),
         torch.ones(batch, rows, device=dev), torch.zeros(batch, rows, device=dev),
         torch.ones(batch, rows, device=dev),
-        torch.full((batch, rows), -2147483648, dtype=torch.int32, device=dev),
+        torch.full((batch, rows), INT32_MIN, dtype=torch.int32, device=dev),
     )

@@ -515,16 +515,24 @@ class RowStats(NamedTuple):
     n_chunks: int
 
 
-def radix_rounds_needed(top_k: torch.Tensor, top_p: torch.Tensor, vocab: int, cand: int = CAND) -> int:
-    """Radix rounds a batch may need (host read; free on CPU tensors): 0 when every row's
-    thresholds come from the candidates for sure, 4 for top-p cuts, 8 for top-k > cand
-    (the candidates kept per chunk) followed by top-p."""
-    k = top_k.cpu()
-    p = top_p.cpu()
-    big_k = (k > cand) & (k < vocab)
+def radix_rounds_needed(top_k, top_p, vocab: int | None = None, cand: int = CAND) -> int:
+    """Radix rounds a batch may need: 0 when every row's thresholds come from the
+    candidates for sure, 4 for top-p cuts, 8 for top-k > cand (the candidates kept per
+    chunk) followed by top-p.
+
+    top_k, top_p: [B] tensors (read on the host; free on CPU tensors) or host sequences;
+    vocab: None for "any vocabulary" (a top_k >= V then counts as a real top-k: an upper bound)
+    """
+    k = torch.as_tensor(top_k).cpu()
+    p = torch.as_tensor(top_p).cpu()
+    no_k = k <= 0
+    big_k = k > cand
+    if vocab is not None:
+        no_k |= k >= vocab
+        big_k &= k < vocab
     if bool(big_k.any()):
         return 8 if bool((big_k & (p < 1)).any()) else 4
-    return 4 if bool(((p < 1) & ((k <= 0) | (k >= vocab))).any()) else 0
+    return 4 if bool(((p < 1) & no_k).any()) else 0
 
 
 def row_statistics(
