@@ -46,6 +46,18 @@ def _convert(args) -> int:
     return 0
 
 
+def _convert_eagle3(args) -> int:
+    from .models.convert import convert_eagle3
+    from .models.eagle3 import load_eagle3
+
+    out = convert_eagle3(args.in_dir, args.out_dir)
+    cfg, _ = load_eagle3(out)  # the written directory loads back
+    ids = "default {2, L//2, L-3}" if cfg.aux_layer_ids is None else list(cfg.aux_layer_ids)
+    print(f"wrote {out} (EAGLE-3 head: hidden {cfg.hidden_size}, draft vocabulary {cfg.draft_vocab_size} of "
+          f"{cfg.vocab_size}, aux layers {ids} as HF hidden_states indices)")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -165,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     l2c.add_argument("tokenizer")
     l2c.add_argument("out_dir")
     l2c.set_defaults(func=_convert)
+    e3 = conv_sub.add_parser("eagle3", help="EAGLE-3 head (SafeAILab .bin, SpecForge, speculators) -> "
+                             "specdec's safetensors layout")
+    e3.add_argument("in_dir", help="the head's directory (config.json + pytorch_model.bin or safetensors)")
+    e3.add_argument("out_dir", help="directory to write (config.json + model.safetensors)")
+    e3.set_defaults(func=_convert_eagle3)
     return parser
 
 
