@@ -74,7 +74,7 @@ def write_head(dir, dialect: str, *, target_config, draft_vocab: int | None = No
         raise ValueError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
     if arch not in ("llama", "qwen3") or (arch == "qwen3" and dialect == "safeailab"):
         raise ValueError(f"arch {arch!r} cannot be written in the {dialect} dialect")
-    V, Ht, L = _target_dims(target_config)
+    V, Ht, _ = _target_dims(target_config)
     flags = dict(flags or {})
     H = hidden_size or Ht
     heads, kv_heads = 4, 2

@@ -98,7 +98,7 @@ def test_dialects_load_to_the_same_head(tmp_path, draft_vocab, own_embed):
 
 def test_reduced_vocabulary_maps(tmp_path):
     written = write_head(tmp_path, "specforge", target_config=TARGET, draft_vocab=40)
-    cfg, t = load_eagle3(tmp_path)
+    _, t = load_eagle3(tmp_path)
     target_ids = torch.arange(40) + t["d2t"]
     assert torch.equal(target_ids, t["t2d"].nonzero().flatten())
     assert t["d2t"].dtype == torch.int64 and t["t2d"].dtype == torch.bool
@@ -213,11 +213,11 @@ def test_default_aux_layers_for_real_depths():
 
 
 def _some_config(**changes) -> Eagle3Config:
-    base = dict(hidden_size=32, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, vocab_size=V, draft_vocab_size=V,
-                target_hidden_size=HT, aux_layer_ids=None, draft_arch="llama", fc_bias=False,
-                norm_before_residual=False, norm_before_fc=False, fc_norm=False, apply_final_norm=True,
-                feed_normed_hidden=False, has_embed_tokens=False)
+    base = {"hidden_size": 32, "intermediate_size": 72, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "vocab_size": V,
+            "draft_vocab_size": V, "target_hidden_size": HT, "aux_layer_ids": None, "draft_arch": "llama",
+            "fc_bias": False, "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False,
+            "apply_final_norm": True, "feed_normed_hidden": False, "has_embed_tokens": False}
     return Eagle3Config(**(base | changes))
 
 
@@ -242,8 +242,8 @@ def test_variant_flags(tmp_path, dialect, flags, want):
     if nested:
         edit_config(tmp_path / "h", norm_before_fc=..., eagle_config={"norm_before_fc": True})
     cfg, t = load_eagle3(tmp_path / "h")
-    defaults = dict(fc_bias=False, norm_before_residual=False, norm_before_fc=False, fc_norm=False,
-                    apply_final_norm=True, feed_normed_hidden=False)
+    defaults = {"fc_bias": False, "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False,
+                "apply_final_norm": True, "feed_normed_hidden": False}
     assert {k: getattr(cfg, k) for k in defaults} == defaults | want
     assert_same_tensors(t, expected_tensors(written, cfg))
 
@@ -279,12 +279,12 @@ def test_tied_flag_is_ignored_when_lm_head_exists(tmp_path):
 
 
 @pytest.mark.parametrize("dialect, kwargs", [
-    ("safeailab", dict(draft_vocab=40)),
-    ("specforge", dict(own_embed=True, ids=[1, 4, 6])),
-    ("speculators", dict(arch="qwen3", draft_vocab=50, ids=[1, 3, 7],
-                         flags={"norm_before_residual": True, "norm_output": True, "fc_norm": True,
-                                "norm_before_fc": True})),
-    ("specforge", dict(flags={"bias": True, "norm_output": False}, ids=[2, 3], ids_convention="nested-hf")),
+    ("safeailab", {"draft_vocab": 40}),
+    ("specforge", {"own_embed": True, "ids": [1, 4, 6]}),
+    ("speculators", {"arch": "qwen3", "draft_vocab": 50, "ids": [1, 3, 7],
+                     "flags": {"norm_before_residual": True, "norm_output": True, "fc_norm": True,
+                               "norm_before_fc": True}}),
+    ("specforge", {"flags": {"bias": True, "norm_output": False}, "ids": [2, 3], "ids_convention": "nested-hf"}),
 ])
 def test_convert_round_trip(tmp_path, dialect, kwargs):
     written = write_head(tmp_path / "in", dialect, target_config=TARGET, **kwargs)

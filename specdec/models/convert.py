@@ -1,4 +1,8 @@
-"""llama2.c checkpoint + tokenizer -> HF ``LlamaForCausalLM`` directory.
+"""Checkpoint converters: llama2.c -> HF ``LlamaForCausalLM``; EAGLE-3 heads -> specdec's layout.
+
+``convert_eagle3`` (bottom of the file) reads an EAGLE-3 head in any published dialect
+(pickled ``pytorch_model.bin`` included) and writes the normalised safetensors layout that
+``specdec.models.eagle3.load_eagle3`` documents. The rest of this docstring is about llama2.c.
 
 The output directory holds ``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` and ``special_tokens_map.json``; both ``transformers``
@@ -391,7 +395,8 @@ def convert_eagle3(in_dir: str | Path, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from .eagle3 import _normalise, _read_config, normalised_config
+    from .eagle3 import normalise, normalised_config
+    from .eagle3_dialects import read_config
     from .loader import _read_tensors, _weight_files
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -400,12 +405,12 @@ def convert_eagle3(in_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or out_dir.resolve() == in_dir.resolve()):
         raise ValueError(f"{out_dir} is {'the input directory' if out_dir.is_dir() else 'a file'}: "
                          f"choose another output directory")
-    raw = _read_config(in_dir)
+    raw = read_config(in_dir)
     if (in_dir / "model.safetensors").is_file() or (in_dir / "model.safetensors.index.json").is_file():
         tensors = _read_tensors(_weight_files(in_dir))
     else:
         tensors = _pickled_state_dict(in_dir)
-    cfg, normal = _normalise(raw, tensors, str(in_dir))
+    cfg, normal = normalise(raw, tensors, str(in_dir))
     if cfg.draft_vocab_size == cfg.vocab_size:  # identity maps are implied by their absence
         normal = {k: v for k, v in normal.items() if k not in ("d2t", "t2d")}
     dtypes = {str(t.dtype).removeprefix("torch.") for k, t in normal.items() if t.is_floating_point()}
