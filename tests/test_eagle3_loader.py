@@ -433,9 +433,12 @@ def test_full_vocab_maps_must_be_identity(tmp_path):
         load_eagle3(tmp_path)
 
 
-def test_tied_head_without_lm_head(tmp_path):
-    write_head(tmp_path, "specforge", target_config=TARGET, own_embed=True)
-    edit_config(tmp_path, tie_word_embeddings=True)
+@pytest.mark.parametrize("dialect", ["specforge", "speculators"])
+def test_tied_head_without_lm_head(tmp_path, dialect):
+    write_head(tmp_path, dialect, target_config=TARGET, own_embed=True)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (raw.get("transformer_layer_config") or raw)["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(raw))
     edit_tensors(tmp_path, drop=("lm_head.weight",))
     with pytest.raises(ValueError, match="tie_word_embeddings: true and has no lm_head.weight"):
         load_eagle3(tmp_path)

@@ -343,7 +343,9 @@ def resolve(raw: dict, tensors: dict[str, torch.Tensor], source: str) -> tuple[d
     if f["fc_bias"] is None:  # no bias flag: SGLang-style heads carry fc.bias exactly when they use it
         f["fc_bias"] = "fc.bias" in tensors
     f["has_embed_tokens"] = "embed_tokens.weight" in tensors
-    if "lm_head.weight" not in tensors and raw.get("tie_word_embeddings"):
+    layer = raw.get("transformer_layer_config") or {}
+    tied = raw.get("tie_word_embeddings") or layer.get("tie_word_embeddings")
+    if "lm_head.weight" not in tensors and tied:
         raise CheckpointError(f"{source} sets tie_word_embeddings: true and has no lm_head.weight; an EAGLE-3 "
                               f"head needs its own draft-vocabulary lm_head [Vd, H] (the tie is not supported)")
     if f["target_hidden_size"] != f["hidden_size"] and not f["has_embed_tokens"]:
