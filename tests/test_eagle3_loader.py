@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from specdec.cli import main
 from specdec.models.config import ModelConfig
 from specdec.models.convert import convert_eagle3
-from specdec.models.eagle3 import Eagle3Config, check_against_target, is_eagle3_dir, load_eagle3
+from specdec.models.eagle3 import Eagle3Config, check_against_target, is_eagle3_dir, load_eagle3, normalise
 
 V, HT, L = 97, 32, 8
 
@@ -533,3 +533,66 @@ def test_config_validation():
         _some_config(draft_arch="mamba")
     with pytest.raises(ValueError, match="rope_scaling must be None or a llama3 dict"):
         _some_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+# ---------------------------------------------------------------------- published configs (meta-tensor weights)
+
+LLAMA31_8B_SAFEAILAB = {  # docs/EAGLE3_FORMAT.md §1.2, SafeAILab's training config
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 2048, "model_type": "llama",
+    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 1, "pad_token_id": 0,
+    "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 128256,
+    "draft_vocab_size": 32000,
+}
+LLAMA33_70B_SPECFORGE = {  # SpecForge configs/llama3-70B-eagle3 keys, output-of-layer ids
+    **LLAMA31_8B_SAFEAILAB, "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 8192, "head_dim": 128,
+    "intermediate_size": 28672, "num_attention_heads": 64, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 39, 76], "use_aux_hidden_state": True},
+}
+QWEN3_8B_SPECULATORS = {  # speculators layout of a Qwen3-8B head (qwen3 layer with q/k norms)
+    "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "draft_vocab_size": 32000,
+    "target_hidden_size": None, "eagle_aux_hidden_state_layer_ids": [2, 18, 33], "norm_before_fc": False,
+    "transformer_layer_config": {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
+                                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                                 "num_hidden_layers": 1, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+                                 "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+                                 "sliding_window": None, "use_sliding_window": False, "hidden_act": "silu"},
+    "speculators_config": {"algorithm": "eagle3"},
+}
+
+
+def _meta_head(H, I, heads, kv, hd, V, Vd, Ht, prefix="midlayer.", qk_norms=False):
+    m = prefix
+    shapes = {"fc.weight": (H, 3 * Ht), m + "input_layernorm.weight": (H,), m + "hidden_norm.weight": (H,),
+              m + "self_attn.q_proj.weight": (heads * hd, 2 * H), m + "self_attn.k_proj.weight": (kv * hd, 2 * H),
+              m + "self_attn.v_proj.weight": (kv * hd, 2 * H), m + "self_attn.o_proj.weight": (H, heads * hd),
+              m + "post_attention_layernorm.weight": (H,), m + "mlp.gate_proj.weight": (I, H),
+              m + "mlp.up_proj.weight": (I, H), m + "mlp.down_proj.weight": (H, I), "norm.weight": (H,),
+              "lm_head.weight": (Vd, H)}
+    if qk_norms:
+        shapes |= {m + "self_attn.q_norm.weight": (hd,), m + "self_attn.k_norm.weight": (hd,)}
+    tensors = {n: torch.empty(s, device="meta", dtype=torch.bfloat16) for n, s in shapes.items()}
+    used = torch.arange(0, 2 * Vd, 2)  # every other target id
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[used] = True
+    return tensors | {"d2t": used - torch.arange(Vd), "t2d": t2d}
+
+
+@pytest.mark.parametrize("raw, tensors, layers, want", [
+    (LLAMA31_8B_SAFEAILAB, _meta_head(4096, 14336, 32, 8, 128, 128256, 32000, 4096), 32,
+     {"aux": (2, 16, 29), "rope_theta": 10000.0, "rope_scaling": None, "draft_arch": "llama",
+      "norm_before_residual": False}),
+    (LLAMA33_70B_SPECFORGE, _meta_head(8192, 28672, 64, 8, 128, 128256, 32000, 8192), 80,
+     {"aux": (2, 40, 77), "rope_theta": 500000.0, "draft_arch": "llama", "norm_before_residual": False}),
+    (QWEN3_8B_SPECULATORS, _meta_head(4096, 12288, 32, 8, 128, 151936, 32000, 4096, "layers.0.", True), 36,
+     {"aux": (2, 18, 33), "rope_theta": 1000000.0, "draft_arch": "qwen3", "norm_before_residual": True}),
+], ids=["llama3.1-8b-safeailab", "llama3.3-70b-specforge", "qwen3-8b-speculators"])
+def test_published_configs(raw, tensors, layers, want):
+    cfg, t = normalise(raw, tensors, "<published>")
+    check_against_target(cfg, target(vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=layers))
+    assert cfg.aux_layers(layers) == want.pop("aux")
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert t["midlayer.self_attn.q_proj.weight"].shape == (cfg.num_attention_heads * 128, 2 * cfg.hidden_size)
+    assert cfg.draft_vocab_size == 32000 and torch.equal(torch.arange(32000) + t["d2t"], torch.arange(0, 64000, 2))
