@@ -13,7 +13,13 @@ from safetensors.torch import load_file, save_file
 from specdec.cli import main
 from specdec.models.config import ModelConfig
 from specdec.models.convert import convert_eagle3
-from specdec.models.eagle3 import Eagle3Config, check_against_target, is_eagle3_dir, load_eagle3, normalise
+from specdec.models.eagle3 import (
+    Eagle3Config,
+    check_against_target,
+    is_eagle3_dir,
+    load_eagle3,
+    normalise,
+)
 
 V, HT, L = 97, 32, 8
 

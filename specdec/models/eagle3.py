@@ -46,7 +46,7 @@ from .eagle3_dialects import (
 )
 from .loader import CheckpointError, _read_tensors, _weight_files
 
-__all__ = ["EAGLE3_ARCHITECTURES", "Eagle3Config", "check_against_target", "is_eagle3_dir", "load_eagle3",
+__all__ = ["EAGLE3_ARCHITECTURES", "Eagle3Config", "check_against_target", "is_eagle3_dir", "load_eagle3", "normalise",
            "normalised_config"]
 
 
