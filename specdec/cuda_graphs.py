@@ -204,17 +204,16 @@ class _StaticStep:
 class DecodeRunner:
     """Runs pure-decode steps on static buffers, as CUDA graphs when ``use_graphs``.
 
-    target, cache: the target model and its KV cache (with a scratch block past the
-                   block manager's, see ``scratch_block``)
+    target, cache: the target model and its KV cache; padded rows write its
+                   ``scratch_block``, which no sequence is ever given
     drafter:       ``Drafter()`` (plain decoding) or a chain ``ModelDrafter``
     max_k:         the longest chain a step may draft
     max_batch:     the most sequences in a step (graphs up to its bucket)
     max_context:   the model's context length (sizes the block-table width)
-    scratch_block: a block id of every cache that no sequence is ever given
     """
 
     def __init__(self, target: LlamaForCausalLM, cache: KVCache, ops, drafter: Drafter, *, max_k: int,
-                 max_batch: int, max_context: int, block_size: int, scratch_block: int, use_graphs: bool):
+                 max_batch: int, max_context: int, block_size: int, use_graphs: bool):
         if not supports(drafter):
             raise ValueError(f"the {drafter.name!r} drafter has no fixed-shape decode step (n-gram drafts "
                              "come from the host, trees have a shape of their own)")
@@ -224,7 +223,7 @@ class DecodeRunner:
         self.device = cache.k.device
         self.max_k = max_k if isinstance(drafter, ModelDrafter) else 0
         self.width = 2 if isinstance(drafter, ModelDrafter) and not drafter.shares_target_cache else 1
-        self.block_size, self.scratch_block = block_size, scratch_block
+        self.block_size, self.scratch_block = block_size, cache.scratch_block
         self.max_seq_len = max_context + max_k + 1  # attention splits long KV ranges from this bound
         self.use_graphs = use_graphs
         self.max_batch = bucket_of(max_batch)
@@ -243,8 +242,8 @@ class DecodeRunner:
         self._np = [h.numpy() for h in self._host]
         caches = [cache] + ([drafter.cache] if self.width == 2 else [])  # the draft model's own
         for c in caches:  # padded rows read what they did not write: keep it finite
-            c.k[:, scratch_block].zero_()
-            c.v[:, scratch_block].zero_()
+            c.k[:, self.scratch_block].zero_()
+            c.v[:, self.scratch_block].zero_()
         self._steps: dict[tuple[int, int, str], _StaticStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.clock = StepClock(self.device)

@@ -70,7 +70,8 @@ class Engine:
 
     def __init__(self, target: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  drafter: Drafter, num_draft_tokens: int, eos_token_ids=(), max_num_seqs: int = 64,
-                 tokenizer=None, draft_depth: int | None = None, speculation: AdaptiveSpeculation | None = None):
+                 tokenizer=None, draft_depth: int | None = None, speculation: AdaptiveSpeculation | None = None,
+                 runner=None):
         self.target, self.cache, self.blocks, self.ops = target, cache, blocks, ops
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens  # cache slots a step's drafts use (tree nodes)
@@ -81,7 +82,7 @@ class Engine:
         self.max_context = target.config.max_position_embeddings
         self.device = cache.k.device
         self.speculation = speculation
-        self.runner = None  # a DecodeRunner (specdec/cuda_graphs.py), attached by LLM when it uses one
+        self.runner = runner  # a DecodeRunner (specdec/cuda_graphs.py) for fixed-shape decode steps, or None
         self.clock = StepClock(self.device)
         self.last_k = self.draft_depth  # the chain length the latest step asked for
         self.waiting: deque[Sequence] = deque()

@@ -9,9 +9,16 @@ Two pieces with separate jobs:
   of every cache that uses the table.
 * ``KVCache`` — the device tensors of one model, preallocated once:
   ``k, v: [num_layers, num_blocks, block_size, H_kv, D]``.
+
+``allocate_caches`` sizes both from a memory budget: the manager gets ``N`` blocks, every
+cache ``N + 1``; the last, ``KVCache.scratch_block``, is never given to a sequence, so the
+padded rows of fixed-shape steps and the warm-up launches have somewhere to write.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -118,3 +125,51 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
+
+    @property
+    def scratch_block(self) -> int:
+        """The last block. ``allocate_caches`` gives the block manager one block fewer than
+        the cache holds, so no sequence is ever given this one."""
+        return self.num_blocks - 1
+
+
+class CacheLayout(Protocol):
+    """What sizing reads of a model config (``ModelConfig`` has it)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+
+
+def default_budget(device: torch.device) -> int:
+    """KV-cache bytes when the caller gives none: 70% of free memory on CUDA, 1 GiB elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7)
+    return 1 << 30
+
+
+def allocate_caches(configs: Sequence[CacheLayout], budget: float | None, block_size: int, max_num_seqs: int,
+                    draft_slots: int, dtype: torch.dtype, device) -> tuple[BlockManager, list[KVCache]]:
+    """One block manager and one cache per model, sized to share a memory budget.
+
+    configs:      the target's config first, then each model with a cache of its own (a
+                  draft model); every cache gets the same number of blocks
+    budget:       bytes for all caches together; None: ``default_budget(device)``
+    draft_slots:  cache slots one step's drafts take past the context (chain length or tree
+                  nodes; 0 without a drafter)
+    returns:      (BlockManager over N blocks, caches of N + 1 blocks each: the last is the
+                  scratch block), N = min(budget // bytes per block - 1, what ``max_num_seqs``
+                  sequences of the target's full context and the drafts need)
+    """
+    per_block = sum(KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
+                    for c in configs)
+    budget = int(budget) if budget is not None else default_budget(torch.device(device))
+    full = max_num_seqs * cdiv(configs[0].max_position_embeddings + draft_slots, block_size)
+    num_blocks = min(budget // per_block - 1, full)  # one more: the scratch block of padded rows
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory={budget} bytes holds fewer than two KV blocks of {per_block} bytes")
+    caches = [KVCache(c.num_layers, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype, device)
+              for c in configs]
+    return BlockManager(num_blocks, block_size), caches

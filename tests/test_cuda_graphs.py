@@ -127,7 +127,7 @@ def test_runner_refuses_what_it_cannot_run(dirs):
     llm = make_llm(dirs, None, static=False)
     with pytest.raises(ValueError, match="CUDA"):
         DecodeRunner(llm.target, llm.cache, llm.ops, llm.drafter, max_k=0, max_batch=4, max_context=64,
-                     block_size=4, scratch_block=llm.blocks.num_blocks, use_graphs=True)
+                     block_size=4, use_graphs=True)
 
 
 @pytest.mark.parametrize("kw, match", [

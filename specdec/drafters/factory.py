@@ -1,0 +1,163 @@
+"""The ``draft=`` argument parsed once into a ``DrafterSpec``, and the drafter built from it.
+
+Kinds (``DrafterSpec.kind``):
+
+  none        ``draft=None``: plain decoding through the speculative engine
+  ngram       ``"ngram"``: prompt lookup, drafts from the host
+  early-exit  ``"early-exit:N"``: the target's first N layers, sharing its weights and cache
+  model       a model directory (config.json + weights) sharing the target's vocabulary,
+              with a KV cache of its own
+
+Three steps, in the order ``LLM`` runs them:
+
+  DrafterSpec.parse(draft, draft_tree)  before anything is loaded: names and paths
+  draft_cache_config(spec, ...)         after the target's config is known: the spec checked
+                                        against it, and the config of the drafter's own KV
+                                        cache (None: it has none) for the cache sizing
+  build_drafter(spec, ...)              after the caches exist: weights loaded, drafter made
+
+A new kind is one more branch in each: a name in ``parse`` (or a directory recognised
+from its config.json in ``_directory_kind``), its cache layout in ``draft_cache_config``,
+its construction in ``build_drafter``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..kv_cache import BlockManager, KVCache
+from ..models import ModelConfig, load_model
+from ..models.llama import LlamaForCausalLM
+from ..tree import TreeShape
+from .base import Drafter
+from .draft_model import ModelDrafter
+from .ngram import NgramDrafter
+
+NGRAM = "ngram"
+EARLY_EXIT = "early-exit:"
+DRAFTER_NAMES = ("a model directory", "'ngram'", "'early-exit:N'")
+KINDS = ("none", "ngram", "early-exit", "model")
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """What to draft with, parsed from ``LLM(draft=..., draft_tree=...)``.
+
+    kind:       one of ``KINDS``
+    name:       the drafter's display name ('none', 'ngram', 'early-exit:N', the path as given)
+    path:       model: the draft model directory; else None
+    num_layers: early-exit: N, the target layers it runs; else None
+    tree:       a static draft tree, or None for chains
+    """
+
+    kind: str
+    name: str
+    path: Path | None = None
+    num_layers: int | None = None
+    tree: TreeShape | None = None
+
+    @classmethod
+    def parse(cls, draft, draft_tree=None) -> DrafterSpec:
+        """The spec of ``draft`` (None, 'ngram', 'early-exit:N' or a model directory) and
+        ``draft_tree`` (None or branching factors). The reserved names win over a folder
+        of the same name (pass ``Path("ngram")`` or ``"./ngram"`` for that).
+
+        >>> DrafterSpec.parse("early-exit:2", (2, 1)).num_layers
+        2
+        """
+        spec = cls._of_name(draft)
+        tree = TreeShape.of(draft_tree) if draft_tree is not None else None
+        if tree is not None and spec.kind == "none":
+            raise ValueError("draft_tree needs a drafter: pass draft='ngram', 'early-exit:N' or a model directory")
+        return cls(spec.kind, spec.name, spec.path, spec.num_layers, tree)
+
+    @classmethod
+    def _of_name(cls, draft) -> DrafterSpec:
+        if draft is None:
+            return cls("none", "none")
+        if isinstance(draft, str) and draft == NGRAM:
+            return cls("ngram", NGRAM)
+        if isinstance(draft, str) and draft.startswith(EARLY_EXIT):
+            n = draft[len(EARLY_EXIT):]
+            if not (n.isascii() and n.isdigit()):
+                raise ValueError(f"early-exit drafter needs a layer count, e.g. 'early-exit:2'; got {draft!r}")
+            return cls("early-exit", f"early-exit:{int(n)}", num_layers=int(n))
+        if isinstance(draft, (str, Path)) and Path(draft).exists():
+            return cls(_directory_kind(Path(draft)), str(draft), path=Path(draft))
+        raise ValueError(
+            f"draft {draft!r} is not a known drafter nor an existing path; use one of {', '.join(DRAFTER_NAMES)}"
+        )
+
+    @property
+    def fixed_shape(self) -> bool:
+        """Whether the fixed-shape decode step (CUDA graphs) can run this drafter: n-gram
+        drafts come from the host, and trees have a shape of their own."""
+        return self.kind != "ngram" and self.tree is None
+
+    def draft_slots(self, num_draft_tokens: int) -> int:
+        """Cache slots one step's drafts take: 0 without a drafter, the tree's nodes, or
+        the chain length ``num_draft_tokens``."""
+        if self.kind == "none":
+            return 0
+        return self.tree.num_nodes if self.tree is not None else num_draft_tokens
+
+    @property
+    def draft_depth(self) -> int | None:
+        """Draft tokens on one path: the tree's depth; None for chains (the chain length)."""
+        return self.tree.depth if self.tree is not None else None
+
+
+def _directory_kind(path: Path) -> str:
+    """The kind of drafter a directory holds, read from its config.json."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"draft {str(path)!r} is not a model directory (no config.json in it); "
+                         f"use one of {', '.join(DRAFTER_NAMES)}")
+    return "model"
+
+
+def draft_cache_config(spec: DrafterSpec, target_path, target_config: ModelConfig) -> ModelConfig | None:
+    """Check ``spec`` against the target, before any cache is allocated; returns the config
+    of the model whose KV cache the drafter keeps apart from the target's (None: it keeps
+    none; the early-exit drafter writes the target's own cache)."""
+    if spec.kind == "early-exit":
+        n, layers = spec.num_layers, target_config.num_layers
+        if not 1 <= n <= layers - 1:
+            raise ValueError(f"early-exit:{n} needs 1 <= N <= {layers - 1} (the target has {layers} layers)")
+    if spec.kind != "model":
+        return None
+    config = ModelConfig.from_file(spec.path)
+    if config.vocab_size != target_config.vocab_size:
+        raise ValueError(
+            f"the draft model {spec.name} has a vocabulary of {config.vocab_size} tokens "
+            f"but the target {target_path} has {target_config.vocab_size}: a draft must share the "
+            "target's vocabulary"
+        )
+    return config
+
+
+def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, draft_cache: KVCache | None,
+                  blocks: BlockManager, ops, device: torch.device, dtype: torch.dtype) -> Drafter:
+    """The drafter of ``spec`` over the engine's caches.
+
+    target, cache: the target model and its KV cache
+    draft_cache:   the drafter's own cache, sized from ``draft_cache_config`` (None if that
+                   was None)
+    blocks:        the block manager every cache shares
+    """
+    if spec.kind == "none":
+        return Drafter()
+    if spec.kind == "ngram":
+        return NgramDrafter(tree=spec.tree)
+    if spec.kind == "early-exit":
+        return ModelDrafter(target, cache, blocks, ops, num_layers=spec.num_layers, shares_target_cache=True,
+                            name=spec.name, tree=spec.tree)
+    if spec.kind == "model":
+        if draft_cache is None:
+            raise ValueError(f"the draft model {spec.name} needs a KV cache of its own: size one from "
+                             "draft_cache_config()")
+        model = load_model(spec.path, device, dtype)
+        return ModelDrafter(model, draft_cache, blocks, ops, name=spec.name, tree=spec.tree)
+    raise ValueError(f"unknown drafter kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
