@@ -20,7 +20,7 @@ import torch
 import triton
 
 from .drafters.draft_model import ModelDrafter
-from .models.llama import ForwardBatch
+from .batch import ForwardBatch
 
 _SCRATCH_NOTE = "the cache has no scratch block past the block manager's (LLM allocates one)"
 
