@@ -62,7 +62,7 @@ def sampling_mode(seqs: list[Sequence]) -> str:
 class _StaticStep:
     """The draft and verify work of one (bucket, k, mode) on the runner's static buffers."""
 
-    def __init__(self, runner: "DecodeRunner", batch: int, k: int, mode: str):
+    def __init__(self, runner: DecodeRunner, batch: int, k: int, mode: str):
         self.runner, self.batch, self.k, self.mode = runner, batch, k, mode
         self.inputs = StaticBatch(runner.inputs, batch, k, mode, runner.width, runner.block_size,
                                   runner.max_seq_len)

@@ -19,8 +19,8 @@ import importlib
 import torch
 import triton
 
-from .drafters.draft_model import ModelDrafter
 from .batch import ForwardBatch
+from .drafters.draft_model import ModelDrafter
 
 _SCRATCH_NOTE = "the cache has no scratch block past the block manager's (LLM allocates one)"
 

@@ -27,10 +27,10 @@ from ..batch import ForwardBatch, SamplingTensors, build_forward_batch, build_tr
 from ..kernels._sampling_core import INT32_MIN, DraftDist
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
-from ..sequence import Sequence
 from ..runners.eager import prefill_tails
+from ..sequence import Sequence
 from ..tree import TreeShape
-from .base import DraftProposal, Drafter
+from .base import Drafter, DraftProposal
 
 if TYPE_CHECKING:
     from ..runners.static import StaticBatch

@@ -49,7 +49,7 @@ class StaticInputs:
         return [((W + 3, B), torch.int64), ((B * MB + 2 * B,), torch.int32), ((2, B), torch.float32)]
 
     @classmethod
-    def of(cls, areas, width: int, max_batch: int, blocks_per_seq: int) -> "StaticInputs":
+    def of(cls, areas, width: int, max_batch: int, blocks_per_seq: int) -> StaticInputs:
         i64, i32, f32 = areas
         B, W, MB = max_batch, width, blocks_per_seq
         return cls(tail=i64[:W], length=i64[W], seeds=i64[W + 1], offsets=i64[W + 2],
