@@ -13,9 +13,37 @@ import torch
 
 from .kernels._sampling_core import radix_rounds_needed
 from .kv_cache import BlockManager
-from .models.llama import ForwardBatch
 from .sequence import Sequence
 from .tree import tree_layout
+
+
+@dataclass
+class ForwardBatch:
+    """A ragged batch of new tokens for ``forward_cached``; every tensor on the model's device.
+
+    tokens:        [T] int64   new tokens of all sequences, concatenated
+    positions:     [T] int64   absolute position of each token (RoPE)
+    slot_mapping:  [T] int64   cache slot each token's K/V is written to
+    block_table:   [B, max_blocks] int32
+    seq_lens:      [B] int32   cached tokens per sequence including the new ones
+    q_start:       [B + 1] int32  cumulative count of new tokens
+    tree_mask:     [T] int64 ancestor bits, or None for causal order among new tokens
+    logits_rows:   [R] int64   rows of ``tokens`` whose logits are wanted (None = all)
+    max_query_len: host int, max new tokens of one sequence (kernel grid size)
+    max_seq_len:   host int or None, an upper bound of seq_lens; lets attention split a
+                   long KV range over more programs (a hint: results do not depend on it)
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    q_start: torch.Tensor
+    tree_mask: torch.Tensor | None
+    logits_rows: torch.Tensor | None
+    max_query_len: int
+    max_seq_len: int | None = None
 
 
 @dataclass
@@ -123,21 +151,3 @@ def build_tree_batch(
         max_query_len=max(1 + len(p) for p in parents),
         max_seq_len=max(seq_lens),
     )
-
-
-def prefill_tails(model, cache, ops, blocks: BlockManager, seqs: list[Sequence], cached: list[int], device,
-                  num_layers: int | None = None) -> None:
-    """Write the K/V of every uncached token but the last (the root of a tree step).
-
-    cached[b]: tokens of sequence b already in ``cache``. A tree forward carries at most
-    64 new tokens per sequence, so a prompt (or a sequence back from preemption) is first
-    run as a causal chain here; sequences with nothing to prefill are left out.
-    """
-    todo = [(s, c) for s, c in zip(seqs, cached) if c < len(s.tokens) - 1]
-    if not todo:
-        return
-    tails = [s.tokens[c:-1] for s, c in todo]
-    tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
-    batch = build_forward_batch(blocks, [s.seq_id for s, _ in todo], [c for _, c in todo],
-                                [len(t) for t in tails], [0] * len(todo), tokens, device)
-    model.forward_cached(batch, cache, ops, num_layers)

@@ -100,7 +100,8 @@ class Sequence:
 
     tokens holds the prompt followed by every emitted token. ``target_len`` counts the
     leading tokens whose K/V are in the target's cache (all but the last emitted one
-    after a step); ``draft_len`` the same for a draft model with a cache of its own.
+    after a step; the scheduler and the engine write it); ``draft_len`` the same for a draft
+    model with a cache of its own (written only by the drafter, specdec/drafters/).
     ``step`` counts the steps taken: it is the offset of the request's random draws.
     """
 
@@ -131,8 +132,3 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
-
-    def reset_cache_state(self) -> None:
-        """Forget every cached K/V (after preemption): the next step recomputes them."""
-        self.target_len = 0
-        self.draft_len = 0

@@ -22,7 +22,10 @@ dropped (it carries the CUDA-graph capture or kernel compilation).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+import torch
 
 # batch-size buckets: a batch of B sequences is timed (and graph-captured) as the
 # smallest bucket >= B
@@ -169,3 +172,25 @@ class AdaptiveSpeculation:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
+
+
+class StepClock:
+    """Timestamps a step's halves; read them after the step's device-to-host copy.
+
+    On CUDA these are events (recording one does not wait for the device), elsewhere the
+    wall clock (CPU work is synchronous).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        """Elapsed seconds between two marks (the device must have passed ``end``)."""
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start

@@ -19,10 +19,7 @@ import importlib
 import torch
 import triton
 
-from .drafters.draft_model import ModelDrafter
-from .models.llama import ForwardBatch
-
-_SCRATCH_NOTE = "the cache has no scratch block past the block manager's (LLM allocates one)"
+from .batch import ForwardBatch
 
 
 def warm_up_eager(engine, modes: tuple[str, ...], batch_sizes: list[int]) -> int:
@@ -30,15 +27,11 @@ def warm_up_eager(engine, modes: tuple[str, ...], batch_sizes: list[int]) -> int
     elsewhere nothing is compiled); returns the number of launches made."""
     if engine.ops.name != "triton" or engine.device.type != "cuda":
         return 0
-    scratch = engine.blocks.num_blocks
-    if engine.cache.k.shape[1] <= scratch:
-        raise ValueError(f"warm-up needs a scratch block: {_SCRATCH_NOTE}")
+    scratch = engine.cache.scratch_block
     va = importlib.import_module("specdec.kernels.verify_attention")
     drafter = engine.drafter
     trees = getattr(drafter, "tree", None) is not None
-    models = [(engine.target, engine.cache, None)]
-    if isinstance(drafter, ModelDrafter) and not drafter.shares_target_cache:
-        models.append((drafter.model, drafter.cache, drafter.num_layers))
+    models = [(engine.target, engine.cache, None)] + drafter.own_forwards()
     launches = 0
     for model, cache, num_layers in models:
         k_cache, v_cache = cache.layer(0)

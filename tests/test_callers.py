@@ -78,15 +78,16 @@ def assert_idle(llm):
 def fail_when(llm, predicate, exc=RuntimeError):
     """Make the chain verify raise ``exc`` (after the target forward wrote the caches)
     whenever ``predicate(seqs)`` holds for the sequences of the step."""
-    real = llm.engine._verify_chain
+    eager = llm.engine.eager
+    real = eager.verify_chain
 
-    def verify(seqs, draft, sampling):
-        out = real(seqs, draft, sampling)
+    def verify(seqs, blocks, draft, sampling):
+        out = real(seqs, blocks, draft, sampling)
         if predicate(seqs):
             raise exc("injected failure")
         return out
 
-    llm.engine._verify_chain = verify
+    eager.verify_chain = verify
 
 
 def guard_steps(llm, limit=500):
@@ -332,9 +333,9 @@ def test_a_replacement_character_stop_string_waits_for_whole_characters(sp_dir):
     params = SamplingParams(stop=("\ufffd",))
     seq = Sequence(0, [5, 6], params, seed=0)
     seq.tokens.append(BYTE_C3)  # the first byte of "é": decodes to U+FFFD for now
-    assert not llm.engine._hits_stop_string(seq)
+    assert not llm.engine.scheduler.hits_stop_string(seq)
     seq.tokens.append(BYTE_A9)
-    assert not llm.engine._hits_stop_string(seq)
+    assert not llm.engine.scheduler.hits_stop_string(seq)
     stream = TextStream(llm.tokenizer, stop=("\ufffd",), prompt_ids=[5, 6])
     assert stream.push([BYTE_C3], finished=False) == ""
     assert stream.push([BYTE_C3, BYTE_A9, 7], finished=True) == "é e"

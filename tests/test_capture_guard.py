@@ -178,7 +178,7 @@ def _static_step(dirs, draft, mode):
     runner = llm.decode_runner(use_graphs=False)
     k = runner.max_k
     runner.load([], None, [], bucket=BUCKET, pad=(0.0 if mode == "greedy" else 1.0, k))
-    runner.top_k[:BUCKET] = 5 if mode == "filtered" else 0  # exercise the filters for real
+    runner.inputs.top_k[:BUCKET] = 5 if mode == "filtered" else 0  # exercise the filters for real
     return runner._step(BUCKET, k, mode)
 
 

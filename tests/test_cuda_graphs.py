@@ -202,10 +202,10 @@ def test_graph_step_makes_no_host_sync(dirs):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, n_acc, _ = llm.engine.runner.run(seqs, llm.blocks, [K] * len(seqs), "sample")
+        result = llm.engine.runner.run(seqs, llm.blocks, [K] * len(seqs), "sample")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert out.shape == (len(seqs), K + 1) and bool((n_acc >= 0).all())
+    assert result.out.shape == (len(seqs), K + 1) and bool((result.n_accepted >= 0).all())
 
 
 @pytest.mark.gpu

@@ -425,12 +425,10 @@ def test_seeded_request_is_batch_invariant(ckpts, draft, max_num_seqs, num_block
     # hold the largest request (10 blocks) but not all nine, so sequences are preempted
     # and recomputed mid-generation
     llm = make_llm(ckpts, draft, k=3, max_num_seqs=max_num_seqs, num_blocks=num_blocks)
-    preempted = []
-    preempt = llm.engine._preempt
-    llm.engine._preempt = lambda seq: (preempted.append(seq.seq_id), preempt(seq))
     alone, together = _alone_and_together(llm)
     for i, (a, t) in enumerate(zip(alone, together)):
         assert t.token_ids == a.token_ids, f"request {i} changed inside the batch"
+    preempted = llm.engine.scheduler.num_preemptions
     assert bool(preempted) == (num_blocks is not None), preempted
     # the probe went through rejections and acceptances, not only one path
     probe = alone[4].metrics

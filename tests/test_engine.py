@@ -295,24 +295,27 @@ def test_block_size_one_and_odd(dirs, drafter):
 
 def _record_running(llm):
     """Wrap the scheduler to record how many sequences run in each step."""
-    seen, schedule = [], llm.engine._schedule
+    scheduler = llm.engine.scheduler
+    seen, schedule = [], scheduler.schedule
 
     def wrapped():
-        schedule()
-        seen.append(len(llm.engine.running))
+        seqs = schedule()
+        seen.append(len(seqs))
+        return seqs
 
-    llm.engine._schedule = wrapped
+    scheduler.schedule = wrapped
     return seen
 
 
 def _count_preemptions(llm):
-    calls, preempt = [], llm.engine._preempt
+    scheduler = llm.engine.scheduler
+    calls, preempt = [], scheduler.preempt
 
     def wrapped(seq):
         calls.append(seq.seq_id)
         preempt(seq)
 
-    llm.engine._preempt = wrapped
+    scheduler.preempt = wrapped
     return calls
 
 

@@ -276,7 +276,7 @@ def test_logits_rows_and_early_exit_layers(model):
 
 def test_tree_mask_sibling_branches(model):
     """Two sibling drafts after a prefix: each sees the prefix and itself, not the other."""
-    from specdec.models import ForwardBatch
+    from specdec.batch import ForwardBatch
 
     ops = get_backend("torch")
     cache = _nan_cache(model, num_blocks=8, block_size=4)

@@ -42,13 +42,14 @@ from stats import binomial_two_sided_p, chi_square_test
 from test_distribution import exact_joint, next_token_probs
 from test_engine import _draft_arg, _model, _poison, _prompts, _record_running, greedy_ref
 from specdec import LLM, SamplingParams
-from specdec.batch import build_tree_batch, prefill_tails
+from specdec.batch import build_tree_batch
 from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
 from specdec.kernels import get_backend, reference
 from specdec.kernels.philox import philox_uniform, sample_inverse_cdf
 from specdec.kernels.reference import MAX_TREE_NODES, TREE_ACCEPT_STREAM, TREE_SAMPLE_STREAM
 from specdec.kv_cache import BlockManager, KVCache, cdiv
 from specdec.models import load_model
+from specdec.runners.eager import prefill_tails
 from specdec.sequence import Sequence
 from specdec.tree import TreeShape, depths_of, tree_masks
 
@@ -415,11 +416,9 @@ def test_greedy_tree_under_preemption(dirs, drafter, shape):
     models = [path] + ([draft] if drafter in ("draft-model", "self") else [])
     llm = make_llm(path, draft, draft_tree=shape, block_size=bs, kv_cache_memory=_budget(models, bs, one + 2))
     assert llm.blocks.num_blocks == one + 2
-    preempted, preempt = [], llm.engine._preempt
-    llm.engine._preempt = lambda seq: (preempted.append(seq.seq_id), preempt(seq))
     outs = llm.generate(prompts, params)
     check_greedy(path, prompts, params, outs)
-    assert preempted, "the budget should force preemption"
+    assert llm.engine.scheduler.num_preemptions, "the budget should force preemption"
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
 
@@ -526,8 +525,6 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter, shape, temperature
     llm = make_llm(path, draft, draft_tree=shape, block_size=bs, kv_cache_memory=memory)
     moves, keep = [], llm.cache.keep_path
     llm.cache.keep_path = lambda src, dst: (moves.append((src != dst).sum().item()), keep(src, dst))
-    preempted, preempt = [], llm.engine._preempt
-    llm.engine._preempt = lambda seq: (preempted.append(seq.seq_id), preempt(seq))
     params = _params([20, 24, 16, 18, 22], temperature=temperature, ignore_eos=True, seed=3)
     seqs = llm._make_sequences(PROMPTS, params)
     for s in seqs:
@@ -544,7 +541,7 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter, shape, temperature
                 assert 0 < s.draft_len <= s.target_len
                 draft_snaps.append((i, s.draft_len, *_kv_at(llm.drafter.cache, llm.blocks, s.seq_id, s.draft_len)))
     assert sum(moves) > 0, "no accepted path left the first-child slots"
-    assert bool(preempted) == (num_blocks is not None)
+    assert bool(llm.engine.scheduler.num_preemptions) == (num_blocks is not None)
     m = [s.metrics for s in seqs]
     if drafter == "self":
         assert all(x.accepted_per_position == x.proposed_per_position for x in m)

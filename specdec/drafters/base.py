@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..batch import SamplingTensors
 from ..kernels._sampling_core import DraftDist
 from ..sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..runners.static import StaticBatch
 
 
 @dataclass
@@ -32,10 +36,24 @@ class DraftProposal:
 
 
 class Drafter:
-    """Base drafter: proposes nothing (plain decoding through the speculative engine)."""
+    """Base drafter: proposes nothing (plain decoding through the speculative engine).
+
+    The interface the runners call:
+
+    propose(seqs, limits, sampling, device)  the eager path's drafts (any shape)
+    commit(seq, a)                           after verification, before tokens append
+    keep_path(src, dst)                      mirror a tree step's K/V compaction
+    static_step, width, static_draft, drafted, static_ready, prepare_scratch
+                                             the fixed-shape decode step (specdec/cuda_graphs.py)
+    snapshot, restore, forget                draft-side state around failed steps and preemption
+
+    All draft-side per-sequence state (``Sequence.draft_len``) is written here only.
+    """
 
     name = "none"
+    speculates = False  # proposes draft tokens at all (the fixed-shape step then drafts k)
 
+    # ------------------------------------------------------------------ eager path
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
                 device) -> DraftProposal:
         """Propose at most ``limits[b]`` tokens after each sequence's last token."""
@@ -46,3 +64,41 @@ class Drafter:
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Mirror the target's keep-path move in a draft cache of the drafter's own."""
+
+    # ------------------------------------------------------------------ fixed-shape step
+    static_step = True  # has a fixed-shape decode step (chains of a fixed k)
+    width = 1  # W: tokens per sequence the first draft forward of a decode step takes
+
+    def static_draft(self, batch: StaticBatch, greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
+        """``batch.k`` drafts of every row on the static inputs, device work only (it is
+        captured into a CUDA graph) -> drafts [Bp, k] int64, q (Bp * k rows, row b * k + j)
+        or None when ``greedy`` (argmax drafts; greedy rows never read q)."""
+        raise NotImplementedError(f"the {self.name!r} drafter has no fixed-shape step")
+
+    def drafted(self, seqs: list[Sequence], k: int) -> None:
+        """Host record after a fixed-shape step that drafted ``k`` for ``seqs``."""
+
+    def static_ready(self, seq: Sequence) -> bool:
+        """Whether the drafter's side of ``seq`` is where a fixed-shape step expects it."""
+        return True
+
+    def prepare_scratch(self, block: int) -> None:
+        """Make the scratch block of a cache of its own finite (padding rows read it)."""
+
+    def own_forwards(self) -> list[tuple]:
+        """(model, cache, num_layers) of each forward the drafter runs on a cache of its
+        own, for warm-up to compile; empty when it runs none (or reads the target's)."""
+        return []
+
+    # ------------------------------------------------------------------ draft-side state
+    def snapshot(self, seqs: list[Sequence]) -> list[int]:
+        """The draft-side state of ``seqs``, to ``restore`` after a failed step."""
+        return [s.draft_len for s in seqs]
+
+    def restore(self, seqs: list[Sequence], saved: list[int]) -> None:
+        for seq, draft_len in zip(seqs, saved):
+            seq.draft_len = draft_len
+
+    def forget(self, seq: Sequence) -> None:
+        """Nothing of ``seq`` is cached on the draft side any more (preemption)."""
+        seq.draft_len = 0

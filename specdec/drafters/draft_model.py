@@ -19,21 +19,32 @@ the target's committed length and the verify pass overwrites what it wrote.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
+from ..batch import ForwardBatch, SamplingTensors, build_forward_batch, build_tree_batch
 from ..kernels._sampling_core import INT32_MIN, DraftDist
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
+from ..runners.eager import prefill_tails
 from ..sequence import Sequence
 from ..tree import TreeShape
-from .base import DraftProposal, Drafter
+from .base import Drafter, DraftProposal
+
+if TYPE_CHECKING:
+    from ..runners.static import StaticBatch
 
 # Philox stream of the draft token at position j (0-based): DRAFT_STREAM + j.
 DRAFT_STREAM = 16
 
 
 class ModelDrafter(Drafter):
+    """Drafts with ``model`` (its first ``num_layers`` layers) on ``cache``: chains, or
+    trees of shape ``tree``; ``shares_target_cache`` for early exit."""
+
+    speculates = True
+
     def __init__(self, model: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  num_layers: int | None = None, shares_target_cache: bool = False,
                  name: str = "model", tree: TreeShape | None = None):
@@ -61,23 +72,72 @@ class ModelDrafter(Drafter):
         tails = [s.tokens[st:] for s, st in zip(seqs, starts)]
         tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
         lengths = [len(t) for t in tails]
-        drafts, dists = [], []
-        for j in range(k):
-            batch = build_forward_batch(self.blocks, ids, starts, lengths, [1] * len(seqs), tokens, device)
-            logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)  # [B, V]
-            tokens, q = self.sample(logits, sampling, j)
-            drafts.append(tokens)
-            dists.append(q)
-            starts = [st + n for st, n in zip(starts, lengths)]
-            lengths = [1] * len(seqs)
+        first = build_forward_batch(self.blocks, ids, starts, lengths, [1] * len(seqs), tokens, device)
+        after = [st + n for st, n in zip(starts, lengths)]  # draft j sits at position after[b] + j
+
+        def next_batch(j: int, drafted: torch.Tensor) -> ForwardBatch:
+            return build_forward_batch(self.blocks, ids, [a + j for a in after], [1] * len(seqs),
+                                       [1] * len(seqs), drafted, device)
+
+        drafts, all_q = self.draft_chain(first, next_batch, k, sampling, greedy=False)  # [B, k], B * k rows
         # keep the first n_b drafts of sequence b: a gather with a host-built index
         keep = torch.tensor([b * k + j for b, n in enumerate(limits) for j in range(n)],
                             dtype=torch.int64, device=device)
-        all_tokens = torch.stack(drafts, dim=1).reshape(-1)  # [B * k]
-        all_q = DraftDist.interleave(dists)  # B * k rows, row b * k + j
-        for s in seqs:
-            s.draft_len = len(s.tokens) + k - 1  # the draft cache now holds d_1..d_{k-1}
-        return DraftProposal(all_tokens[keep], all_q.index_select(keep), list(limits))
+        self.drafted(seqs, k)
+        return DraftProposal(drafts.reshape(-1)[keep], all_q.index_select(keep), list(limits))
+
+    def draft_chain(self, batch: ForwardBatch, next_batch, k: int, sampling: SamplingTensors,
+                    greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
+        """The k draft forwards of a chain, on the eager path and in the fixed-shape step.
+
+        batch: the first forward (each sequence's unseen tokens, logits of its last one);
+        next_batch(j, tokens [B]) -> the forward that feeds draft j.
+        Returns drafts [B, k] int64 and q (B * k rows, row b * k + j), None when ``greedy``
+        (argmax drafts: greedy rows never read q in the rejection sampler).
+        """
+        drafts, dists = [], []
+        for j in range(k):
+            logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)  # [B, V]
+            if greedy:
+                tokens, q = logits.argmax(-1), None
+            else:
+                tokens, q = self.sample(logits, sampling, j)
+            drafts.append(tokens)
+            dists.append(q)
+            if j + 1 < k:
+                batch = next_batch(j, tokens)
+        return torch.stack(drafts, dim=1), None if greedy else DraftDist.interleave(dists)
+
+    # ------------------------------------------------------------------ fixed-shape step
+    @property
+    def static_step(self) -> bool:
+        return self.tree is None
+
+    @property
+    def width(self) -> int:
+        # a separate model's cache lags one token after a step that accepted every draft,
+        # so its first forward takes the last two tokens (re-writing one entry it may hold)
+        return 1 if self.shares_target_cache else 2
+
+    def static_draft(self, batch: StaticBatch, greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
+        return self.draft_chain(batch.first_draft(), batch.next_draft, batch.k, batch.sampling, greedy)
+
+    def drafted(self, seqs: list[Sequence], k: int) -> None:
+        if k > 0:
+            for s in seqs:
+                s.draft_len = len(s.tokens) + k - 1  # the draft cache now holds d_1..d_{k-1}
+
+    def static_ready(self, seq: Sequence) -> bool:
+        # after plain steps a separate draft cache lags further than one token
+        return self.shares_target_cache or seq.draft_len >= len(seq.tokens) - 2
+
+    def prepare_scratch(self, block: int) -> None:
+        if not self.shares_target_cache:
+            self.cache.k[:, block].zero_()
+            self.cache.v[:, block].zero_()
+
+    def own_forwards(self) -> list[tuple]:
+        return [] if self.shares_target_cache else [(self.model, self.cache, self.num_layers)]
 
     def sample(self, logits: torch.Tensor, sampling: SamplingTensors, j: int) -> tuple[torch.Tensor, DraftDist]:
         """Draw draft token ``j`` of every sequence from the draft's processed distribution.

@@ -85,6 +85,8 @@ class NgramDrafter(Drafter):
     """No model: the draft is a point mass on what followed the matched n-gram."""
 
     name = "ngram"
+    speculates = True
+    static_step = False  # drafts come from the host, one list per sequence
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, tree: TreeShape | None = None):
         if not 1 <= min_ngram <= max_ngram:

@@ -23,7 +23,7 @@ do residual-add + RMSNorm, RoPE on q and k, and SiLU-times-up in one launch each
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,34 +31,8 @@ from torch import nn
 
 from .config import ModelConfig
 
-
-@dataclass
-class ForwardBatch:
-    """A ragged batch of new tokens for ``forward_cached``; every tensor on the model's device.
-
-    tokens:        [T] int64   new tokens of all sequences, concatenated
-    positions:     [T] int64   absolute position of each token (RoPE)
-    slot_mapping:  [T] int64   cache slot each token's K/V is written to
-    block_table:   [B, max_blocks] int32
-    seq_lens:      [B] int32   cached tokens per sequence including the new ones
-    q_start:       [B + 1] int32  cumulative count of new tokens
-    tree_mask:     [T] int64 ancestor bits, or None for causal order among new tokens
-    logits_rows:   [R] int64   rows of ``tokens`` whose logits are wanted (None = all)
-    max_query_len: host int, max new tokens of one sequence (kernel grid size)
-    max_seq_len:   host int or None, an upper bound of seq_lens; lets attention split a
-                   long KV range over more programs (a hint: results do not depend on it)
-    """
-
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    block_table: torch.Tensor
-    seq_lens: torch.Tensor
-    q_start: torch.Tensor
-    tree_mask: torch.Tensor | None
-    logits_rows: torch.Tensor | None
-    max_query_len: int
-    max_seq_len: int | None = None
+if TYPE_CHECKING:
+    from ..batch import ForwardBatch
 
 
 class RMSNorm(nn.Module):
