@@ -70,7 +70,7 @@ def _sampler_warm_up(engine, modes: tuple[str, ...], trees: bool, batch_sizes: l
     dev, ops = engine.device, engine.ops
     V = engine.target.config.vocab_size
     dtype = engine.target.lm_head.weight.dtype
-    with_q = isinstance(engine.drafter, ModelDrafter)
+    with_q = engine.drafter.samples_q
     launches = 0
     for B in sorted({triton.next_power_of_2(max(b, 1)) for b in batch_sizes} or {1}):
         for mode in modes:

@@ -52,6 +52,7 @@ class Drafter:
 
     name = "none"
     speculates = False  # proposes draft tokens at all (the fixed-shape step then drafts k)
+    samples_q = False  # sampled drafts come with the distribution q they were drawn from
 
     # ------------------------------------------------------------------ eager path
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,

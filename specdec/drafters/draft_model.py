@@ -44,6 +44,7 @@ class ModelDrafter(Drafter):
     trees of shape ``tree``; ``shares_target_cache`` for early exit."""
 
     speculates = True
+    samples_q = True
 
     def __init__(self, model: LlamaForCausalLM, cache: KVCache, blocks: BlockManager, ops,
                  num_layers: int | None = None, shares_target_cache: bool = False,
