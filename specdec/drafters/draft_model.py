@@ -23,14 +23,12 @@ import torch
 
 from ..batch import SamplingTensors, build_forward_batch, build_tree_batch, prefill_tails
 from ..kernels._sampling_core import INT32_MIN, DraftDist
+from ..kernels.philox import DRAFT_STREAM  # the draft token at position j uses DRAFT_STREAM + j
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
 from ..sequence import Sequence
 from ..tree import TreeShape
 from .base import DraftProposal, Drafter
-
-# Philox stream of the draft token at position j (0-based): DRAFT_STREAM + j.
-DRAFT_STREAM = 16
 
 
 class ModelDrafter(Drafter):

@@ -42,7 +42,7 @@ from ._sampling_core import (
     row_statistics,
 )
 from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM
-from .reference import _check_draft_layout, _check_rejection_args, _raise_if_flagged
+from ._sampling_validation import check_draft_layout, check_rejection_args, raise_if_flagged
 
 __all__ = ["rejection_sample"]
 
@@ -232,13 +232,13 @@ def rejection_sample(
         ...                  torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
-    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
+    batch, vocab = check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
                                          max_num_draft, temperature, top_k, top_p, seeds, offsets,
                                          num_draft)
     if chunk is not None and (chunk < 64 or chunk & (chunk - 1)):
         raise ValueError(f"chunk must be a power of two >= 64, got {chunk}")
     if check_finite:
-        _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
+        check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
     dev = target_logits.device
     out = torch.empty((batch, max_num_draft + 1), dtype=torch.int64, device=dev)
     n_acc = torch.empty((batch,), dtype=torch.int32, device=dev)
@@ -282,5 +282,5 @@ def rejection_sample(
         BLOCK_C=triton.next_power_of_2(stats.n_chunks), num_warps=warps,
     )
     if check_finite:
-        _raise_if_flagged(n_acc)
+        raise_if_flagged(n_acc)
     return out, n_acc

@@ -69,14 +69,9 @@ from ._sampling_core import (
     radix_start,
     row_inv_t,
 )
-from .reference import (
-    MAX_TREE_NODES,
-    TREE_ACCEPT_STREAM,
-    TREE_SAMPLE_STREAM,
-    _check_tree_args,
-    _check_tree_layout,
-    _raise_if_flagged,
-)
+from ..tree import MAX_TREE_NODES
+from ._sampling_validation import check_tree_args, check_tree_layout, raise_if_flagged
+from .philox import TREE_ACCEPT_STREAM, TREE_SAMPLE_STREAM
 
 __all__ = ["tree_rejection_sample", "CHUNK", "CANDIDATES"]
 
@@ -656,13 +651,13 @@ def tree_rejection_sample(
         ...                       torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32), tensor([[1]], dtype=torch.int32))
     """
-    batch, vocab = _check_tree_args(target_logits, draft_token_ids, parents, q,
+    batch, vocab = check_tree_args(target_logits, draft_token_ids, parents, q,
                                     cu_num_nodes, max_depth, temperature, top_k, top_p,
                                     seeds, offsets)
     if not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk!r}")
     if check_finite:
-        _check_tree_layout(cu_num_nodes, draft_token_ids, parents, max_depth, vocab)
+        check_tree_layout(cu_num_nodes, draft_token_ids, parents, max_depth, vocab)
     dev = target_logits.device
     out = torch.empty((batch, max_depth + 1), dtype=torch.int64, device=dev)
     n_acc = torch.empty((batch,), dtype=torch.int32, device=dev)
@@ -729,5 +724,5 @@ def tree_rejection_sample(
         num_warps=4, num_stages=1, maxnreg=255,
     )
     if check_finite:
-        _raise_if_flagged(n_acc)
+        raise_if_flagged(n_acc)
     return out, n_acc, path[:, :max_depth]

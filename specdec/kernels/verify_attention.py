@@ -47,22 +47,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tree import MAX_TREE_NODES
 from ._validation import (
     check_host_int,
     check_index,
     check_kv_cache,
+    check_window_args,
     require,
     require_same_device,
     require_tensor,
     require_unit_stride,
     shape_of,
 )
-from .reference import _check_window_args
 
 __all__ = ["verify_attention"]
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * _LOG2E)
-_MAX_TREE_NODES = 64  # one int64 ancestor bitmask per query
 _MAX_HEAD_DIM = 256
 
 
@@ -572,7 +572,7 @@ def verify_attention(
         torch.Size([3, 4, 64])
     """
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale)
-    _check_window_args(sliding_window, softcap)
+    check_window_args(sliding_window, softcap)
     check_host_int("max_query_len", max_query_len)
     check_host_int("max_seq_len", max_seq_len)
     T, H, D = q.shape
@@ -580,8 +580,8 @@ def verify_attention(
     if max_query_len is None:  # the one device read; pass max_query_len to avoid it
         max_query_len = int((q_start[1:] - q_start[:-1]).max()) if B > 0 else 0
     max_query_len = min(max_query_len, T)
-    if tree_mask is not None and max_query_len > _MAX_TREE_NODES:
-        raise ValueError(f"tree_mask holds {_MAX_TREE_NODES} nodes per sequence, but "
+    if tree_mask is not None and max_query_len > MAX_TREE_NODES:
+        raise ValueError(f"tree_mask holds {MAX_TREE_NODES} nodes per sequence, but "
                          f"max_query_len is {max_query_len}; pass tree_mask=None for a chain")
     require(T == 0 or (B > 0 and max_query_len > 0),
             f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
@@ -689,7 +689,7 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scr
     masks = [None] + ([torch.ones(1, dtype=torch.int64, device=device)] if trees else [])
     launches = 0
     for window, softcap in kinds:
-        _check_window_args(window, softcap)
+        check_window_args(window, softcap)
     for window, softcap in kinds:
         for cfg in tiles:
             for splits in (1, 2):
