@@ -1,6 +1,19 @@
 """Sampling in PyTorch: the processed distribution of a row (temperature, top-k, top-p),
 the draft sampler and chain rejection sampling. The oracle of ``draft_sampling.py`` and
-``rejection_sampling.py`` and the CPU backend's samplers."""
+``rejection_sampling.py`` and the CPU backend's samplers.
+
+Chain rejection sampling (Leviathan et al. 2023, Chen et al. 2023), with p_i =
+``sampling_probs`` of target row i and q_i the draft distribution of draft i (0-based):
+  - greedy: accept while x_i == argmax(row i) (first argmax of the raw logits), then
+    emit the argmax of the next row;
+  - otherwise accept x_i iff ``u_i * q_i(x_i) < p_i(x_i)``, u_i = Philox stream 0,
+    draw i; a point-mass drafter has q_i(x_i) = 1. On the first rejection emit a
+    sample of the residual max(p_i - q_i, 0) (point mass: p_i with x_i removed),
+    renormalised, or of p_i when the residual sums to 0; if all n_b drafts are
+    accepted, emit a sample of p_{n_b} (the bonus token). The emitted sample uses
+    inverse CDF (``sample_inverse_cdf``) with Philox stream 1, draw = its row index.
+Why the emitted token has the target's law: docs/proofs.md.
+"""
 
 from __future__ import annotations
 
@@ -173,6 +186,12 @@ def draft_sample(
 
 
 
+def bad_rows(raw: torch.Tensor) -> torch.Tensor:
+    """[N, V] float32 -> [N] bool: NaN or +inf anywhere, or every entry -inf (a lone -inf is
+    a legal masked token)."""
+    return raw.isnan().any(-1) | raw.isposinf().any(-1) | raw.isneginf().all(-1)
+
+
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_token_ids: torch.Tensor,
@@ -190,50 +209,28 @@ def rejection_sample(
     filtered: bool | None = None,
     radix_rounds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative rejection sampling of chain drafts for a ragged batch.
+    """Speculative rejection sampling of chain drafts for a ragged batch (the rule is in
+    the module docstring).
 
-    target_logits:   [sum_b (n_b + 1), V] float32/float16/bfloat16. Sequence b owns rows
-                     cu_num_draft[b] + b .. cu_num_draft[b + 1] + b: the row of its last
-                     committed token (scores draft 1), then one row per draft token (the
-                     last one scores the bonus token).
-    draft_token_ids: [sum_b n_b] int64
-    q:               DraftDist of sum_b n_b rows, the distribution each draft was sampled
-                     from (``_sampling_core.DraftDist``), or None for a point-mass
-                     drafter (n-gram)
-    cu_num_draft:    [B + 1] int32 cumulative draft counts; n_b may be 0
-    max_num_draft:   host int, k_max >= max_b n_b
-    temperature:     [B] float32, <= 0 means greedy
-    top_k:           [B] int32, <= 0 (or >= V) disables
-    top_p:           [B] float32 in (0, 1], 1 disables
-    seeds, offsets:  [B] int64, the Philox key and counter of each sequence
-    check_finite:    raise ValueError on bad values (costs host copies, see below)
-    num_draft:       [B] int32 or None (keyword). Test only the first min(n_b, num_draft[b])
-                     drafts of sequence b, its rows and drafts still laid out by
-                     cu_num_draft: a fixed-shape step drafts k for every sequence and caps
-                     those near their token limit
-    filtered:        host hint (keyword): False promises no top-k / top-p (skips the
-                     sorts); radix_rounds: the kernel's hint, ignored here
-    returns:         out_tokens [B, k_max + 1] int64 padded with -1, n_accepted [B] int32
+    target_logits:   [sum_b (n_b + 1), V] float32/float16/bfloat16; sequence b owns rows
+                     cu_num_draft[b] + b .. cu_num_draft[b + 1] + b (its last committed
+                     token's row scores draft 1, the last row scores the bonus token)
+    draft_token_ids: [sum_b n_b] int64; q: DraftDist of sum_b n_b rows, the distribution
+                     each draft was sampled from, or None for a point-mass drafter (n-gram)
+    cu_num_draft:    [B + 1] int32 cumulative draft counts (n_b may be 0);
+                     max_num_draft: host int, k_max >= max_b n_b
+    temperature, top_k, top_p: [B] float32 (<= 0: greedy), int32 (<= 0 or >= V: off),
+                     float32 in (0, 1] (1: off); seeds, offsets: [B] int64 Philox key, counter
+    num_draft:       [B] int32 or None: test only the first min(n_b, num_draft[b]) drafts,
+                     rows still laid out by cu_num_draft (a fixed-shape step caps sequences
+                     near their token limit); filtered: host hint, False promises no top-k
+                     / top-p (skips the sorts); radix_rounds: the kernel's hint, ignored here
+    returns:         out_tokens [B, k_max + 1] int64 (accepted drafts, the emitted token,
+                     then -1), n_accepted [B] int32 (n_accepted + 1 tokens are valid)
 
-    The rule (Leviathan et al. 2023, Chen et al. 2023), with p_i = ``sampling_probs`` of
-    row i and q_i the draft distribution of draft i (0-based):
-      - greedy: accept while x_i == argmax(row i) (first argmax of the raw logits), then
-        emit the argmax of the next row;
-      - otherwise accept x_i iff ``u_i * q_i(x_i) < p_i(x_i)``, u_i = Philox stream 0,
-        draw i; a point-mass drafter has q_i(x_i) = 1. On the first rejection emit a
-        sample of the residual max(p_i - q_i, 0) (point mass: p_i with x_i removed),
-        renormalised, or of p_i when the residual sums to 0; if all n_b drafts are
-        accepted, emit a sample of p_{n_b} (the bonus token). The emitted sample uses
-        inverse CDF (``sample_inverse_cdf``) with Philox stream 1, draw = its row index.
-    out_tokens[b] = accepted drafts, the emitted token, then -1; n_accepted[b] counts the
-    accepted drafts, so n_accepted[b] + 1 tokens are valid.
-
-    Bad values: NaN or +inf anywhere in a sequence's rows, or one of its rows all -inf
-    (a lone -inf is a legal masked token), draft ids outside [0, V), or draft counts out
-    of [0, max_num_draft]. With check_finite=True they raise ValueError naming the
-    sequences (host copies of cu_num_draft, the draft ids and n_accepted); with
-    check_finite=False nothing is copied to the host and such a sequence returns
-    n_accepted = -1 and an all -1 row.
+    Bad values (NaN / +inf in a sequence's rows or a row all -inf, draft ids outside [0, V),
+    draft counts outside [0, max_num_draft]): check_finite=True raises ValueError naming the
+    sequences (host copies); False flags them with n_accepted = -1 and an all -1 row.
 
     Example::
 
@@ -245,14 +242,25 @@ def rejection_sample(
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
     batch, vocab = check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
-                                         max_num_draft, temperature, top_k, top_p, seeds, offsets,
-                                         num_draft)
+                                        max_num_draft, temperature, top_k, top_p, seeds, offsets,
+                                        num_draft)
     if check_finite:
         check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
-    dev = target_logits.device
-    k_max = max_num_draft
-    n_draft = draft_token_ids.shape[0]
-    # -- ragged layout -> a [B, k_max + 1] grid; a sequence with a bad layout gets n_b = 0 --
+    grid = _chain_grid(target_logits, draft_token_ids, cu_num_draft, max_num_draft, num_draft)
+    out, n_accepted = _chain_verify(grid, target_logits, draft_token_ids.shape[0], q, max_num_draft,
+                                    temperature, top_k, top_p, seeds, offsets, filtered)
+    if check_finite:
+        raise_if_flagged(n_accepted)
+    return out, n_accepted
+
+
+def _chain_grid(target_logits, draft_token_ids, cu_num_draft, k_max: int, num_draft):
+    """Ragged layout -> a [B, k_max + 1] grid; a sequence with a bad layout gets n_b = 0.
+
+    returns (start [B] first draft, n [B] drafts tested, rows [B, K+1] target rows,
+    drafts [B, K] draft indices, ids [B, K] draft tokens, bad [B] bad layout)
+    """
+    dev, n_draft = target_logits.device, draft_token_ids.shape[0]
     start, end = cu_num_draft[:-1].long(), cu_num_draft[1:].long()  # [B]
     n = end - start
     layout_ok = (start >= 0) & (n >= 0) & (n <= k_max) & (end <= n_draft)
@@ -260,20 +268,28 @@ def rejection_sample(
     start = torch.where(layout_ok, start, 0)
     if num_draft is not None:  # test fewer drafts than the slice holds
         n = torch.minimum(n, num_draft.long().clamp(min=0))
-    b_idx = torch.arange(batch, device=dev)
     pos = torch.arange(k_max + 1, device=dev)  # [K+1]
-    row_ok = pos[None, :] <= n[:, None]  # [B, K+1]
-    draft_ok = pos[None, :k_max] < n[:, None]  # [B, K]
-    rows = (start + b_idx)[:, None] + pos[None, :]  # [B, K+1]
+    rows = (start + torch.arange(start.shape[0], device=dev))[:, None] + pos[None, :]  # [B, K+1]
     rows = rows.clamp(max=target_logits.shape[0] - 1)
     drafts = (start[:, None] + pos[None, :k_max]).clamp(max=max(n_draft - 1, 0))  # [B, K]
     ids = draft_token_ids[drafts] if n_draft else torch.zeros_like(drafts)  # [B, K]
+    return start, n, rows, drafts, ids, ~layout_ok
+
+
+def _chain_verify(grid, target_logits, n_draft: int, q, k_max: int, temperature, top_k, top_p,
+                  seeds, offsets, filtered):
+    """The ratio test along each chain and the emitted token (see the module docstring)."""
+    start, n, rows, drafts, ids, bad = grid
+    batch, vocab = rows.shape[0], target_logits.shape[1]
+    dev = target_logits.device
+    b_idx = torch.arange(batch, device=dev)
+    pos = torch.arange(k_max + 1, device=dev)  # [K+1]
+    draft_ok = pos[None, :k_max] < n[:, None]  # [B, K]
     # -- bad sequences: non-finite rows, draft ids outside the vocabulary, bad layout --
     raw = target_logits[rows.flatten()].float()  # [B*(K+1), V]
-    row_bad = raw.isnan().any(-1) | raw.isposinf().any(-1) | raw.isneginf().all(-1)
     id_bad = (ids < 0) | (ids >= vocab)
-    bad = (row_bad.view(batch, k_max + 1) & row_ok).any(1) | (id_bad & draft_ok).any(1)
-    bad |= ~layout_ok
+    bad = bad | (bad_rows(raw).view(batch, k_max + 1) & (pos[None, :] <= n[:, None])).any(1)
+    bad |= (id_bad & draft_ok).any(1)
     ids = ids.clamp(0, vocab - 1)
     # -- target distributions of every row: [B, K+1, V] --
     rep = k_max + 1  # per-row copies of the per-sequence parameters
@@ -285,40 +301,39 @@ def rejection_sample(
     draws = dev.type != "cpu" or not bool(greedy.all())
     # -- ratio test: accept x_i iff u_i * q_i(x_i) < p_i(x_i); a point mass has q_i(x_i) = 1 --
     p_at = probs[:, :k_max].gather(2, ids[..., None])[..., 0]  # [B, K]
-    q_at = torch.ones_like(p_at)
     draft_probs = draft_dist_probs(q) if q is not None and n_draft else None  # [sum n_b, V]
-    if draft_probs is not None:
-        q_at = draft_probs[drafts, ids]  # [B, K]
+    q_at = draft_probs[drafts, ids] if draft_probs is not None else torch.ones_like(p_at)  # [B, K]
     u_accept = (philox_uniform(seeds, offsets, k_max, SAMPLER_ACCEPT_STREAM) if draws
                 else torch.zeros_like(p_at))  # [B, K]
     accept = torch.where(greedy[:, None], ids == argmax[:, :k_max], u_accept * q_at < p_at)
-    accept &= draft_ok
-    n_acc = torch.cumprod(accept.long(), dim=1).sum(1)  # [B] length of the accepted prefix
+    n_acc = torch.cumprod((accept & draft_ok).long(), dim=1).sum(1)  # [B] accepted prefix
     # -- the emitted token: a residual sample after a rejection, else the bonus token --
-    p_s = probs[b_idx, n_acc]  # [B, V] the row the token is drawn from
-    dist = p_s
-    if k_max and n_draft:
-        at = n_acc.clamp(max=k_max - 1)  # the rejected position, where n_acc < n
-        if draft_probs is None:  # point-mass drafts
-            residual = p_s.scatter(1, ids.gather(1, at[:, None]), 0.0)  # p without x
-        else:
-            q_s = draft_probs[(start + at).clamp(max=n_draft - 1)]  # [B, V]
-            residual = (p_s - q_s).clamp(min=0.0)  # max(p - q, 0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_s)
-        dist = torch.where((n_acc < n)[:, None], residual, p_s)
+    dist = _emit_dist(probs[b_idx, n_acc], draft_probs, ids, start, n, n_acc, k_max, n_draft)
+    token = argmax[b_idx, n_acc]
     if draws:
         u_sample = philox_uniform(seeds, offsets, k_max + 1, SAMPLER_SAMPLE_STREAM)  # [B, K+1]
         sampled = sample_inverse_cdf(dist, u_sample.gather(1, n_acc[:, None])[:, 0])
-        token = torch.where(greedy, argmax[b_idx, n_acc], sampled)  # [B]
-    else:
-        token = argmax[b_idx, n_acc]
+        token = torch.where(greedy, token, sampled)  # [B]
     # -- assemble: accepted drafts, the emitted token, -1 padding --
     out = torch.full((batch, k_max + 1), -1, dtype=torch.int64, device=dev)
     out[:, :k_max] = torch.where(pos[None, :k_max] < n_acc[:, None], ids, -1)
     out[b_idx, n_acc] = token
-    out = torch.where(bad[:, None], -1, out)
-    n_accepted = torch.where(bad, -1, n_acc).to(torch.int32)
-    if check_finite:
-        raise_if_flagged(n_accepted)
-    return out, n_accepted
+    return torch.where(bad[:, None], -1, out), torch.where(bad, -1, n_acc).to(torch.int32)
 
+
+def _emit_dist(p_s, draft_probs, ids, start, n, n_acc, k_max: int, n_draft: int) -> torch.Tensor:
+    """[B, V] the distribution of the emitted token: the residual max(p - q, 0) after a
+    rejection (point mass: p without x; p where the residual sums to 0), else p (bonus).
+
+    p_s: [B, V] target row n_acc; draft_probs: [sum n_b, V] or None; ids: [B, K]
+    """
+    if not (k_max and n_draft):
+        return p_s
+    at = n_acc.clamp(max=k_max - 1)  # the rejected position, where n_acc < n
+    if draft_probs is None:  # point-mass drafts
+        residual = p_s.scatter(1, ids.gather(1, at[:, None]), 0.0)  # p without x
+    else:
+        q_s = draft_probs[(start + at).clamp(max=n_draft - 1)]  # [B, V]
+        residual = (p_s - q_s).clamp(min=0.0)  # max(p - q, 0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_s)
+    return torch.where((n_acc < n)[:, None], residual, p_s)
