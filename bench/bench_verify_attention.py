@@ -40,6 +40,7 @@ from specdec.kernels.kv_cache_ops import move_kv, write_kv
 
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
+policy = importlib.import_module("specdec.kernels._attention_policy")
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -289,13 +290,13 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
 
     # -- tile configs for the headline case (the heuristic's pick is marked) --
     args = kernel_args(head)
-    picked = va._pick_config(B, H_kv, H // H_kv, D, head_tree, head_prefix + head_tree,
+    picked = policy.pick_config(B, H_kv, H // H_kv, D, head_tree, head_prefix + head_tree,
                              shape["dtype"], head["q"].device)
     nbytes, _ = traffic(head)
     print(f"\nheadline tile configs (picked: {picked})\n\n| block_m | block_n | warps | stages "
           "| splits | µs | GB/s |\n|---|---|---|---|---|---|---|")
     for bm, bn, w, st, sp in configs:
-        cfg = va._Config(bm, bn, w, st, sp)
+        cfg = policy.Config(bm, bn, w, st, sp)
         try:
             us = _time_us(lambda: va._launch_attention(**args, max_query_len=head_tree, cfg=cfg))
             print(f"| {bm} | {bn} | {w} | {st} | {sp} | {us:.1f} | {nbytes / us / 1e3:.0f} |")
@@ -377,11 +378,11 @@ def run_budget_table(shape: dict | None = None, prefix: int = 4096, tree: int = 
         max_len = prefix + n
         kv_bytes = int(inp["seq_lens"].sum()) * H_kv * D * 2 * inp["q"].element_size()
         budget = HEADLINE_GOAL_US if name == "tree" else DECODE_FLOOR_FACTOR * kv_bytes / hbm * 1e6
-        policy = va._pick_config(inp["block_table"].shape[0], H_kv, H // H_kv, D, n, max_len,
-                                 shape["dtype"], inp["q"].device)
-        old = va._Config(64 if name == "tree" else 16, 64, 4, 3, 1)  # queries split, no KV split
-        for label, cfg in (("policy", policy), ("previous", old)):
-            with va._forcing(cfg):
+        picked = policy.pick_config(inp["block_table"].shape[0], H_kv, H // H_kv, D, n, max_len,
+                                   shape["dtype"], inp["q"].device)
+        old = policy.Config(64 if name == "tree" else 16, 64, 4, 3, 1)  # queries split, no KV split
+        for label, cfg in (("policy", picked), ("previous", old)):
+            with policy.forcing(cfg):
                 _check_against_reference(inp, max_query_len=n, max_seq_len=max_len)
                 us = _kernel_us(lambda: va.verify_attention(**args, max_query_len=n, max_seq_len=max_len))
             verdict = ("ok" if us <= budget else "OVER") if label == "policy" else "reference"

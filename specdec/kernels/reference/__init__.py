@@ -27,7 +27,7 @@ of sequence ``b`` are its new tokens (a chain, or the nodes of a draft tree in o
 from ...tree import MAX_TREE_NODES
 from .._sampling_core import DraftDist
 from ..philox import TREE_ACCEPT_STREAM, TREE_SAMPLE_STREAM
-from .attention import _slots_of, verify_attention
+from .attention import _slots_of, verify_attention  # noqa: F401  (_slots_of: the tests build slots with it)
 from .fused_ops import add_rms_norm, rotary, silu_mul
 from .kv_ops import move_kv, write_kv
 from .sampling import draft_dist, draft_dist_probs, draft_sample, rejection_sample, sampling_probs
