@@ -7,7 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._sampling_core import INT32_MIN, key, kth_largest, radix_start, row_inv_t
+from ._radix import radix_start
+from ._sampling_core import INT32_MIN, key, kth_largest, row_inv_t
 
 _INT32_MIN = tl.constexpr(INT32_MIN)
 _INT32_MAX = tl.constexpr(2147483647)

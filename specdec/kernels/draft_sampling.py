@@ -27,8 +27,8 @@ from ._sampling_core import (
     p_weights,
     pick_chunk,
     radix_rounds_needed,
-    row_statistics,
 )
+from ._row_stats import row_statistics
 from ._validation import require, require_tensor
 from .philox import MAX_DRAWS, MAX_STREAM
 from ._sampling_validation import LOGIT_DTYPES, check_tensors, per_sequence

@@ -18,7 +18,7 @@ and ``_tree_walk_kernel.py`` (launch 3); this file holds the launcher.
    alone whenever the nucleus lies within those entries. It stores the entries per row.
    Rows the entries cannot settle (top_k > 64, or top-p alone with a wider nucleus) get
    their exact thr and kept mass from the radix select shared with the chain sampler
-   (``_sampling_core.radix_select``: per round an 8-bit digit histogram of the key over
+   (``_radix.radix_select``: per round an 8-bit digit histogram of the key over
    (rows x chunks) and a per-row step; <= 4 rounds, 8 for top_k > 64 then top-p, as the
    host hint ``radix_rounds`` says); the walk treats them as dense rows. No bisection.
 3. ``_tree_walk_kernel``, grid (B,): one program per sequence walks its tree, one level at
@@ -63,7 +63,8 @@ import torch
 import triton
 
 from ..tree import MAX_TREE_NODES
-from ._sampling_core import DraftDist, radix_rounds_needed, radix_select
+from ._radix import radix_select
+from ._sampling_core import DraftDist, radix_rounds_needed
 from ._sampling_validation import check_tree_args, check_tree_layout, raise_if_flagged
 from ._tree_row_kernels import _tree_partials_kernel, _tree_rows_kernel
 from ._tree_walk_kernel import _tree_walk_kernel
