@@ -22,7 +22,7 @@ Bandwidth counts each byte the op must move once:
 and FLOPs the visible (query, key) pairs: 4 * D * H * sum_t visible_keys(t) (QK^T and PV).
 
 The KV copies (``test_kv_copy``) time specdec.kernels.kv_cache_ops.write_kv and move_kv,
-torch path vs Triton path.
+the torch backend's (the reference) vs the Triton backend's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from specdec.kernels import reference as ref
 from specdec.kernels.kv_cache_ops import move_kv, write_kv
+
+KV_IMPLS = {"torch": (ref.write_kv, ref.move_kv), "triton": (write_kv, move_kv)}  # per backend
 
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
@@ -206,12 +208,12 @@ def test_kv_copy(benchmark, op, impl):
     slots = torch.randperm(num_slots, device=DEVICE)[:T]
     if op == "write_kv":
         k = torch.randn(T, h_kv, d, dtype=dtype, device=DEVICE)
-        rows, fn = T, lambda: write_kv(k, k, k_cache, v_cache, slots, impl=impl)
+        rows, fn = T, lambda: KV_IMPLS[impl][0](k, k, k_cache, v_cache, slots)
     else:  # compaction: every sequence moves ~1/8 of its tree down by a few slots
         rows = T // 8
         src = torch.sort(slots[:rows]).values
         dst = (src - 3).clamp(min=0)
-        fn = lambda: move_kv(k_cache, v_cache, src, dst, impl=impl)  # noqa: E731
+        fn = lambda: KV_IMPLS[impl][1](k_cache, v_cache, src, dst)  # noqa: E731
 
     def timed():
         fn()
@@ -311,12 +313,12 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
     for rows in kv_rows:
         slots = torch.randperm(nb * PAGE, device=DEVICE)[:rows]
         k = torch.randn(rows, H_kv, D, device=DEVICE).to(shape["dtype"])
-        t = [_time_us(lambda: write_kv(k, k, k_cache, v_cache, slots, impl=i))
+        t = [_time_us(lambda: KV_IMPLS[i][0](k, k, k_cache, v_cache, slots))
              for i in ("torch", "triton")]
         print(f"| write_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
         src = torch.sort(slots).values
         dst = (src - 3).clamp(min=0)
-        t = [_time_us(lambda: move_kv(k_cache, v_cache, src, dst, impl=i))
+        t = [_time_us(lambda: KV_IMPLS[i][1](k_cache, v_cache, src, dst))
              for i in ("torch", "triton")]
         print(f"| move_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
 

@@ -230,16 +230,14 @@ def rejection_sample(
         ...                  torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
-    batch, vocab = check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
-                                         max_num_draft, temperature, top_k, top_p, seeds, offsets,
-                                         num_draft)
+    batch, vocab = check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft, max_num_draft,
+                                        temperature, top_k, top_p, seeds, offsets, num_draft)
     if chunk is not None and (chunk < 64 or chunk & (chunk - 1)):
         raise ValueError(f"chunk must be a power of two >= 64, got {chunk}")
     if check_finite:
         check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
     dev = target_logits.device
-    out = torch.empty((batch, max_num_draft + 1), dtype=torch.int64, device=dev)
-    n_acc = torch.empty((batch,), dtype=torch.int32, device=dev)
+    out, n_acc = _empty_outputs(batch, max_num_draft, dev)
     if batch == 0:
         return out, n_acc
     if filtered is None:
@@ -290,3 +288,9 @@ def _launch_chain(logits, draft_token_ids, q, cu_num_draft, max_num_draft: int, 
         HAS_Q=has_q, CHUNK=stats.chunk, BLOCK_K=block_k,
         BLOCK_C=triton.next_power_of_2(stats.n_chunks), num_warps=warps,
     )
+
+
+def _empty_outputs(batch: int, max_num_draft: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """out_tokens [B, k_max + 1] int64 and n_accepted [B] int32, uninitialised."""
+    return (torch.empty((batch, max_num_draft + 1), dtype=torch.int64, device=dev),
+            torch.empty((batch,), dtype=torch.int32, device=dev))

@@ -32,13 +32,18 @@ def move_kv(
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
 ) -> None:
-    """Copy cache entries ``src_slots[i] -> dst_slots[i]`` (keep-path compaction).
+    """Copy cache entries ``src_slots[i] -> dst_slots[i]`` (keep-path compaction), in place.
 
-    All sources are read before any destination is written, so overlapping moves
-    (a tree path shifting down onto its own earlier slots) are safe.
+    k_cache/v_cache:      [..., num_blocks, block_size, H_kv, D]: leading dims (a model's
+                          layers, ``KVCache.k``) move together, in one index op
+    src_slots, dst_slots: [N] int64 (or int32) slots ``block * block_size + offset``
+
+    All sources are read (advanced indexing gathers into a new tensor) before any
+    destination is written, so overlapping moves (a tree path shifting down onto its own
+    earlier slots) are safe.
     """
-    num_blocks, block_size, h_kv, d = k_cache.shape
     for cache in (k_cache, v_cache):
-        flat = cache.view(num_blocks * block_size, h_kv, d)
-        flat[dst_slots] = flat[src_slots].clone()
+        lead, (h_kv, d) = cache.shape[:-4], cache.shape[-2:]
+        flat = cache.view(*lead, -1, h_kv, d)  # [..., num_blocks * block_size, H_kv, D]
+        flat[..., dst_slots, :, :] = flat[..., src_slots, :, :]
 
