@@ -24,7 +24,7 @@ from checkpoints import make_checkpoint, perturbed_copy
 from specdec import LLM
 from specdec.cuda_graphs import SAMPLING_MODES
 from specdec.drafters.draft_model import ModelDrafter
-from specdec.kernels import _sampling_core
+from specdec.kernels import _radix
 
 K = 2
 BUCKET = 2
@@ -190,7 +190,7 @@ def test_captured_steps_neither_sync_nor_copy_from_the_host(dirs, draft, mode, m
     step = _static_step(dirs, draft, mode)
     # the host code a GPU runs: the samplers' interpreter-only shortcut (stop the radix
     # rounds once every row is settled, a host read) is off, as it is on a GPU
-    monkeypatch.setattr(_sampling_core, "_INTERPRETED", False)
+    monkeypatch.setattr(_radix, "_INTERPRETED", False)
     with CaptureGuard():
         step.run(None)  # exactly what capture() records: draft() (k > 0), then verify()
     assert step.out.shape == (BUCKET, step.k + 1)

@@ -591,7 +591,7 @@ def test_distribution_test_rejects_wrong_samplers(wrong, monkeypatch):
     args = list(dist_batch(N_DRAWS, draw, params, seed=5))
     if wrong == "no_residual_update":
         # siblings all tested against p_u, the final sample from p_u
-        monkeypatch.setattr(reference, "_sibling_residual", lambda p, q, x: p)
+        monkeypatch.setattr(reference.tree_sampling, "_sibling_residual", lambda p, q, x: p)
     if wrong == "always_accept":
         # q = 0 (z = inf): u * 0 < p'(x) accepts every child with p > 0
         args[3] = args[3]._replace(z=torch.full_like(args[3].z, float("inf")))

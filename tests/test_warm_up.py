@@ -22,6 +22,7 @@ from specdec.cuda_graphs import SAMPLING_MODES
 from specdec import warmup
 
 va = importlib.import_module("specdec.kernels.verify_attention")
+policy = importlib.import_module("specdec.kernels._attention_policy")
 
 
 def _variant(cfg, tree):
@@ -34,8 +35,8 @@ def _variant(cfg, tree):
     (torch.float32, 4, 2, 16),
 ], ids=["8B", "1B", "d256", "tiny-fp32"])
 def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, sms, dtype, h, h_kv, d):
-    monkeypatch.setattr(va, "_interpreting", lambda: False)
-    monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "gpu_of_device", lambda device: policy.Gpu(sms, arch))
     launched = set()
     monkeypatch.setattr(va, "_launch_attention", lambda *a, **kw: launched.add(_variant(a[-1], a[6] is not None)))
     cache = torch.zeros(4, 16, h_kv, d, dtype=dtype)
@@ -45,7 +46,7 @@ def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, s
     for B in (1, 2, 3, 8, 16, 33, 64, 128):
         for n in (1, 2, 4, 5, 8, 9, 16, 17, 33, 64, 100, 500, 2048):
             for seq_len in (n, n + 15, n + 300, n + 4096, n + 131072, None):
-                cfg = va._pick_config(B, h_kv, group, d, n, seq_len, dtype, torch.device("cuda"))
+                cfg = policy.pick_config(B, h_kv, group, d, n, seq_len, dtype, torch.device("cuda"))
                 picked.add(_variant(cfg, False))
                 if n <= 64:
                     picked.add(_variant(cfg, True))
