@@ -15,11 +15,14 @@ from tqdm.auto import tqdm
 from .cuda_graphs import DecodeRunner
 from .drafters.base import Drafter
 from .drafters.draft_model import ModelDrafter
+from .drafters.eagle3 import DynamicTree, Eagle3Drafter  # eagle3
+from .drafters.eagle3_head import Eagle3Head  # eagle3
 from .drafters.ngram import NgramDrafter
 from .engine import Engine
 from .kernels import BACKENDS, get_backend
 from .kv_cache import BlockManager, KVCache, cdiv
 from .models import GenerationDefaults, load_model
+from .models.eagle3 import check_against_target, is_eagle3_dir, load_eagle3  # eagle3
 from .sampling_params import SamplingParams
 from .request import Request
 from .sequence import RequestOutput, Sequence, Status
@@ -66,7 +69,9 @@ class LLM:
                       others finish)
     seed:             seeds the per-request seeds of requests that give none
     draft_tree:       a static draft tree instead of a chain: every node at depth d gets
-                      ``draft_tree[d]`` children, e.g. (3, 2, 1, 1); at most 63 nodes
+                      ``draft_tree[d]`` children, e.g. (3, 2, 1, 1); at most 63 nodes.
+                      With an EAGLE-3 head also ``"dynamic:K,D,N"``: an EAGLE-2 dynamic
+                      tree (top-K expansion, depth D, N tokens verified with the root)
     adaptive:         choose each step's chain length (0 .. num_draft_tokens) from the
                       measured acceptance and the measured cost of drafting and verifying
                       at the current batch size, so large batches fall back to plain
@@ -114,7 +119,21 @@ class LLM:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend = backend
         draft_kind = self._draft_kind(draft)  # validate the name before loading anything
-        tree = TreeShape.of(draft_tree) if draft_tree is not None else None
+        # -- eagle3 (begin): an EAGLE-3 head directory; draft_tree="dynamic:K,D,N" --
+        eagle3 = draft_kind == "model" and is_eagle3_dir(draft)
+        dynamic = DynamicTree.parse(draft_tree) if isinstance(draft_tree, str) else None
+        if dynamic is not None and not eagle3:
+            raise ValueError(f"draft_tree={draft_tree!r} (a dynamic tree) needs an EAGLE-3 head as draft=; got "
+                             f"draft={draft!r}: use a static tree such as draft_tree=(2, 2) instead")
+        if eagle3 and cuda_graphs:
+            raise ValueError("cuda_graphs=True does not cover EAGLE-3 heads yet (they run eagerly): pass "
+                             "cuda_graphs=False or None")
+        if eagle3 and adaptive:
+            raise ValueError("adaptive speculation is not available with an EAGLE-3 head yet: pass adaptive=False")
+        if eagle3:
+            cuda_graphs, adaptive = False, False
+        tree = TreeShape.of(draft_tree) if draft_tree is not None and dynamic is None else None
+        # -- eagle3 (end) --
         if tree is not None and draft_kind == "none":
             raise ValueError("draft_tree needs a drafter: pass draft='ngram', 'early-exit:N' or a model directory")
         for name, flag in (("adaptive", adaptive), ("cuda_graphs", cuda_graphs)):
@@ -146,7 +165,7 @@ class LLM:
         self.tokenizer = load_tokenizer(target)
         self.ops = get_backend(backend)
         draft_model = None
-        if draft_kind == "model":
+        if draft_kind == "model" and not eagle3:
             draft_model = load_model(draft, self.device, self.dtype)
             if draft_model.config.vocab_size != self.config.vocab_size:
                 raise ValueError(
@@ -162,6 +181,14 @@ class LLM:
                     f"{self.config.num_layers} layers)"
                 )
         k = 0 if draft_kind == "none" else (tree.num_nodes if tree is not None else num_draft_tokens)
+        # -- eagle3 (begin): load the head, check it against the target; its one-layer cache --
+        head_cfg = head_tensors = None
+        if eagle3:
+            head_cfg, head_tensors = load_eagle3(draft)
+            check_against_target(head_cfg, self.config)
+            if dynamic is not None:
+                k = dynamic.cache_slots
+        # -- eagle3 (end) --
 
         # -- the paged KV cache, sized from the memory budget --
         cfg = self.config
@@ -169,6 +196,9 @@ class LLM:
         if draft_model is not None:
             dc = draft_model.config
             per_block += KVCache.bytes_per_block(dc.num_layers, block_size, dc.num_kv_heads, dc.head_dim, self.dtype)
+        if head_cfg is not None:  # eagle3
+            per_block += KVCache.bytes_per_block(1, block_size, head_cfg.num_key_value_heads, head_cfg.head_dim,
+                                                 self.dtype)
         budget = int(kv_cache_memory) if kv_cache_memory is not None else self._default_budget()
         full = max_num_seqs * cdiv(cfg.max_position_embeddings + k, block_size)
         num_blocks = min(budget // per_block - 1, full)  # one more: the scratch block of padded rows
@@ -185,6 +215,13 @@ class LLM:
         elif draft_kind == "early-exit":
             drafter = ModelDrafter(self.target, self.cache, self.blocks, self.ops, num_layers=n,
                                    shares_target_cache=True, name=f"early-exit:{n}", tree=tree)
+        elif eagle3:  # -- eagle3 (begin) --
+            head = Eagle3Head(head_cfg, head_tensors, self.target.model.embed_tokens.weight, self.device, self.dtype)
+            head_cache = KVCache(1, num_blocks + 1, block_size, head_cfg.num_key_value_heads, head_cfg.head_dim,
+                                 self.dtype, self.device)
+            drafter = Eagle3Drafter(head, head_cache, self.blocks, self.ops,
+                                    head_cfg.aux_layers(self.config.num_layers), tree=dynamic or tree,
+                                    name=str(draft))  # -- eagle3 (end) --
         else:
             dc = draft_model.config
             draft_cache = KVCache(dc.num_layers, num_blocks + 1, block_size, dc.num_kv_heads, dc.head_dim,
@@ -193,7 +230,8 @@ class LLM:
         self.drafter = drafter
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, drafter, k,
                              eos_token_ids=self.eos_token_ids, max_num_seqs=max_num_seqs,
-                             tokenizer=self.tokenizer, draft_depth=tree.depth if tree is not None else None,
+                             tokenizer=self.tokenizer,
+                             draft_depth=(dynamic or tree).depth if (dynamic or tree) is not None else None,
                              speculation=AdaptiveSpeculation(k) if adaptive else None)
         if cuda_graphs:
             self.engine.runner = self.decode_runner(use_graphs=True)

@@ -126,18 +126,21 @@ def build_tree_batch(
 
 
 def prefill_tails(model, cache, ops, blocks: BlockManager, seqs: list[Sequence], cached: list[int], device,
-                  num_layers: int | None = None) -> None:
+                  num_layers: int | None = None, capture: tuple[int, ...] | None = None):
     """Write the K/V of every uncached token but the last (the root of a tree step).
 
     cached[b]: tokens of sequence b already in ``cache``. A tree forward carries at most
     64 new tokens per sequence, so a prompt (or a sequence back from preemption) is first
     run as a causal chain here; sequences with nothing to prefill are left out.
+    capture (eagle3): hidden_states indices to capture; then returns the rows [T, C * H]
+    of the tails (in sequence order) or None when nothing was prefilled.
     """
     todo = [(s, c) for s, c in zip(seqs, cached) if c < len(s.tokens) - 1]
     if not todo:
-        return
+        return None
     tails = [s.tokens[c:-1] for s, c in todo]
     tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
     batch = build_forward_batch(blocks, [s.seq_id for s, _ in todo], [c for _, c in todo],
                                 [len(t) for t in tails], [0] * len(todo), tokens, device)
-    model.forward_cached(batch, cache, ops, num_layers)
+    out = model.forward_cached(batch, cache, ops, num_layers, capture=capture)
+    return out[1] if capture else None  # eagle3

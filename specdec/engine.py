@@ -82,6 +82,7 @@ class Engine:
         self.device = cache.k.device
         self.speculation = speculation
         self.runner = None  # a DecodeRunner (specdec/cuda_graphs.py), attached by LLM when it uses one
+        self._captured = None  # eagle3: (hidden, fixed rows, draft rows) of the latest verify forward
         self.clock = StepClock(self.device)
         self.last_k = self.draft_depth  # the chain length the latest step asked for
         self.waiting: deque[Sequence] = deque()
@@ -277,6 +278,10 @@ class Engine:
             good = [i for i, row in enumerate(host) if row[0] >= 0]
             self._keep_path([seqs[i] for i in good], [host[i][0] for i in good],
                             [host[i][1 + width:] for i in good])
+        # -- eagle3 (begin): the drafter reads the committed positions' target features --
+        if self._captured is not None:
+            self._observe(seqs, host, width)
+        # -- eagle3 (end) --
         timing = None
         # time only steps like the next one: no prefill, every sequence drafting k, and
         # the fixed-shape path whenever there is one (an eager step costs more)
@@ -339,7 +344,15 @@ class Engine:
         tokens[torch.tensor(draft_pos, dtype=torch.int64, device=dev)] = draft.tokens
         batch = build_forward_batch(self.blocks, [s.seq_id for s in seqs], [s.target_len for s in seqs],
                                     lengths, [n + 1 for n in draft.counts], tokens, dev)
-        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(n_b + 1), V]
+        # -- eagle3 (begin) --
+        capture = self.drafter.capture_layers or None
+        logits = self.target.forward_cached(batch, self.cache, self.ops, capture=capture)  # [sum(n_b + 1), V]
+        if capture:
+            logits, hidden = logits
+            starts = [sum(lengths[:b]) for b in range(len(seqs))]
+            self._captured = (hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails)],
+                              [list(range(o + len(t), o + n)) for o, t, n in zip(starts, tails, lengths)])
+        # -- eagle3 (end) --
         out, n_acc = self.ops.rejection_sample(
             logits, draft.tokens, draft.q, _cumsum(draft.counts, dev), max(draft.counts),
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
@@ -350,7 +363,9 @@ class Engine:
     def _verify_tree(self, seqs, draft, sampling, max_depth: int):
         """Prefill long tails causally, then one tree forward over [root, nodes...]."""
         dev = self.device
-        prefill_tails(self.target, self.cache, self.ops, self.blocks, seqs, [s.target_len for s in seqs], dev)
+        capture = self.drafter.capture_layers or None  # eagle3
+        pre = prefill_tails(self.target, self.cache, self.ops, self.blocks, seqs, [s.target_len for s in seqs], dev,
+                            capture=capture)
         roots = [len(s.tokens) - 1 for s in seqs]
         flat, node_pos = [], []
         for seq, n in zip(seqs, draft.counts):
@@ -359,7 +374,21 @@ class Engine:
         tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
         tokens[torch.tensor(node_pos, dtype=torch.int64, device=dev)] = draft.tokens
         batch = build_tree_batch(self.blocks, [s.seq_id for s in seqs], roots, draft.parents, tokens, dev)
-        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(1 + N_b), V]
+        logits = self.target.forward_cached(batch, self.cache, self.ops, capture=capture)  # [sum(1 + N_b), V]
+        # -- eagle3 (begin): rows of the prefilled tails, then of [root, nodes] per sequence --
+        if capture:
+            logits, hidden = logits
+            fixed, drafts, row = [], [], 0
+            for seq in seqs:  # prefill_tails' rows: sequences with more than the root uncached
+                m = max(0, len(seq.tokens) - 1 - seq.target_len)
+                fixed.append(list(range(row, row + m)))
+                row += m
+            for b, n in enumerate(draft.counts):
+                fixed[b].append(row)
+                drafts.append(list(range(row + 1, row + 1 + n)))
+                row += 1 + n
+            self._captured = (hidden if pre is None else torch.cat([pre, hidden]), fixed, drafts)
+        # -- eagle3 (end) --
         parents = torch.tensor([p for ps in draft.parents for p in ps], dtype=torch.int32, device=dev)
         return self.ops.tree_rejection_sample(
             logits, draft.tokens, parents, draft.q, _cumsum(draft.counts, dev), max_depth,
@@ -381,6 +410,26 @@ class Engine:
             dst_t = torch.tensor(dst, dtype=torch.int64, device=self.device)
             self.cache.keep_path(src_t, dst_t)
             self.drafter.keep_path(src_t, dst_t)
+
+    # -- eagle3 (begin) --
+    def _observe(self, seqs, host, width: int) -> None:
+        """Hand the drafter the captured rows of each sequence's committed positions
+        (fixed rows, then the accepted drafts / path nodes) and the token after each."""
+        hidden, fixed, drafts = self._captured
+        self._captured = None
+        todo, rows, nexts = [], [], []
+        for b, (seq, row) in enumerate(zip(seqs, host)):
+            a = row[0]
+            if a < 0:
+                continue
+            path = row[1 + width:1 + width + a] if len(row) > 1 + width else range(a)
+            r = fixed[b] + [drafts[b][i] for i in path]
+            ext = seq.tokens + row[1:a + 2]
+            todo.append(seq)
+            rows.append(r)
+            nexts.append(ext[seq.target_len + 1:seq.target_len + 1 + len(r)])
+        self.drafter.observe(todo, hidden, rows, nexts)
+    # -- eagle3 (end) --
 
     # ------------------------------------------------------------------ emit
     def _append(self, seq: Sequence, emitted: list[int]) -> int:

@@ -35,6 +35,7 @@ class Drafter:
     """Base drafter: proposes nothing (plain decoding through the speculative engine)."""
 
     name = "none"
+    capture_layers: tuple[int, ...] = ()  # target hidden_states the drafter reads (EAGLE-3)
 
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
                 device) -> DraftProposal:
@@ -43,6 +44,10 @@ class Drafter:
 
     def commit(self, seq: Sequence, num_accepted: int) -> None:
         """Called after verification, before the emitted tokens are appended."""
+
+    def observe(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[list[int]],
+                next_tokens: list[list[int]]) -> None:
+        """Target features of newly committed positions (drafters with capture_layers)."""
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Mirror the target's keep-path move in a draft cache of the drafter's own."""
