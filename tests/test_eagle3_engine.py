@@ -21,7 +21,7 @@ import torch
 
 from checkpoints import make_checkpoint
 from eagle3_reference import make_eagle3_head
-from test_distribution import ALPHA, POWER_ALPHA, exact_joint
+from test_distribution import ALPHA, POWER_ALPHA, _residual_from_p, exact_joint
 from test_engine import _prompts, greedy_ref
 from test_tree_engine import host_tree_sampler, law_test
 from specdec import LLM, SamplingParams
@@ -132,7 +132,7 @@ def test_option_errors(dirs):
 # ---------------------------------------------------------------------- distribution
 
 V = 8
-N_SAMPLES = 4096
+N_SAMPLES = 2048  # requests per engine run (the wrong rules: half as many)
 PROMPT = [3, 1, 2, 0, 5, 2, 0, 4, 3, 1, 2, 0, 5, 2]
 BLOCK_SIZE = 4
 
@@ -152,10 +152,10 @@ def dist(tmp_path_factory):
 
 
 CASES = {  # name: (head, draft_tree, SamplingParams, wrong rule)
-    "chain-t1": ("full", None, SamplingParams(temperature=1.0), "point-mass"),
+    "chain-t1": ("full", None, SamplingParams(temperature=1.0), "residual-from-p"),
     "chain-d2t-t1": ("reduced", None, SamplingParams(temperature=1.0), "unscattered-q"),
-    "static-tree-t1": ("full", (2, 2), SamplingParams(temperature=1.0), "point-mass"),
-    "dynamic-t0.8": ("full", "dynamic:3,2,6", SamplingParams(temperature=0.8), "no-update"),
+    "static-tree-t1": ("full", (2, 2), SamplingParams(temperature=1.0), "accept-all"),
+    "dynamic-t0.8": ("full", "dynamic:3,2,6", SamplingParams(temperature=0.8), "first-child"),
 }
 
 
@@ -172,14 +172,6 @@ def _counts(llm, params, num=N_SAMPLES):
     toks = torch.tensor([o.token_ids[:3] for o in outs], dtype=torch.int64)
     index = (toks * V ** torch.arange(2, -1, -1)).sum(1)
     return torch.bincount(index, minlength=V ** 3)
-
-
-def _point_mass_chain(target_logits, draft_token_ids, q, *args, **kwargs):
-    return reference.rejection_sample(target_logits, draft_token_ids, None, *args, **kwargs)
-
-
-def _point_mass_tree(target_logits, draft_token_ids, parents, q, *args, **kwargs):
-    return reference.tree_rejection_sample(target_logits, draft_token_ids, parents, None, *args, **kwargs)
 
 
 def _unscattered(drafter):
@@ -200,13 +192,20 @@ def _unscattered(drafter):
     drafter.propose = wrapped
 
 
+def _accept_all_tree(target_logits, draft_token_ids, parents, q, *args, **kwargs):
+    if q is not None:  # (steps without drafts hand None)
+        q = q._replace(z=torch.full_like(q.z, float("inf")))
+    return reference.tree_rejection_sample(target_logits, draft_token_ids, parents, q, *args, **kwargs)
+
+
 def _wrong(llm, rule):
     ops = llm.engine.ops
-    if rule == "point-mass":
-        llm.engine.ops = dataclasses.replace(ops, rejection_sample=_point_mass_chain,
-                                             tree_rejection_sample=_point_mass_tree)
+    if rule == "residual-from-p":  # after a rejection, p instead of max(p - q, 0)
+        llm.engine.ops = dataclasses.replace(ops, rejection_sample=_residual_from_p)
     elif rule == "unscattered-q":
         _unscattered(llm.drafter)
+    elif rule == "accept-all":  # q with z = inf: u q(x) < p(x) wherever p(x) > 0
+        llm.engine.ops = dataclasses.replace(ops, tree_rejection_sample=_accept_all_tree)
     else:
         llm.engine.ops = dataclasses.replace(ops, tree_rejection_sample=host_tree_sampler(rule))
 
@@ -221,13 +220,13 @@ def test_samples_target_distribution_and_rejects_a_wrong_rule(dist, case):
     p_value, results = law_test(counts, joint)
     assert all(r.impossible == 0 for r in results), results[0]
     assert p_value > ALPHA, f"{case}: {[str(r) for r in results]}"
-    m = llm.metrics()
-    assert 0.1 < m["acceptance_rate"] < 0.9, m  # acceptances and rejections both common
+    m = llm.metrics()  # acceptances and rejections both common
+    assert m["num_accepted_tokens"] > 0.2 * N_SAMPLES and m["acceptance_rate"] < 0.9, m
     if head == "reduced":  # tokens outside the draft vocabulary come from the residual only
         outside = [t for t in range(V) if t not in set(llm.drafter.head.target_ids.tolist())]
         assert outside and counts.view(V, V, V).sum((0, 2))[outside].sum() > 0
     wrong = _llm(dist, head, tree)
     _wrong(wrong, rule)
-    counts = _counts(wrong, params)
+    counts = _counts(wrong, params, N_SAMPLES // 2)
     p_value, results = law_test(counts, joint)
     assert p_value < POWER_ALPHA, f"{case}: the wrong rule {rule!r} passed: {[str(r) for r in results]}"
