@@ -23,6 +23,7 @@ from eagle3_reference import hf_hidden_states, load_tensors, make_eagle3_head, r
 from specdec import LLM
 from specdec.batch import SamplingTensors, build_forward_batch
 from specdec.drafters.eagle3 import DynamicTree, Eagle3Drafter
+from specdec.kernels._sampling_core import DraftDist
 from specdec.sampling_params import SamplingParams
 from specdec.sequence import Sequence
 
@@ -149,3 +150,37 @@ def test_dynamic_tree_parse():
                 "dynamic:3,3", "dynamic:a,3,8", "static:3,3,8"):
         with pytest.raises(ValueError, match="dynamic:K,D,N"):
             DynamicTree.parse(bad)
+
+
+@pytest.mark.parametrize("tree", [None, (2, 2), "dynamic:2,3,6"])
+def test_a_sequence_without_features_drafts_nothing_and_keeps_the_row_layout(target, tmp_path, tree):
+    """In a batch, a sequence whose head has no features yet (its prefill) drafts nothing;
+    the other's drafts and q rows (tree: the root row and one per node) are exactly what
+    it proposes alone, and the empty one still has its root row."""
+    head_dir = make_eagle3_head(tmp_path / "h", vocab_size=V, target_hidden=HT, aux_ids=[1, 2, 3], seed=8)
+    llm = LLM(str(target), draft=str(head_dir), num_draft_tokens=2, draft_tree=tree, device="cpu",
+              dtype=torch.float32, backend="torch", block_size=4)
+    drafter = llm.drafter
+    ready = Sequence(0, PROMPT, SamplingParams(temperature=1.0), seed=3)
+    fresh = Sequence(1, PROMPT[:5], SamplingParams(temperature=1.0), seed=4)
+    for s in (ready, fresh):
+        llm.blocks.allocate(s.seq_id, len(s.tokens) + 16)
+    batch = build_forward_batch(llm.blocks, [0], [0], [len(PROMPT)], [1], torch.tensor(PROMPT), "cpu")
+    hidden = llm.target.forward_cached(batch, llm.cache, llm.ops, capture=drafter.capture_layers)[1]
+    drafter.observe([ready], hidden, [list(range(len(PROMPT)))], [PROMPT[1:] + [7]])
+    ready.tokens.append(7)
+    ready.target_len = len(PROMPT)
+    alone = drafter.propose([ready], [2], SamplingTensors.of([ready], "cpu"), "cpu")
+    both = drafter.propose([fresh, ready], [2, 2], SamplingTensors.of([fresh, ready], "cpu"), "cpu")
+    assert both.counts == [0] + alone.counts and alone.counts[0] > 0
+    assert torch.equal(both.tokens, alone.tokens)
+    if tree is None:
+        assert both.parents is None
+        torch.testing.assert_close(both.q, alone.q)
+    else:
+        assert both.parents == [[]] + alone.parents
+        if alone.q is None:  # dynamic: point masses
+            assert both.q is None
+        else:
+            assert both.q.logits.shape[0] == 1 + alone.q.logits.shape[0]  # the empty tree's root row
+            torch.testing.assert_close(DraftDist(*(t[1:] for t in both.q)), alone.q)

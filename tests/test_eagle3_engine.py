@@ -230,3 +230,16 @@ def test_samples_target_distribution_and_rejects_a_wrong_rule(dist, case):
     counts = _counts(wrong, params, N_SAMPLES // 2)
     p_value, results = law_test(counts, joint)
     assert p_value < POWER_ALPHA, f"{case}: the wrong rule {rule!r} passed: {[str(r) for r in results]}"
+
+
+@pytest.mark.parametrize("kind", ["dynamic"])  # chains: test_eagle3_drafter.py's triton case
+def test_triton_backend_greedy(dirs, kind):
+    """The head's forward through the Triton kernels (the interpreter on CPU): write_kv,
+    rotary, rms norm, verify_attention with the head's own tree masks."""
+    prompts, max_tokens = [PROMPTS[1], PROMPTS[2]], [5, 4]
+    llm = LLM(str(dirs.target), draft=str(dirs.small), num_draft_tokens=2, draft_tree=DRAFTS[kind], device="cpu",
+              dtype=torch.float32, backend="triton", block_size=4)
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])
+    for prompt, m, out in zip(prompts, max_tokens, outs):
+        assert out.token_ids == greedy_ref(dirs.target, prompt, m)
+    assert llm.metrics()["num_draft_tokens"] > 0

@@ -291,12 +291,12 @@ class Eagle3Drafter(Drafter):
     def _pad_tree_q(self, q: DraftDist, counts: list[int], active: list[bool], device) -> DraftDist:
         """Tree q rows of the active sequences -> rows of every sequence (one harmless,
         never-read root row for each sequence without drafts)."""
-        filler = _empty_tree_dist(q.narrow(0, 0, 1), 1, 1)
+        filler = _empty_tree_dist(q.narrow(0, 1), 1, 1)
         filler = DraftDist(*(t.flatten(0, 1) for t in filler))
         parts, row = [], 0
         for n, on in zip(counts, active):
             if on:
-                parts.append(q.narrow(0, row, 1 + n))
+                parts.append(q.narrow(row, 1 + n))
                 row += 1 + n
             else:
                 parts.append(filler)
