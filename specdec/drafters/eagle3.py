@@ -266,7 +266,7 @@ class Eagle3Drafter(Drafter):
                 frontier = [1 + i for i in range(fed) if shape.depths[i] == d - 1]  # tree rows
                 lf = logits.view(A, fed, -1)[:, [f - 1 for f in frontier]]  # [A, F, V]
             f, b = len(frontier), shape.branching[d - 1]
-            rep = lambda t: t.repeat_interleave(f)  # noqa: E731
+            rep = lambda t, f=f: t.repeat_interleave(f)  # noqa: E731
             rep_sub = SamplingTensors(rep(sub.temperature), rep(sub.top_k), rep(sub.top_p), rep(sub.seeds),
                                       rep(sub.offsets), all_greedy=sub.all_greedy, filtered=sub.filtered,
                                       radix_rounds=sub.radix_rounds)
@@ -304,8 +304,8 @@ class Eagle3Drafter(Drafter):
 
     def _dynamic(self, seqs, limits, a_root, root_logits, device):
         """EAGLE-2 expansion (see the module docstring); candidates are point masses."""
-        K, D, A = self.tree.top_k, self.tree.depth, len(seqs)
-        depth = max(limits)
+        K, A = self.tree.top_k, len(seqs)
+        depth = max(limits)  # <= the tree's D (the engine's draft depth)
         H = a_root.shape[1]
         logq = torch.log_softmax(root_logits.float(), dim=-1)
         top = logq.topk(K, dim=-1)

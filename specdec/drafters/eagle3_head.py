@@ -98,7 +98,8 @@ class Eagle3Head(nn.Module):
         eps = self.cfg.rms_norm_eps
         if self.fc_norms is not None:
             chunks = g.split(self.cfg.target_hidden_size, dim=-1)
-            g = torch.cat([ops.add_rms_norm(c.contiguous(), None, w, eps)[0] for c, w in zip(chunks, self.fc_norms)], -1)
+            g = torch.cat([ops.add_rms_norm(c.contiguous(), None, w, eps)[0]
+                           for c, w in zip(chunks, self.fc_norms)], dim=-1)
         if self.input_norm is not None:
             g, _ = ops.add_rms_norm(g.contiguous(), None, self.input_norm, eps)
         return F.linear(g, self.fc_weight, self.fc_bias)
