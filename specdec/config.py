@@ -45,7 +45,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     seed: int | None = None
-    draft_tree: tuple[int, ...] | None = None
+    draft_tree: tuple[int, ...] | str | None = None
     adaptive: bool | None = None
     cuda_graphs: bool | None = None
     drafter: DrafterSpec = field(init=False)
@@ -103,6 +103,8 @@ class EngineConfig:
         if self.cuda_graphs and not spec.fixed_shape:
             raise ValueError("cuda_graphs=True does not cover the n-gram drafter or draft trees (they run "
                              "eagerly): pass cuda_graphs=False or None")
+        if self.adaptive and spec.kind == "eagle3":
+            raise ValueError("adaptive speculation is not available with an EAGLE-3 head yet: pass adaptive=False")
         if self.adaptive and (spec.tree is not None or spec.kind == "none"):
             raise ValueError("adaptive speculation chooses a chain length: it needs a drafter and no "
                              "draft_tree; pass adaptive=False")

@@ -43,6 +43,7 @@ class Drafter:
     propose(seqs, limits, sampling, device)  the eager path's drafts (any shape)
     commit(seq, a)                           after verification, before tokens append
     keep_path(src, dst)                      mirror a tree step's K/V compaction
+    capture_layers, observe                  target hidden states the drafter reads (EAGLE-3)
     static_step, width, static_draft, drafted, static_ready, prepare_scratch
                                              the fixed-shape decode step (specdec/cuda_graphs.py)
     snapshot, restore, forget                draft-side state around failed steps and preemption
@@ -53,6 +54,7 @@ class Drafter:
     name = "none"
     speculates = False  # proposes draft tokens at all (the fixed-shape step then drafts k)
     samples_q = False  # sampled drafts come with the distribution q they were drawn from
+    capture_layers: tuple[int, ...] = ()  # target hidden_states indices the verify forward captures
 
     # ------------------------------------------------------------------ eager path
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
@@ -65,6 +67,17 @@ class Drafter:
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Mirror the target's keep-path move in a draft cache of the drafter's own."""
+
+    def observe(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[list[int]],
+                next_tokens: list[list[int]]) -> None:
+        """Target features of newly committed positions (drafters with ``capture_layers``):
+        called after the step's device-to-host copy, before postprocess.
+
+        hidden:      [R, C * Ht] the verify forward's captured rows
+        rows:        rows[b], the rows of ``hidden`` of sequence b's positions
+                     target_len .. target_len + m_b - 1 (target_len not yet advanced)
+        next_tokens: next_tokens[b][i], the committed token after position target_len + i
+        """
 
     # ------------------------------------------------------------------ fixed-shape step
     static_step = True  # has a fixed-shape decode step (chains of a fixed k)
