@@ -103,8 +103,6 @@ class EngineConfig:
         if self.cuda_graphs and not spec.fixed_shape:
             raise ValueError("cuda_graphs=True does not cover the n-gram drafter or draft trees (they run "
                              "eagerly): pass cuda_graphs=False or None")
-        if self.adaptive and spec.kind == "eagle3":
-            raise ValueError("adaptive speculation is not available with an EAGLE-3 head yet: pass adaptive=False")
         if self.adaptive and (spec.tree is not None or spec.kind == "none"):
             raise ValueError("adaptive speculation chooses a chain length: it needs a drafter and no "
                              "draft_tree; pass adaptive=False")

@@ -122,8 +122,28 @@ def test_option_errors(dirs):
         LLM(str(dirs.target), draft="ngram", draft_tree="dynamic:3,3,8", device="cpu")
     with pytest.raises(ValueError, match="dynamic:K,D,N"):
         LLM(str(dirs.target), draft=str(dirs.head), draft_tree="dynamic:3,3", device="cpu")
-    with pytest.raises(ValueError, match="adaptive speculation is not available with an EAGLE-3 head"):
-        LLM(str(dirs.target), draft=str(dirs.head), adaptive=True, device="cpu")
+    with pytest.raises(ValueError, match="adaptive speculation chooses a chain length"):
+        LLM(str(dirs.target), draft=str(dirs.head), draft_tree="dynamic:3,3,8", adaptive=True, device="cpu")
+
+
+def test_spec_of_a_head_directory(dirs, monkeypatch):
+    """A head directory is the 'eagle3' kind; its chains take the fixed-shape step (CUDA
+    graphs by default where possible), its trees do not; the dynamic spelling is parsed once."""
+    from specdec.config import EngineConfig
+    from specdec.drafters.eagle3 import DynamicTree
+    from specdec.drafters.factory import DrafterSpec
+
+    chain = DrafterSpec.parse(str(dirs.head))
+    assert chain.kind == "eagle3" and chain.fixed_shape and chain.draft_slots(4) == 4
+    dyn = DrafterSpec.parse(str(dirs.head), "dynamic:3,4,10")
+    assert dyn.tree == DynamicTree(3, 4, 10) and not dyn.fixed_shape
+    assert dyn.draft_slots(4) == max(9, 3 * 3) and dyn.draft_depth == 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = EngineConfig(str(dirs.target), str(dirs.head), device="cuda", backend="triton")
+    assert cfg.cuda_graphs and cfg.adaptive
+    with pytest.raises(ValueError, match="does not cover the n-gram drafter or draft trees"):
+        EngineConfig(str(dirs.target), str(dirs.head), device="cuda", backend="triton",
+                     draft_tree="dynamic:3,4,10", cuda_graphs=True)
 
 
 # ---------------------------------------------------------------------- distribution

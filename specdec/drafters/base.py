@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..batch import SamplingTensors
+from ..batch import ForwardBatch, SamplingTensors
 from ..kernels._sampling_core import DraftDist
 from ..sequence import Sequence
 
@@ -44,7 +44,8 @@ class Drafter:
     commit(seq, a)                           after verification, before tokens append
     keep_path(src, dst)                      mirror a tree step's K/V compaction
     capture_layers, observe                  target hidden states the drafter reads (EAGLE-3)
-    static_step, width, static_draft, drafted, static_ready, prepare_scratch
+    static_step, width, static_draft, drafted, static_ready, prepare_scratch,
+    prepare_static, static_load, static_observe
                                              the fixed-shape decode step (specdec/cuda_graphs.py)
     snapshot, restore, forget                draft-side state around failed steps and preemption
 
@@ -98,6 +99,18 @@ class Drafter:
 
     def prepare_scratch(self, block: int) -> None:
         """Make the scratch block of a cache of its own finite (padding rows read it)."""
+
+    def prepare_static(self, max_batch: int) -> None:
+        """Allocate static buffers of its own for ``max_batch`` rows (before any capture)."""
+
+    def static_load(self, seqs: list[Sequence], bucket: int) -> None:
+        """Host side of a fixed-shape step, after the runner staged its inputs: copy the
+        drafter's per-sequence state of ``seqs`` (rows 0 .. B - 1) into its static buffers."""
+
+    def static_observe(self, batch: StaticBatch, verify: ForwardBatch, hidden: torch.Tensor, out: torch.Tensor,
+                       n_accepted: torch.Tensor) -> None:
+        """Device work after the verify half's rejection sampling (drafters with
+        ``capture_layers``): verify batch, its captured hidden rows, out [Bp, k + 1], n_accepted [Bp]."""
 
     def own_forwards(self) -> list[tuple]:
         """(model, cache, num_layers) of each forward the drafter runs on a cache of its

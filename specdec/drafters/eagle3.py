@@ -39,6 +39,7 @@ from ..tree import MAX_DRAFT_NODES, TreeShape, _to_int64, depths_of
 from .base import Drafter, DraftProposal
 from .draft_model import DRAFT_STREAM, _empty_tree_dist
 from .eagle3_head import Eagle3Head
+from .eagle3_static import Eagle3StaticStep
 
 DYNAMIC = "dynamic:"
 
@@ -82,7 +83,8 @@ class DynamicTree:
 
 @dataclass
 class _HeadState:
-    pos: int  # head positions 0 .. pos - 1 hold target-feature entries
+    pos: int | None  # head positions 0 .. pos - 1 hold target-feature entries (None: a
+    # fixed-shape step's state, until ``commit`` learns how many drafts were accepted)
     a: torch.Tensor  # [H] the last pair's output: the next draft step's u
     logits: torch.Tensor  # [V] the draft logits of the token after the pending one
 
@@ -105,7 +107,9 @@ class Eagle3Drafter(Drafter):
     tree:           a static TreeShape, a DynamicTree, or None for chains
     """
 
-    static_step = False  # eager steps only (see NOTES)
+    speculates = True
+    samples_q = True
+    width = 1  # the fixed-shape draft half reads the head's state, not the target's tokens
 
     def __init__(self, head: Eagle3Head, cache: KVCache, blocks: BlockManager, ops,
                  capture_layers: tuple[int, ...], tree: TreeShape | DynamicTree | None = None,
@@ -115,6 +119,7 @@ class Eagle3Drafter(Drafter):
         self.tree = tree
         self.name = name
         self._state: weakref.WeakKeyDictionary[Sequence, _HeadState] = weakref.WeakKeyDictionary()
+        self._static: Eagle3StaticStep | None = None  # the fixed-shape step's buffers
 
     # ------------------------------------------------------------------ features in
     @torch.no_grad()
@@ -151,7 +156,46 @@ class Eagle3Drafter(Drafter):
         return state is not None and state.pos == seq.target_len == seq.draft_len
 
     def commit(self, seq: Sequence, num_accepted: int) -> None:
-        """Nothing to do: ``observe`` already rewrote the committed positions."""
+        """Eager steps: nothing to do, ``observe`` already rewrote the committed positions.
+        After a fixed-shape step: its state now stands at the new committed length."""
+        state = self._state.get(seq)
+        if state is not None and state.pos is None:
+            state.pos = seq.draft_len = len(seq.tokens) + num_accepted
+
+    # ------------------------------------------------------------------ fixed-shape step
+    @property
+    def static_step(self) -> bool:
+        return self.tree is None
+
+    def prepare_static(self, max_batch: int) -> None:
+        self._static = Eagle3StaticStep(self, max_batch)
+
+    def static_load(self, seqs: list[Sequence], bucket: int) -> None:
+        self._static.load([self._state[s] for s in seqs], bucket)
+
+    def static_draft(self, batch, greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
+        return self._static.draft(batch, greedy)
+
+    def static_observe(self, batch, verify: ForwardBatch, hidden: torch.Tensor, out: torch.Tensor,
+                       n_accepted: torch.Tensor) -> None:
+        self._static.observe(batch, verify, hidden, out, n_accepted)
+
+    def drafted(self, seqs: list[Sequence], k: int) -> None:
+        a, logits = self._static.results(len(seqs))
+        for b, seq in enumerate(seqs):
+            self._state[seq] = _HeadState(None, a[b], logits[b])
+
+    def static_ready(self, seq: Sequence) -> bool:
+        return self._ready(seq)
+
+    def prepare_scratch(self, block: int) -> None:
+        self.cache.k[:, block].zero_()
+        self.cache.v[:, block].zero_()
+
+    def sample_chain(self, logits: torch.Tensor, sampling: SamplingTensors, j: int):
+        """Draft j of a chain: [B, V] logits -> tokens [B], q (B rows), stream DRAFT_STREAM + j."""
+        tokens, q = self._sample(logits, sampling, DRAFT_STREAM + j)
+        return tokens[:, 0], q
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Nothing to move: the accepted path's head entries are rewritten by ``observe``
@@ -203,12 +247,12 @@ class Eagle3Drafter(Drafter):
         ids, n = [s.seq_id for s in seqs], [s.target_len for s in seqs]
         drafts, dists = [], []
         for j in range(k):
-            tok, q = self._sample(logits, sub, DRAFT_STREAM + j)
-            drafts.append(tok[:, 0])
+            tok, q = self.sample_chain(logits, sub, j)
+            drafts.append(tok)
             dists.append(q)
             if j + 1 < k:  # the pair (a, d_{j+1}) at position n + j
                 batch = build_forward_batch(self.blocks, ids, [p + j for p in n], [1] * len(seqs), [1] * len(seqs),
-                                            tok[:, 0], device)
+                                            tok, device)
                 logits, a = self.head.forward_cached(a, batch, self.cache, self.ops)
         keep = torch.tensor([i * k + j for i, m in enumerate(limits) for j in range(m)], dtype=torch.int64,
                             device=device)

@@ -107,9 +107,8 @@ class DrafterSpec:
     @property
     def fixed_shape(self) -> bool:
         """Whether the fixed-shape decode step (CUDA graphs) can run this drafter: n-gram
-        drafts come from the host, trees have a shape of their own, and EAGLE-3 heads run
-        eagerly."""
-        return self.kind not in ("ngram", "eagle3") and self.tree is None
+        drafts come from the host, and trees have a shape of their own."""
+        return self.kind != "ngram" and self.tree is None
 
     def draft_slots(self, num_draft_tokens: int) -> int:
         """Cache slots one step's drafts take: 0 without a drafter, the tree's nodes, or
