@@ -260,3 +260,28 @@ def test_triton_backend_greedy(dirs, kind):
     for prompt, m, out in zip(prompts, max_tokens, outs):
         assert out.token_ids == greedy_ref(dirs.target, prompt, m)
     assert llm.metrics()["num_draft_tokens"] > 0
+
+
+def test_cli_dynamic_tree_spelling(tmp_path, capsys):
+    """--draft-tree takes 'dynamic:K,D,N' (checked at parse time) as well as B1,B2,...;
+    `specdec generate --draft HEAD --draft-tree dynamic:...` runs with a head."""
+    import json
+
+    from specdec.cli import build_parser
+    from specdec.cli import main as cli_main
+    from specdec.demo import demo_dirs
+
+    parser = build_parser()
+    common = ["generate", "--target", "t", "--prompt", "p", "--draft-tree"]
+    assert parser.parse_args(common + ["dynamic:4,5,24"]).draft_tree == "dynamic:4,5,24"
+    assert parser.parse_args(common + ["3,2,1"]).draft_tree == (3, 2, 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(common + ["dynamic:4,5"])
+    assert "dynamic:K,D,N" in capsys.readouterr().err
+    target = demo_dirs()[0]
+    cfg = json.loads((target / "config.json").read_text())
+    head = make_eagle3_head(tmp_path / "head", vocab_size=cfg["vocab_size"], target_hidden=cfg["hidden_size"],
+                            num_heads=4, num_kv_heads=2, aux_ids=[1, 2, 3], seed=0)
+    assert cli_main(["generate", "--target", str(target), "--draft", str(head), "--draft-tree", "dynamic:3,3,6",
+                     "--prompt", "Once upon a time", "--max-tokens", "6", "--temperature", "0", "--device", "cpu"]) == 0
+    assert f"[drafter {head}] 6 tokens" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from ..sequence import Sequence
 from ..tree import MAX_DRAFT_NODES, TreeShape, _to_int64, depths_of
 from .base import Drafter, DraftProposal
 from .draft_model import DRAFT_STREAM, _empty_tree_dist
-from .eagle3_head import Eagle3Head
+from .eagle3_head import Eagle3Head, HeadWarmUp
 from .eagle3_static import Eagle3StaticStep
 
 DYNAMIC = "dynamic:"
@@ -191,6 +191,9 @@ class Eagle3Drafter(Drafter):
     def prepare_scratch(self, block: int) -> None:
         self.cache.k[:, block].zero_()
         self.cache.v[:, block].zero_()
+
+    def own_forwards(self) -> list[tuple]:
+        return [(HeadWarmUp(self.head), self.cache, None)]
 
     def sample_chain(self, logits: torch.Tensor, sampling: SamplingTensors, j: int):
         """Draft j of a chain: [B, V] logits -> tokens [B], q (B rows), stream DRAFT_STREAM + j."""

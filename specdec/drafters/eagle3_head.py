@@ -17,6 +17,8 @@ features g [C * Ht] enter through ``u = fc(g)`` (``Eagle3Head.fc``).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,3 +122,22 @@ class Eagle3Head(nn.Module):
         if cfg.feed_normed_hidden:
             a = ops.add_rms_norm(a, None, self.w_norm, eps)[0]
         return logits, a
+
+
+class HeadWarmUp:
+    """The head as warm-up (specdec/warmup.py) compiles a model's kernels: its attention
+    shape (``config.num_heads``, ``attention_kinds``: causal, no window, no cap) and one
+    cached forward of a (zero feature, token) pair with fc applied to zero features."""
+
+    def __init__(self, head: Eagle3Head):
+        self.head = head
+        self.config = SimpleNamespace(num_heads=head.cfg.num_attention_heads)
+
+    def attention_kinds(self) -> tuple[tuple[None, None], ...]:
+        return ((None, None),)
+
+    def forward_cached(self, batch: ForwardBatch, cache, ops, num_layers=None) -> torch.Tensor:
+        cfg, dev = self.head.cfg, batch.tokens.device
+        g = torch.zeros(batch.tokens.shape[0], cfg.num_aux_layers * cfg.target_hidden_size, dtype=self.head.dtype,
+                        device=dev)
+        return self.head.forward_cached(self.head.fc(g, ops), batch, cache, ops)[0]
