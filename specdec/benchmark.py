@@ -229,6 +229,16 @@ def leviathan_speedup(alpha: float, k: int, c: float) -> float:
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1))
 
 
+def _prediction(draft_plain, bench: tuple, alpha: float, k: int, plain_s_per_token: float):
+    """(c, Leviathan's predicted speedup): c = a draft step against a target step, both
+    decoding plainly; (None, None) when the drafter cannot decode on its own (EAGLE-3)."""
+    if draft_plain is None:
+        return None, None
+    n_draft, s_draft, _ = bench_specdec(draft_plain, *bench)
+    c = (s_draft / n_draft) / plain_s_per_token
+    return c, leviathan_speedup(alpha, k, c)
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -312,13 +322,8 @@ def run(args: argparse.Namespace) -> int:
                 bench = (prompts, args.max_tokens, temperature, device)
                 n_plain, s_plain, _ = bench_specdec(plain, *bench)
                 n_spec, s_spec, m = bench_specdec(spec, *bench)
-                alpha = m["acceptance_rate"]
                 achieved = (n_spec / s_spec) / (n_plain / s_plain)
-                c = predicted = None
-                if draft_plain is not None:  # c: a draft step against a target step, both decoding plainly
-                    n_draft, s_draft, _ = bench_specdec(draft_plain, *bench)
-                    c = (s_draft / n_draft) / (s_plain / n_plain)
-                    predicted = leviathan_speedup(alpha, k, c)
+                c, predicted = _prediction(draft_plain, bench, m["acceptance_rate"], k, s_plain / n_plain)
                 hf_static = hf_assisted = "—"
                 if not args.skip_hf and batch in hf_batches:
                     n, s = bench_hf(target, draft, prompts, args.max_tokens, temperature, device, dtype, False)
@@ -328,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
                         hf_assisted = f"{n / s:.1f}"
                 ratio = achieved / predicted if predicted is not None else None
                 print(f"| {batch} | {temperature:g} | {n_plain / s_plain:.1f} | {n_spec / s_spec:.1f} | "
-                      f"{achieved:.2f} | {hf_static} | {hf_assisted} | {alpha:.3f} | "
+                      f"{achieved:.2f} | {hf_static} | {hf_assisted} | {m['acceptance_rate']:.3f} | "
                       f"{m['mean_accepted_length']:.2f} | {m['draft_per_step']:.2f} | {_fmt(c)} | {_fmt(predicted)} | "
                       f"{_fmt(ratio)} |", flush=True)
                 rows.append((batch, temperature, achieved, ratio, n_plain / s_plain))
