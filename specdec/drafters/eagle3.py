@@ -18,6 +18,10 @@ token. ``seq.draft_len`` counts the positions holding such target-feature entrie
   (EAGLE-2): top-K expansion of the best K frontier nodes by cumulative log q for D - 1
   rounds, then the best N - 1 of all candidates, verified as point masses (q = None).
   A sequence without a state (its first step, or back from preemption) drafts nothing.
+  Trees live in eagle3_trees.py.
+* Chains also run under the fixed-shape runner (CUDA graphs): eagle3_static.py keeps the
+  state in static buffers and runs the head over the verified rows inside the verify
+  half; ``commit`` then places that state at the new committed length.
 
 Every sampled draft is drawn from q over the full target vocabulary (the head's logits
 placed at target ids through d2t, -inf elsewhere) by the backend's ``draft_sample`` with
