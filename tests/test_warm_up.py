@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 
 import pytest
 import torch
-
 from checkpoints import make_checkpoint
-from specdec import LLM
+
+from specdec import LLM, warmup
 from specdec.cuda_graphs import SAMPLING_MODES
-from specdec import warmup
 
 va = importlib.import_module("specdec.kernels.verify_attention")
 policy = importlib.import_module("specdec.kernels._attention_policy")
@@ -95,3 +95,24 @@ def test_eager_warm_up_pieces_run_with_todays_launchers(target):
     # the tree sampler at every depth and its draft sampler
     d = engine.draft_depth
     assert n == len(SAMPLING_MODES) * ((d + 1) + d + (d + 1))
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+def test_warm_up_runs_an_eagle3_heads_own_forward(target, tmp_path):
+    """An EAGLE-3 drafter hands warm-up its head (``own_forwards``): attention of the head's
+    shape precompiles on its cache, and one head forward runs on the Triton launchers."""
+    from eagle3_reference import make_eagle3_head
+
+    vocab, hidden = (json.loads((target / "config.json").read_text())[key] for key in ("vocab_size", "hidden_size"))
+    head = make_eagle3_head(tmp_path / "head", vocab_size=vocab, target_hidden=hidden, aux_ids=[0, 1], seed=2)
+    llm = LLM(str(target), draft=str(head), num_draft_tokens=2, device="cpu", dtype=torch.float32,
+              backend="triton", block_size=4, seed=0)
+    engine, scratch = llm.engine, llm.cache.scratch_block
+    (model, cache, num_layers), = llm.drafter.own_forwards()
+    assert cache is llm.drafter.cache and model.attention_kinds() == ((None, None),)
+    k_cache, v_cache = cache.layer(0)
+    assert va.precompile(k_cache, v_cache, model.config.num_heads, scratch, trees=False) >= 1
+    cache.k.fill_(float("nan"))
+    assert warmup._one_token_forward(model, cache, engine.ops, scratch, num_layers) == 1
+    assert torch.isfinite(cache.k[:, scratch, 0]).all()  # the head wrote its one slot
+    assert llm.drafter.samples_q  # so the draft sampler is warmed up too
