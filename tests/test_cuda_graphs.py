@@ -17,7 +17,7 @@ from checkpoints import make_checkpoint, perturbed_copy
 from specdec import LLM, SamplingParams
 from specdec.cuda_graphs import DecodeRunner, sampling_mode
 from specdec.drafters.draft_model import ModelDrafter
-from test_distribution import ScheduledK
+from engine_helpers import ScheduledK
 
 K = 3
 

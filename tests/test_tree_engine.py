@@ -39,8 +39,16 @@ from torch.testing import assert_close
 
 from checkpoints import make_checkpoint, perturbed_copy
 from stats import binomial_two_sided_p, chi_square_test
-from test_distribution import exact_joint, next_token_probs
-from test_engine import _draft_arg, _model, _poison, _prompts, _record_running, greedy_ref
+from exact_law import exact_joint, next_token_probs
+from engine_helpers import (
+    cached_model,
+    draft_arg,
+    greedy_ref,
+    kv_at,
+    poison_caches,
+    random_prompts,
+    record_running,
+)
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch
 from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
@@ -76,13 +84,13 @@ def dirs(tmp_path_factory):
 
 def make_llm(path, draft=None, **kw):
     llm = LLM(str(path), draft=draft, device="cpu", dtype=torch.float32, backend="torch", **kw)
-    _poison(llm)
+    poison_caches(llm)
     return llm
 
 
 # ragged, crossing block boundaries, one longer than a tree forward's 64 tokens, one
 # repetitive (n-gram hits)
-PROMPTS = _prompts([1, 4, 9, 70]) + [[5, 6, 7, 8] * 3 + [5, 6, 7]]
+PROMPTS = random_prompts([1, 4, 9, 70]) + [[5, 6, 7, 8] * 3 + [5, 6, 7]]
 MAX_TOKENS = [16, 12, 16, 9, 16]  # different lengths: trees near the end are cut shallower
 
 
@@ -262,9 +270,9 @@ def _cached_tree_logits(model, seqs, trees, block_size=3):
 def test_tree_forward_matches_no_cache_paths(dirs):
     """Row r of a tree forward scores the children of tree position r: it must equal the
     no-cache model on the committed prefix + the root-to-r path."""
-    model = _model(dirs["qwen2"])
+    model = cached_model(dirs["qwen2"])
     params = SamplingParams()
-    prompts = [_prompts([70], seed=3)[0], [7], _prompts([5], seed=4)[0]]
+    prompts = [random_prompts([70], seed=3)[0], [7], random_prompts([5], seed=4)[0]]
     seqs = [Sequence(i, p, params, seed=0) for i, p in enumerate(prompts)]
     shapes = [TreeShape.of((3, 2, 1)), TreeShape.of((2,)), None]
     g = torch.Generator().manual_seed(5)
@@ -355,7 +363,7 @@ def test_ngram_tree_proposal_is_ragged():
 def _run_greedy(path, draft, shape, prompts=PROMPTS, params=None, **kw):
     params = params or _params()
     llm = make_llm(path, draft, draft_tree=shape, **kw)
-    running = _record_running(llm)
+    running = record_running(llm)
     outs = llm.generate(prompts, params)
     check_greedy(path, prompts, params, outs)
     tree = TreeShape.of(shape)
@@ -369,7 +377,7 @@ def _run_greedy(path, draft, shape, prompts=PROMPTS, params=None, **kw):
 @pytest.mark.parametrize("drafter", ["ngram", "early-exit:1", "early-exit:2", "near-draft", "draft-model", "self"])
 def test_greedy_tree_equals_plain_greedy(dirs, drafter, shape):
     path = dirs["llama"]
-    llm, outs, running = _run_greedy(path, _draft_arg(dirs, "llama", drafter), shape, block_size=3, max_num_seqs=3)
+    llm, outs, running = _run_greedy(path, draft_arg(dirs, "llama", drafter), shape, block_size=3, max_num_seqs=3)
     assert max(running) == 3 and len(PROMPTS) > 3  # continuous batching: requests waited
     accepted = sum(o.metrics.num_accepted_tokens for o in outs)
     if drafter == "self":  # every drafted path is accepted whole
@@ -388,7 +396,7 @@ OTHER = [(f, d, SHAPES[(i + j) % 4])
 
 @pytest.mark.parametrize("family, drafter, shape", OTHER, ids=[f"{f}-{d}-{'x'.join(map(str, s))}" for f, d, s in OTHER])
 def test_greedy_tree_other_families(dirs, family, drafter, shape):
-    _run_greedy(dirs[family], _draft_arg(dirs, family, drafter), shape, block_size=4)
+    _run_greedy(dirs[family], draft_arg(dirs, family, drafter), shape, block_size=4)
 
 
 def _budget(paths, block_size, num_blocks):
@@ -396,7 +404,7 @@ def _budget(paths, block_size, num_blocks):
     (plus the scratch block)."""
     per = 0
     for p in paths:
-        c = _model(p).config
+        c = cached_model(p).config
         per += KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, torch.float32)
     return (num_blocks + 1) * per
 
@@ -407,7 +415,7 @@ PREEMPT_CASES = [("ngram", (3, 2, 1)), ("early-exit:2", (2, 2, 2)), ("draft-mode
 @pytest.mark.parametrize("drafter, shape", PREEMPT_CASES, ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in PREEMPT_CASES])
 def test_greedy_tree_under_preemption(dirs, drafter, shape):
     path, bs = dirs["qwen2"], 4
-    draft = _draft_arg(dirs, "qwen2", drafter)
+    draft = draft_arg(dirs, "qwen2", drafter)
     n = TreeShape.of(shape).num_nodes
     # the 70-token prompt first: it holds most of the cache, the others take turns beside it
     prompts = [PROMPTS[3]] + PROMPTS[:3] + PROMPTS[4:]
@@ -427,7 +435,7 @@ def test_greedy_tree_under_preemption(dirs, drafter, shape):
 
 def test_ngram_trees_are_ragged_per_sequence(dirs):
     path, shape = dirs["llama"], (3, 2, 1)
-    prompts = [[5, 6, 7, 8] * 3 + [5, 6, 7], _prompts([6], seed=9)[0],
+    prompts = [[5, 6, 7, 8] * 3 + [5, 6, 7], random_prompts([6], seed=9)[0],
                [9, 10, 9, 11, 9, 12, 9], [20, 21, 22, 20, 21, 23, 20, 21]]
     params = _params([14, 10, 3, 7])
     llm = make_llm(path, "ngram", draft_tree=shape, block_size=4)
@@ -453,8 +461,8 @@ def test_trees_near_max_tokens_are_cut(dirs, drafter):
     tree is the static shape cut to that depth (ragged across the batch)."""
     path, shape = dirs["llama"], TreeShape.of((2, 2, 1))
     params = _params([1, 2, 3, 4, 5, 9], ignore_eos=True)
-    prompts = _prompts([3, 5, 2, 7, 4, 6], seed=8)
-    llm = make_llm(path, _draft_arg(dirs, "llama", drafter), draft_tree=shape.branching, block_size=4)
+    prompts = random_prompts([3, 5, 2, 7, 4, 6], seed=8)
+    llm = make_llm(path, draft_arg(dirs, "llama", drafter), draft_tree=shape.branching, block_size=4)
     steps = _record_proposals(llm)
     outs = llm.generate(prompts, params)
     check_greedy(path, prompts, params, outs)
@@ -475,14 +483,6 @@ def test_trees_near_max_tokens_are_cut(dirs, drafter):
 # ---------------------------------------------------------------------- keep-path
 
 
-def _kv_at(cache, blocks, seq_id, n):
-    """K, V of positions 0..n-1 of a sequence: [layers, n, H_kv, D] each (copies)."""
-    slots = torch.tensor(blocks.slots(seq_id, list(range(n))), dtype=torch.int64)
-    L, NB, BS, H, D = cache.k.shape
-    return (cache.k.reshape(L, NB * BS, H, D)[:, slots].clone(),
-            cache.v.reshape(L, NB * BS, H, D)[:, slots].clone())
-
-
 def plain_decoding_kv(path, prompts, tokens, block_size):
     """K/V that a plain (draft=None) engine writes while decoding ``tokens[i]`` (prompt +
     continuation), teacher-forced: after each step its new token is overwritten with the
@@ -500,7 +500,7 @@ def plain_decoding_kv(path, prompts, tokens, block_size):
                 s.tokens[-1] = t[len(s.tokens) - 1]
     for s, t in zip(seqs, tokens):
         assert s.tokens[:len(t)] == t and not s.finished
-    return [_kv_at(llm.cache, llm.blocks, s.seq_id, len(t) - 1) for s, t in zip(seqs, tokens)]
+    return [kv_at(llm.cache, llm.blocks, s.seq_id, len(t) - 1) for s, t in zip(seqs, tokens)]
 
 
 KEEP_PATH_CASES = [
@@ -519,7 +519,7 @@ KEEP_PATH_CASES = [
                               for d, s, t, n in KEEP_PATH_CASES])
 def test_keep_path_cache_equals_plain_decoding(dirs, drafter, shape, temperature, num_blocks):
     path, bs = dirs["llama"], 4
-    draft = _draft_arg(dirs, "llama", drafter)
+    draft = draft_arg(dirs, "llama", drafter)
     own_cache = drafter in ("near-draft", "self")
     memory = _budget([path] + ([draft] if own_cache else []), bs, num_blocks) if num_blocks else None
     llm = make_llm(path, draft, draft_tree=shape, block_size=bs, kv_cache_memory=memory)
@@ -536,10 +536,10 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter, shape, temperature
             if s not in llm.engine.running:
                 continue
             assert s.target_len == len(s.tokens) - 1  # everything but the pending token
-            target_snaps.append((i, s.target_len, *_kv_at(llm.cache, llm.blocks, s.seq_id, s.target_len)))
+            target_snaps.append((i, s.target_len, *kv_at(llm.cache, llm.blocks, s.seq_id, s.target_len)))
             if own_cache:
                 assert 0 < s.draft_len <= s.target_len
-                draft_snaps.append((i, s.draft_len, *_kv_at(llm.drafter.cache, llm.blocks, s.seq_id, s.draft_len)))
+                draft_snaps.append((i, s.draft_len, *kv_at(llm.drafter.cache, llm.blocks, s.seq_id, s.draft_len)))
     assert sum(moves) > 0, "no accepted path left the first-child slots"
     assert bool(llm.engine.scheduler.num_preemptions) == (num_blocks is not None)
     m = [s.metrics for s in seqs]
@@ -575,7 +575,7 @@ def test_triton_backend_tree(dirs, device, family, drafter):
     tri = LLM(str(path), draft=drafter, draft_tree=(2, 2), device=device, dtype=torch.float32,
               backend="triton", block_size=4)
     assert tri.backend == "triton"
-    _poison(tri)
+    poison_caches(tri)
     got = tri.generate(prompts, params)
     check_greedy(path, prompts[:2], params[:2], got[:2])
     want = make_llm(path, drafter, draft_tree=(2, 2), block_size=4).generate(prompts, params)
@@ -611,7 +611,7 @@ def test_target_as_draft_accepts_every_level(dirs, b, temperature):
 
 def test_acceptance_by_position_has_one_entry_per_depth(dirs):
     path = dirs["llama"]
-    llm = make_llm(path, _draft_arg(dirs, "llama", "near-draft"), draft_tree=(3, 2, 1, 1), block_size=4)
+    llm = make_llm(path, draft_arg(dirs, "llama", "near-draft"), draft_tree=(3, 2, 1, 1), block_size=4)
     outs = llm.generate(PROMPTS, _params([24] * 5, ignore_eos=True))
     by_pos = llm.metrics()["acceptance_rate_by_position"]
     assert len(by_pos) == 4
