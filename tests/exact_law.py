@@ -4,18 +4,26 @@ Shared by the engine distribution tests (test_distribution.py, test_tree_engine.
 ``next_token_probs`` is the law of the next token after each prefix
 (``model(input_ids)`` then ``reference.sampling_probs``: temperature, top-k, top-p), and
 ``exact_joint`` the joint law of the next ``N_TOKENS`` tokens, V ** N_TOKENS outcomes.
-Both assume the tiny vocabulary (V = 8) of the distribution tests' checkpoints.
+Both assume the tiny vocabulary (V = 8) of the distribution tests' checkpoints, which
+``distribution_checkpoints`` and ``window_checkpoints`` build.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+from checkpoints import make_checkpoint, perturbed_copy
 
 from specdec import SamplingParams
 from specdec.kernels import reference
+from specdec.models import load_model
 
 V = 8  # vocabulary size of the distribution tests' checkpoints
 N_TOKENS = 3  # generated tokens whose joint law is tested: V ** 3 = 512 outcomes
+# far from peaked (std 0.5: the most likely token has ~0.3 of the mass)
+ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24,
+            max_position_embeddings=64, std=0.5)
 
 
 def _check_filter_margins(logits: torch.Tensor, params: SamplingParams, margin: float = 1e-3) -> None:
@@ -62,3 +70,21 @@ def exact_joint(model, prompt: list[int], params: SamplingParams, n: int = N_TOK
         joint = (joint[:, None] * p).reshape(-1)  # [M * V]
         prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(m)[:, None]], 1)
     return joint / joint.sum(), torch.cat(kept)
+
+
+def distribution_checkpoints(root):
+    """A 2-layer V = 8 target, an unrelated 1-layer draft ("model", overlap sum min(p, q)
+    ~0.5 with the target) and the target plus noise ("near": under top-k/top-p it keeps
+    the target's tokens where an unrelated draft rarely does); ``model`` is the loaded target."""
+    target = make_checkpoint(root / "target", num_layers=2, seed=1, **ARCH)
+    draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **ARCH)
+    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
+
+
+def window_checkpoints(root):
+    """A 2-layer V = 8 Gemma 2 target whose first layer attends over a 4-position window
+    with soft-capped scores and logits, and a noisy copy ("near")."""
+    target = make_checkpoint(root / "target", "gemma2", num_layers=2, seed=1, sliding_window=4, **ARCH)
+    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
+    return SimpleNamespace(target=target, dirs={"near": near}, model=load_model(target))

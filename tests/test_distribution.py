@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
-from checkpoints import make_checkpoint, perturbed_copy
 from engine_helpers import ScheduledK
-from exact_law import exact_joint, next_token_probs
+from exact_law import distribution_checkpoints, exact_joint, next_token_probs, window_checkpoints
 from stats import binomial_two_sided_p, chi2_sf, chi_square_test
 
 from specdec import LLM, SamplingParams
@@ -53,20 +51,11 @@ POWER_ALPHA = 1e-6  # a wrong sampler must give p < POWER_ALPHA with the same dr
 # tokens with block_size 4 puts the drafts across KV block boundaries.
 PROMPT = [3, 1, 2, 0, 5, 2, 0, 4, 3, 1, 2, 0, 5, 2]
 BLOCK_SIZE = 4
-_ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24,
-             max_position_embeddings=64, std=0.5)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distribution")
-    target = make_checkpoint(root / "target", num_layers=2, seed=1, **_ARCH)
-    # "model": an unrelated 1-layer model, overlap sum min(p, q) ~0.5 with the target
-    draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **_ARCH)
-    # "near": the target plus noise; under top-k/top-p an unrelated draft rarely keeps
-    # the target's tokens (acceptance ~5%), this one does (~20%)
-    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
-    return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
+    return distribution_checkpoints(tmp_path_factory.mktemp("distribution"))
 
 
 def make_llm(ckpts, draft: str | None, k: int = 2, backend: str = "torch",
@@ -485,12 +474,7 @@ def test_fixed_shape_steps_with_a_wrong_sampler_are_rejected(ckpts):
 
 @pytest.fixture(scope="module")
 def window_ckpts(tmp_path_factory):
-    """A 2-layer V = 8 Gemma 2 target whose first layer attends over a 4-position window
-    (the prompt has 14 tokens) with soft-capped scores and logits, and a noisy copy."""
-    root = tmp_path_factory.mktemp("window_distribution")
-    target = make_checkpoint(root / "target", "gemma2", num_layers=2, seed=1, sliding_window=4, **_ARCH)
-    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
-    return SimpleNamespace(target=target, dirs={"near": near}, model=load_model(target))
+    return window_checkpoints(tmp_path_factory.mktemp("window_distribution"))
 
 
 @pytest.mark.slow

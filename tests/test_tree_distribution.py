@@ -18,8 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from checkpoints import make_checkpoint, perturbed_copy
-from exact_law import exact_joint, next_token_probs
+from exact_law import distribution_checkpoints, exact_joint, next_token_probs, window_checkpoints
 from stats import binomial_two_sided_p, chi_square_test
 from specdec import LLM, SamplingParams
 from specdec.drafters.ngram import continuation_tree, ngram_continuations
@@ -43,19 +42,12 @@ PROMPT = [3, 1, 2, 0, 5, 2, 0, 4, 3, 1, 2, 0, 5, 2]  # as in test_distribution.p
 # (2, 2) tree is root -> {4, 0}, 4 -> {7}, 0 -> {0, 2}: siblings at both levels, and the
 # target gives the root's candidates 0.26 and 0.36, so both are accepted often
 NGRAM_PROMPT = [2, 0, 2, 0, 0, 3, 3, 3, 7, 1, 2, 4, 7, 2]
-_ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24,
-             max_position_embeddings=64, std=0.5)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """The checkpoints of test_distribution.py: a 2-layer V = 8 target, an unrelated 1-layer
-    draft (overlap ~0.5) and a noisy copy of the target (keeps its top tokens)."""
-    root = tmp_path_factory.mktemp("tree_distribution")
-    target = make_checkpoint(root / "target", num_layers=2, seed=1, **_ARCH)
-    draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **_ARCH)
-    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
-    return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
+    """The checkpoints of test_distribution.py (exact_law.distribution_checkpoints)."""
+    return distribution_checkpoints(tmp_path_factory.mktemp("tree_distribution"))
 
 
 TREE_CASES = {
@@ -374,10 +366,7 @@ def test_children_without_replacement_are_caught(ckpts, monkeypatch):
 def window_ckpts(tmp_path_factory):
     """A 2-layer V = 8 Gemma 2 target, its first layer over a 4-position window (tree
     nodes at depth 2 see 2 prompt positions), and a noisy copy."""
-    root = tmp_path_factory.mktemp("tree_window_distribution")
-    target = make_checkpoint(root / "target", "gemma2", num_layers=2, seed=1, sliding_window=4, **_ARCH)
-    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
-    return SimpleNamespace(target=target, dirs={"near": near}, model=load_model(target))
+    return window_checkpoints(tmp_path_factory.mktemp("tree_window_distribution"))
 
 
 @pytest.mark.slow
