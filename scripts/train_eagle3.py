@@ -381,7 +381,12 @@ def train(args) -> None:
     for mod in head.modules():
         if isinstance(mod, nn.Linear):
             nn.init.normal_(mod.weight, std=0.02)
-    if args.init_lm_head:  # start from the target's own output head (it stays trainable)
+    if args.resume:  # continue from a head this script wrote (same shape and aux layers)
+        prev, prev_aux = load_head(pathlib.Path(args.resume))
+        if prev_aux != aux:
+            raise ValueError(f"--resume {args.resume} reads aux layers {prev_aux}, this run {aux}")
+        head.load_state_dict(prev.state_dict())
+    elif args.init_lm_head:  # start from the target's own output head (it stays trainable)
         with torch.no_grad():
             head.lm_head.weight.copy_(target.lm_head.weight.float())
             head.norm.weight.copy_(target.model.norm.weight.float())
@@ -395,7 +400,11 @@ def train(args) -> None:
     weights = [TTT_DECAY**s for s in range(args.ttt_steps)]
     start, smooth, history = time.time(), None, []
     head.train()
+    steps_done = 0
     for step in range(args.steps):
+        if args.max_minutes and time.time() - start > args.max_minutes * 60:
+            print(f"time cap of {args.max_minutes} min reached after {step} steps", flush=True)
+            break
         for grp in opt.param_groups:  # warm-up, then cosine to 10 %
             grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * (
                 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -406,6 +415,7 @@ def train(args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
+        steps_done = step + 1
         cur = [x.item() for x in losses]
         smooth = cur if smooth is None else [0.95 * a + 0.05 * b for a, b in zip(smooth, cur)]
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
@@ -434,9 +444,9 @@ def train(args) -> None:
         "command": "python scripts/train_eagle3.py " + " ".join(args.argv),
         "target": str(target_dir), "target_layers": target.num_layers,
         "aux_layers_hf_index": list(aux), "params": n_params,
-        "draft_vocab_size": tcfg.vocab_size, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+        "draft_vocab_size": tcfg.vocab_size, "steps": steps_done, "planned_steps": args.steps, "batch": args.batch, "seq": args.seq,
         "lr": args.lr, "warmup": args.warmup, "ttt_steps": args.ttt_steps, "ttt_decay": TTT_DECAY,
-        "init_lm_head_from_target": args.init_lm_head, "seed": args.seed, "threads": args.threads,
+        "init_lm_head_from_target": args.init_lm_head and not args.resume, "resumed_from": args.resume, "seed": args.seed, "threads": args.threads,
         "train_tokens_seen": args.steps * args.batch * args.seq, "train_seconds": round(train_seconds),
         "train_soft_ce_by_step": [round(x, 3) for x in smooth], "val_soft_ce_by_step": val_ce,
         "val_greedy_agreement_by_step": val_acc, "history": history,
@@ -459,6 +469,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="safety cap on the training time (stops before --steps; recorded)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ttt-steps", type=int, default=5)
@@ -466,6 +478,7 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=384)
+    ap.add_argument("--resume", default=None, metavar="HEAD_DIR", help="start from a head this script wrote")
     ap.add_argument("--no-init-lm-head", dest="init_lm_head", action="store_false")
     ap.add_argument("--data-mb", type=float, default=6.0)
     ap.add_argument("--seed", type=int, default=0)
