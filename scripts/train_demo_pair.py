@@ -85,7 +85,7 @@ def grow(source: pathlib.Path, layers: int, eos: int):
     for j in range(layers):
         src = small.model.layers[j // f].state_dict()
         for k, v in src.items():
-            fresh = j % f and (k.endswith("o_proj.weight") or k.endswith("down_proj.weight"))
+            fresh = j % f and k.endswith(("o_proj.weight", "down_proj.weight"))
             sd[f"model.layers.{j}.{k}"] = torch.zeros_like(v) if fresh else v.clone()
     big.load_state_dict(sd, strict=False)
     return big

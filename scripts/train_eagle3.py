@@ -46,8 +46,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from specdec.models import load_model  # noqa: E402
-from specdec.models.llama import RMSNorm, apply_rope  # noqa: E402
+from specdec.models import load_model
+from specdec.models.llama import RMSNorm, apply_rope
 
 TTT_DECAY = 0.8  # loss weight of unrolled step s: 0.8^s
 
@@ -326,7 +326,6 @@ def evaluate(target_dir: pathlib.Path, head_dir: pathlib.Path | None, draft_dir:
 def load_data(target_dir: pathlib.Path, data_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo pair's corpus tokenised with the target's tokenizer; (train, validation)."""
     from tokenizers import Tokenizer
-
     from train_demo_pair import stdlib_files
 
     tok = Tokenizer.from_file(str(target_dir / "tokenizer.json"))
@@ -351,7 +350,7 @@ def step_losses(target, capture: Capture, head: Eagle3Head, embed: torch.Tensor,
         t_logits = target(ids)  # [B, T, V]
         g = capture.features()
         t_logp = torch.log_softmax(t_logits, dim=-1)
-    B, T = ids.shape
+    T = ids.shape[1]
     losses, accs = [], []
     for s, logits in enumerate(ttt_forward(head, g, embed, ids, steps)):
         # anchor t, step s predicts x_{t+s+2}: the target's distribution at position t+s+1
