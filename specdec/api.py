@@ -20,8 +20,8 @@ from .kv_cache import allocate_caches
 from .models import GenerationDefaults, load_model
 from .request import (
     Request,
+    conversation_list,
     encode_prompt,
-    is_conversation,
     is_prompt,
     pair_prompts,
     render_conversation,
@@ -153,11 +153,7 @@ class LLM:
         returns:     the number of (bucket, mode, k) steps prepared; 0 without CUDA graphs
                      (steps are then captured, if at all, on first use)
         """
-        if batch_sizes is None:
-            batch_sizes = list(range(1, self.engine.max_num_seqs + 1))
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
-        return self.engine.warm_up(batch_sizes, tuple(modes))
+        return self.engine.warm_up(_warm_up_batch_sizes(batch_sizes, self.engine.max_num_seqs), tuple(modes))
 
     # ------------------------------------------------------------------ requests
     def _make_sequences(self, prompts, params) -> list[Sequence]:
@@ -273,11 +269,7 @@ class LLM:
         >>> out = llm.chat([{"role": "user", "content": "Hi!"}])          # doctest: +SKIP
         >>> out[0].text
         """
-        conversations = [messages] if is_conversation(messages) else messages
-        if not isinstance(conversations, (list, tuple)) or not conversations:
-            raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a "
-                             "non-empty list of conversations")
-        prompts = [self.render_chat(c, chat_template) for c in conversations]
+        prompts = [self.render_chat(c, chat_template) for c in conversation_list(messages)]
         return self.generate(prompts, params, progress)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
@@ -304,6 +296,15 @@ class LLM:
     def metrics(self) -> dict:
         """Totals over every request this instance served."""
         return engine_metrics(self.engine, num_requests=self._next_id)
+
+
+def _warm_up_batch_sizes(batch_sizes: list[int] | None, max_num_seqs: int) -> list[int]:
+    """``LLM.warm_up``'s batch sizes: every size up to ``max_num_seqs`` by default; ValueError unless positive ints."""
+    if batch_sizes is None:
+        batch_sizes = list(range(1, max_num_seqs + 1))
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
+    return batch_sizes
 
 
 def engine_metrics(engine: Engine, num_requests: int) -> dict:

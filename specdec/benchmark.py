@@ -284,12 +284,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None and args.draft is None:
         raise SystemExit("specdec bench: --target needs --draft (early-exit:N, a draft model directory or an "
                          "EAGLE-3 head directory); --draft alone runs against the embedded demo target")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but there is no CUDA device: pass --device cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device, dtype, name = _device(args.device)
     k = args.num_draft_tokens
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     # pass the engine options only when set: the defaults are the engine's, the heading lists the rest
     engine = {} if args.cuda_graphs is None else {"cuda_graphs": args.cuda_graphs}
     spec_only = {} if args.adaptive is None else {"adaptive": args.adaptive}
@@ -326,17 +322,43 @@ def run(args: argparse.Namespace) -> int:
                 c, predicted = _prediction(draft_plain, bench, m["acceptance_rate"], k, s_plain / n_plain)
                 hf_static = hf_assisted = "—"
                 if not args.skip_hf and batch in hf_batches:
-                    n, s = bench_hf(target, draft, prompts, args.max_tokens, temperature, device, dtype, False)
-                    hf_static = f"{n / s:.1f}"
-                    if batch == 1 and draft is not None:
-                        n, s = bench_hf(target, draft, prompts, args.max_tokens, temperature, device, dtype, True)
-                        hf_assisted = f"{n / s:.1f}"
+                    hf_static, hf_assisted = _hf_cells(target, draft, bench, dtype)
                 ratio = achieved / predicted if predicted is not None else None
                 print(f"| {batch} | {temperature:g} | {n_plain / s_plain:.1f} | {n_spec / s_spec:.1f} | "
                       f"{achieved:.2f} | {hf_static} | {hf_assisted} | {m['acceptance_rate']:.3f} | "
                       f"{m['mean_accepted_length']:.2f} | {m['draft_per_step']:.2f} | {_fmt(c)} | {_fmt(predicted)} | "
                       f"{_fmt(ratio)} |", flush=True)
                 rows.append((batch, temperature, achieved, ratio, n_plain / s_plain))
+    _print_summary(rows, roofline, batches)
+    return 0
+
+
+def _device(asked: str | None) -> tuple[str, torch.dtype, str]:
+    """(device, dtype, device name) for ``--device``: cuda when present and not asked otherwise."""
+    device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but there is no CUDA device: pass --device cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    return device, dtype, name
+
+
+def _hf_cells(target, draft, bench: tuple, dtype: torch.dtype) -> tuple[str, str]:
+    """The table's (hf static, hf assisted) tok/s cells; assisted only at batch 1 with a draft model."""
+    prompts, max_tokens, temperature, device = bench
+    n, s = bench_hf(target, draft, prompts, max_tokens, temperature, device, dtype, False)
+    hf_static, hf_assisted = f"{n / s:.1f}", "—"
+    if len(prompts) == 1 and draft is not None:
+        n, s = bench_hf(target, draft, prompts, max_tokens, temperature, device, dtype, True)
+        hf_assisted = f"{n / s:.1f}"
+    return hf_static, hf_assisted
+
+
+def _print_summary(rows: list[tuple], roofline, batches: list[int]) -> None:
+    """The lines under the table: spec / plain range, achieved / predicted spread, batch-1 roofline share.
+
+    ``rows``: (batch, temperature, spec / plain, achieved / predicted or None, plain tok/s) per row.
+    """
     best = max(rows, key=lambda r: r[2])
     ratios = [r[3] for r in rows if r[3] is not None]
     spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "n/a (EAGLE-3 head)"
@@ -345,7 +367,6 @@ def run(args: argparse.Namespace) -> int:
     if roofline and 1 in batches:
         plain_1 = max(r[4] for r in rows if r[0] == 1)
         print(f"batch-1 plain decoding at {plain_1 / roofline[0]:.0%} of the weight-bandwidth roofline")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,14 +113,8 @@ def _branching(text: str) -> tuple[int, ...] | str:
                                          f"EAGLE-3 head), got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import benchmark
-    from .benchmark import positive_int
-
-    parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding for llama-style models")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate text from a prompt")
+def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    """``specdec generate``'s arguments."""
     gen.add_argument("--target", required=True, help="target model directory (config.json + safetensors)")
     gen.add_argument("--draft", default=None,
                      help="draft model directory, EAGLE-3 head directory, 'ngram', or 'early-exit:N'")
@@ -145,21 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     gen.set_defaults(func=_generate)
 
-    demo = sub.add_parser("demo", help="speculative decoding on the embedded demo pair, against plain decoding")
+
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """``specdec demo``'s arguments."""
+    from .benchmark import positive_int
+
     demo.add_argument("--max-tokens", type=positive_int, default=64)
     demo.add_argument("--num-draft-tokens", type=positive_int, default=4)
     demo.add_argument("--device", default=None)
     demo.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="end-to-end tokens/s: plain, speculative and transformers, one table",
-                           description=benchmark.__doc__.split("\n\n")[0])
-    benchmark.add_arguments(bench)
-    bench.set_defaults(func=benchmark.run)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)",
-                         description="Serve a target (and drafter) over an OpenAI-compatible HTTP API. "
-                                     "Without --target: the embedded demo pair.")
+def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
+    """``specdec serve``'s arguments."""
+    from .benchmark import positive_int
+
     srv.add_argument("--target", default=None, help="target model directory (default: the embedded demo target)")
     srv.add_argument("--draft", default=None, help="draft model directory, EAGLE-3 head directory, 'ngram', or "
                      "'early-exit:N' "
@@ -183,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     srv.set_defaults(func=_serve)
 
-    conv = sub.add_parser("convert", help="convert a checkpoint to an HF-style directory")
+
+def _add_convert_arguments(conv: argparse.ArgumentParser) -> None:
+    """``specdec convert``'s formats (llama2c, eagle3) and their arguments."""
     conv_sub = conv.add_subparsers(dest="format", required=True)
     l2c = conv_sub.add_parser("llama2c", help="llama2.c checkpoint + tokenizer.bin")
     l2c.add_argument("checkpoint")
@@ -195,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     e3.add_argument("in_dir", help="the head's directory (config.json + pytorch_model.bin or safetensors)")
     e3.add_argument("out_dir", help="directory to write (config.json + model.safetensors)")
     e3.set_defaults(func=_convert_eagle3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``specdec`` command line: one subcommand each, its arguments added by the helpers above."""
+    from . import benchmark
+
+    parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding for llama-style models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    _add_generate_arguments(gen)
+
+    demo = sub.add_parser("demo", help="speculative decoding on the embedded demo pair, against plain decoding")
+    _add_demo_arguments(demo)
+
+    bench = sub.add_parser("bench", help="end-to-end tokens/s: plain, speculative and transformers, one table",
+                           description=benchmark.__doc__.split("\n\n")[0])
+    benchmark.add_arguments(bench)
+    bench.set_defaults(func=benchmark.run)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)",
+                         description="Serve a target (and drafter) over an OpenAI-compatible HTTP API. "
+                                     "Without --target: the embedded demo pair.")
+    _add_serve_arguments(srv)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint to an HF-style directory")
+    _add_convert_arguments(conv)
     return parser
 
 

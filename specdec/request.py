@@ -157,6 +157,18 @@ def is_conversation(messages) -> bool:
             all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages))
 
 
+def conversation_list(messages) -> list:
+    """``chat(messages)``'s conversations: ``messages`` itself when it is one conversation, else its items.
+
+    Raises ValueError when ``messages`` is neither one conversation nor a non-empty list of them.
+    """
+    conversations = [messages] if is_conversation(messages) else messages
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a "
+                         "non-empty list of conversations")
+    return conversations
+
+
 def pair_prompts(prompts, params) -> list[tuple[object, SamplingParams]]:
     """(prompt, SamplingParams) per prompt of ``generate(prompts, params)``: one prompt or a
     list; None, one SamplingParams for all, or one per prompt."""

@@ -91,55 +91,23 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}: is this a model directory?")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        raw = read_config_json(path, f"no config.json at {path}: is this a model directory?")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> "ModelConfig":
         where = f" (in {source})"
-        archs = raw.get("architectures") or []
-        arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(raw.get("model_type", ""))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"unsupported architecture {arch or raw.get('model_type')!r}{where}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        arch = _architecture(raw, where)
 
         def need(key):
-            if key not in raw:
-                raise ConfigError(f"config is missing required field {key!r}{where}")
-            return raw[key]
+            return _need(raw, key, where)
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         max_pos = raw.get("max_position_embeddings", 2048)
         window, sliding_layers = _sliding_window(arch, raw, need("num_hidden_layers"), max_pos, where)
-
-        # transformers >= 5 keeps theta and scaling in `rope_parameters` (per layer type for
-        # Gemma 3); older files use `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`).
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-        local_theta = raw.get("rope_local_base_freq") if arch == "Gemma3ForCausalLM" else None
-        if "full_attention" in rope or "sliding_attention" in rope:
-            local = dict(rope.get("sliding_attention") or {})
-            if local.get("rope_type", "default") != "default":
-                raise ConfigError(f"sliding-window layers' rope type {local.get('rope_type')!r} is not "
-                                  f"supported{where}; supported: default")
-            local_theta = local.get("rope_theta", local_theta)
-            rope = dict(rope.get("full_attention") or {})
-        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta, rope_type, rope, local_theta = _rope_fields(arch, raw, where)
         gemma = arch in GEMMA
-        act = raw.get("hidden_activation") or raw.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-        act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(act)
-        if act is None:
-            raise ConfigError(f"activation {raw.get('hidden_activation') or raw.get('hidden_act')!r} is not "
-                              f"supported{where}; supported: silu, gelu_pytorch_tanh")
+        act = _activation(raw, gemma, where)
         head_dim = raw.get("head_dim") or hidden // heads
         query_scalar = raw.get("query_pre_attn_scalar") if gemma else None
 
@@ -207,6 +175,70 @@ class ModelConfig:
         return inv_freq.float()  # float32 throughout, as transformers computes it
 
 
+def read_config_json(path: Path, missing: str) -> dict:
+    """The JSON object in ``path`` (config.json, generation_config.json).
+
+    Raises FileNotFoundError(``missing``) when there is no such file, ConfigError when it is not
+    valid JSON or not a JSON object.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _need(raw: dict, key: str, where: str):
+    """``raw[key]``; ConfigError naming the field when it is missing."""
+    if key not in raw:
+        raise ConfigError(f"config is missing required field {key!r}{where}")
+    return raw[key]
+
+
+def _architecture(raw: dict, where: str) -> str:
+    """The supported architecture ``raw`` names (``architectures[0]``, else by ``model_type``)."""
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(raw.get("model_type", ""))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"unsupported architecture {arch or raw.get('model_type')!r}{where}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _rope_fields(arch: str, raw: dict, where: str) -> tuple[float, str, dict, float | None]:
+    """(theta, rope type, the full-attention rope dict, sliding layers' theta or None) of ``raw``."""
+    # transformers >= 5 keeps theta and scaling in `rope_parameters` (per layer type for
+    # Gemma 3); older files use `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`).
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    local_theta = raw.get("rope_local_base_freq") if arch == "Gemma3ForCausalLM" else None
+    if "full_attention" in rope or "sliding_attention" in rope:
+        local = dict(rope.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(f"sliding-window layers' rope type {local.get('rope_type')!r} is not "
+                              f"supported{where}; supported: default")
+        local_theta = local.get("rope_theta", local_theta)
+        rope = dict(rope.get("full_attention") or {})
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return theta, rope_type, rope, local_theta
+
+
+def _activation(raw: dict, gemma: bool, where: str) -> str:
+    """The MLP activation, as the runner names it: ``"silu"`` or ``"gelu_tanh"``."""
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(act)
+    if act is None:
+        raise ConfigError(f"activation {raw.get('hidden_activation') or raw.get('hidden_act')!r} is not "
+                          f"supported{where}; supported: silu, gelu_pytorch_tanh")
+    return act
+
+
 def _sliding_window(arch: str, raw: dict, num_layers: int, max_pos: int, where: str):
     """(window, per-layer flags) of a config, or (None, ()) when no layer's window is
     shorter than the context (a window >= max_position_embeddings changes nothing)."""
@@ -270,13 +302,7 @@ class GenerationDefaults:
         file = Path(path) / "generation_config.json"
         if not file.is_file():
             return cls()
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw, source=str(file))
+        return cls.from_dict(read_config_json(file, f"no {file}"), source=str(file))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> "GenerationDefaults":

@@ -3,17 +3,18 @@
 What each dialect stores and how it is read: see specdec/models/eagle3.py and
 docs/EAGLE3_FORMAT.md §1. Everything here validates; nothing is skipped silently: a config key
 that changes the math and is not implemented, an unknown, missing or misshapen tensor, or
-inconsistent vocabulary maps raise ConfigError / CheckpointError (ValueErrors) naming it.
+inconsistent vocabulary maps raise ConfigError / CheckpointError (ValueErrors) naming it. The
+tensor checks live in eagle3_tensors.py (``check_tensors``, re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, read_config_json
+from .eagle3_tensors import check_tensors
 from .loader import CheckpointError
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "EAGLE3LlamaForCausalLM")
@@ -21,21 +22,16 @@ DRAFT_ARCHS = ("llama", "qwen3")
 DEFAULT_ROPE_THETA = 10000.0  # what every reference trained with when the config names none
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
+__all__ = ["DEFAULT_ROPE_THETA", "DRAFT_ARCHS", "EAGLE3_ARCHITECTURES", "LLAMA3_ROPE_KEYS", "check_tensors",
+           "is_eagle3_config", "parse_config", "read_config", "resolve"]
+
 
 # ---------------------------------------------------------------------------- detection
 
 
 def read_config(root: Path) -> dict:
-    path = root / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {root}: is this an EAGLE-3 head directory?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+    """The JSON object in ``root/config.json`` (an EAGLE-3 head's config)."""
+    return read_config_json(root / "config.json", f"no config.json in {root}: is this an EAGLE-3 head directory?")
 
 
 def is_eagle3_config(raw: dict) -> bool:
@@ -159,15 +155,56 @@ def _aux_ids(top: dict, nested_allowed: bool, where: str) -> tuple[int, ...] | N
     return tuple(ids) if ids is not None else None
 
 
-def parse_config(raw: dict, source: str) -> dict:
-    """Eagle3Config fields from a config.json; ``draft_arch``/``fc_bias`` may be None = decided by the tensors."""
-    where = f" (in {source})"
+def _check_eagle3(raw: dict, where: str) -> None:
+    """ConfigError unless ``raw`` is an EAGLE-3 head config in a dialect specdec reads."""
     if not is_eagle3_config(raw):
         if "speculators_model_type" in raw:
             raise ConfigError(f"speculators_model_type {raw['speculators_model_type']!r} is not an EAGLE-3 "
                               f"head{where}; specdec loads speculators_model_type \"eagle3\"")
         raise ConfigError(f"not an EAGLE-3 head config{where}: expected speculators_model_type \"eagle3\", "
                           f"architectures {list(EAGLE3_ARCHITECTURES)}, or LlamaForCausalLM with draft_vocab_size")
+
+
+def _norm_before_fc(raw: dict, speculators: bool, where: str) -> bool:
+    """``norm_before_fc``, top-level or (non-speculators dialects) in ``eagle_config``; both must agree."""
+    eagle = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
+    norm_before_fc = _bool(raw, "norm_before_fc", None, where)
+    nested_nbf = None if speculators else _bool(eagle, "norm_before_fc", None, where)
+    if norm_before_fc is not None and nested_nbf is not None and norm_before_fc != nested_nbf:
+        raise ConfigError(f"norm_before_fc and eagle_config.norm_before_fc contradict each other{where}")
+    return norm_before_fc if norm_before_fc is not None else bool(nested_nbf)
+
+
+def _dialect_flags(raw: dict, speculators: bool, where: str) -> dict:
+    """fc_bias / norm_before_residual / apply_final_norm / feed_normed_hidden, as each dialect spells them."""
+    if speculators:
+        return {
+            "fc_bias": False,
+            "norm_before_residual": _bool(raw, "norm_before_residual", True, where),  # as vLLM reads them
+            "apply_final_norm": True,
+            "feed_normed_hidden": _bool(raw, "norm_output", False, where),
+        }
+    return {
+        "fc_bias": _either(raw, "fc_bias", "bias", None, where),
+        "norm_before_residual": _bool(raw, "norm_before_residual", False, where),
+        "apply_final_norm": _either(raw, "apply_final_norm", "norm_output", True, where),
+        "feed_normed_hidden": _bool(raw, "feed_normed_hidden", False, where),
+    }
+
+
+def _check_aux_count(raw: dict, aux_layer_ids: tuple | None, where: str) -> None:
+    """ConfigError when ``num_aux_layers`` / ``num_aux_hidden_states`` disagree with the aux layer ids."""
+    num_aux = 3 if aux_layer_ids is None else len(aux_layer_ids)
+    for key in ("num_aux_layers", "num_aux_hidden_states"):
+        if raw.get(key) not in (None, num_aux):
+            raise ConfigError(f"{key}={raw[key]!r} but the config names {num_aux} aux layers{where}; "
+                              f"set eagle_aux_hidden_state_layer_ids to the {raw[key]} layers the head reads")
+
+
+def parse_config(raw: dict, source: str) -> dict:
+    """Eagle3Config fields from a config.json; ``draft_arch``/``fc_bias`` may be None = decided by the tensors."""
+    where = f" (in {source})"
+    _check_eagle3(raw, where)
     speculators = "speculators_model_type" in raw
     layer = raw.get("transformer_layer_config") if speculators else raw
     if not isinstance(layer, dict):
@@ -184,26 +221,8 @@ def parse_config(raw: dict, source: str) -> dict:
     draft_arch = "llama" if model_type == "llama" else None
     if not speculators and "draft_arch" in raw:
         draft_arch = raw["draft_arch"]
-    eagle = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
-    norm_before_fc = _bool(raw, "norm_before_fc", None, where)
-    nested_nbf = None if speculators else _bool(eagle, "norm_before_fc", None, where)
-    if norm_before_fc is not None and nested_nbf is not None and norm_before_fc != nested_nbf:
-        raise ConfigError(f"norm_before_fc and eagle_config.norm_before_fc contradict each other{where}")
-    norm_before_fc = norm_before_fc if norm_before_fc is not None else bool(nested_nbf)
-    if speculators:
-        flags = {
-            "fc_bias": False,
-            "norm_before_residual": _bool(raw, "norm_before_residual", True, where),  # as vLLM reads them
-            "apply_final_norm": True,
-            "feed_normed_hidden": _bool(raw, "norm_output", False, where),
-        }
-    else:
-        flags = {
-            "fc_bias": _either(raw, "fc_bias", "bias", None, where),
-            "norm_before_residual": _bool(raw, "norm_before_residual", False, where),
-            "apply_final_norm": _either(raw, "apply_final_norm", "norm_output", True, where),
-            "feed_normed_hidden": _bool(raw, "feed_normed_hidden", False, where),
-        }
+    norm_before_fc = _norm_before_fc(raw, speculators, where)
+    flags = _dialect_flags(raw, speculators, where)
     fields = dict(
         hidden_size=hidden,
         intermediate_size=_int(layer, "intermediate_size", where),
@@ -223,11 +242,7 @@ def parse_config(raw: dict, source: str) -> dict:
         has_embed_tokens=None,  # decided by the tensors
         **flags,
     )
-    num_aux = 3 if fields["aux_layer_ids"] is None else len(fields["aux_layer_ids"])
-    for key in ("num_aux_layers", "num_aux_hidden_states"):
-        if raw.get(key) not in (None, num_aux):
-            raise ConfigError(f"{key}={raw[key]!r} but the config names {num_aux} aux layers{where}; "
-                              f"set eagle_aux_hidden_state_layer_ids to the {raw[key]} layers the head reads")
+    _check_aux_count(raw, fields["aux_layer_ids"], where)
     return fields
 
 
@@ -246,86 +261,6 @@ def _rename(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Te
                                   f"keep one")
         out[new] = t
     return out
-
-
-def _expected_shapes(f: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(required, optional) normalised tensor names -> shapes for the config fields ``f``."""
-    H, I, hd = f["hidden_size"], f["intermediate_size"], f["head_dim"]
-    q_rows, kv_rows = f["num_attention_heads"] * hd, f["num_key_value_heads"] * hd
-    Ht, C = f["target_hidden_size"], 3 if f["aux_layer_ids"] is None else len(f["aux_layer_ids"])
-    m = "midlayer."
-    req = {
-        "fc.weight": (H, C * Ht),
-        m + "input_layernorm.weight": (H,),
-        m + "hidden_norm.weight": (H,),
-        m + "self_attn.q_proj.weight": (q_rows, 2 * H),  # input [RMSNorm(e) ; RMSNorm(u)]
-        m + "self_attn.k_proj.weight": (kv_rows, 2 * H),
-        m + "self_attn.v_proj.weight": (kv_rows, 2 * H),
-        m + "self_attn.o_proj.weight": (H, q_rows),
-        m + "post_attention_layernorm.weight": (H,),
-        m + "mlp.gate_proj.weight": (I, H),
-        m + "mlp.up_proj.weight": (I, H),
-        m + "mlp.down_proj.weight": (H, I),
-        "norm.weight": (H,),
-        "lm_head.weight": (f["draft_vocab_size"], H),
-    }
-    if f["fc_bias"]:
-        req["fc.bias"] = (H,)
-    if f["draft_arch"] == "qwen3":
-        req[m + "self_attn.q_norm.weight"] = (hd,)
-        req[m + "self_attn.k_norm.weight"] = (hd,)
-    if f["norm_before_fc"]:
-        req["input_norm.weight"] = (C * Ht,)
-    if f["fc_norm"]:
-        req.update({f"fc_norm.{i}.weight": (Ht,) for i in range(C)})
-    opt = {"embed_tokens.weight": (f["vocab_size"], H)}
-    maps = {"d2t": (f["draft_vocab_size"],), "t2d": (f["vocab_size"],)}
-    (req if f["draft_vocab_size"] < f["vocab_size"] else opt).update(maps)
-    return req, opt
-
-
-# why a present tensor the config does not expect is there, and what to change
-_UNEXPECTED_HINTS = {
-    "fc.bias": "the config does not set bias/fc_bias: true",
-    "input_norm.weight": "the config does not set norm_before_fc: true",
-    "midlayer.self_attn.q_norm.weight": "q/k norms belong to a qwen3 draft layer (model_type \"qwen3\")",
-    "midlayer.self_attn.k_norm.weight": "q/k norms belong to a qwen3 draft layer (model_type \"qwen3\")",
-    "mask_hidden": "parallel drafting is not supported",
-}
-_MISSING_HINTS = {
-    "lm_head.weight": "an EAGLE-3 head has its own draft-vocabulary lm_head [Vd, H]",
-    "d2t": "draft_vocab_size < vocab_size needs the d2t/t2d vocabulary maps",
-    "t2d": "draft_vocab_size < vocab_size needs the d2t/t2d vocabulary maps",
-    "input_norm.weight": "the config sets norm_before_fc: true",
-    "fc.bias": "the config sets bias/fc_bias: true",
-}
-
-
-def _listed(names: list[str], hints: dict[str, str]) -> str:
-    shown = [n + (f" ({hints[n]})" if n in hints else "") for n in names[:5]]
-    return ", ".join(shown) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def _check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor, vocab: int, source: str) -> None:
-    """SafeAILab/SpecForge build the maps from ascending used ids: target = arange(Vd) + d2t is
-    strictly increasing, inside the vocabulary, and equals nonzero(t2d)."""
-    target = torch.arange(d2t.numel()) + d2t
-    if d2t.numel() and (target[0] < 0 or target[-1] >= vocab or bool((target[1:] <= target[:-1]).any())):
-        raise CheckpointError(f"d2t in {source} does not map the draft vocabulary to distinct ascending target "
-                              f"ids in [0, {vocab}): the vocabulary maps are corrupt")
-    if not torch.equal(target, t2d.nonzero().flatten()):
-        raise CheckpointError(f"d2t and t2d in {source} disagree: arange(Vd) + d2t must equal the ids where t2d "
-                              f"is true; the vocabulary maps do not belong together")
-
-
-def _integer_map(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
-    if name == "t2d" and t.dtype != torch.bool:
-        if t.is_floating_point() or bool(((t != 0) & (t != 1)).any()):
-            raise CheckpointError(f"t2d in {source} must be bool (or 0/1 integers), got {t.dtype}")
-        return t.bool()
-    if name == "d2t" and (t.is_floating_point() or t.dtype == torch.bool):
-        raise CheckpointError(f"d2t in {source} must hold integers, got {t.dtype}")
-    return t.to(torch.int64) if name == "d2t" else t
 
 
 def resolve(raw: dict, tensors: dict[str, torch.Tensor], source: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -354,46 +289,3 @@ def resolve(raw: dict, tensors: dict[str, torch.Tensor], source: str) -> tuple[d
             f"so the target's embedding cannot feed the head, and it has no embed_tokens.weight "
             f"[{f['vocab_size']}, {f['hidden_size']}]")
     return f, tensors
-
-
-def check_tensors(f: dict, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """The head's tensors checked against its config fields ``f``: none unknown, none missing, shapes,
-    dtypes, vocabulary maps (identity maps added for a full draft vocabulary)."""
-    m = "midlayer.self_attn."
-    required, optional = _expected_shapes(f)
-    unexpected = sorted(set(tensors) - set(required) - set(optional))
-    if unexpected:
-        hints = dict(_UNEXPECTED_HINTS,
-                     **{n: "the config does not set fc_norm: true" for n in unexpected if n.startswith("fc_norm.")},
-                     **{n: "multi-layer heads are not supported" for n in unexpected
-                        if n.startswith(("layers.", "midlayers."))})
-        raise CheckpointError(f"{source} has tensor(s) specdec's EAGLE-3 head does not know: "
-                              f"{_listed(unexpected, hints)}; refusing to skip them (is config.json "
-                              f"the right one for these weights?)")
-    missing = sorted(set(required) - set(tensors))
-    if missing:
-        hints = dict(_MISSING_HINTS,
-                     **{n: "the config sets fc_norm: true" for n in required if n.startswith("fc_norm.")},
-                     **{n: "a qwen3 draft layer has q/k norms" for n in required
-                        if n.startswith(m) and n.endswith("_norm.weight")})
-        raise CheckpointError(f"{source} is missing tensor(s): {_listed(missing, hints)}")
-    shapes = {**required, **optional}
-    out = {}
-    for name, t in tensors.items():
-        if tuple(t.shape) != shapes[name]:
-            raise CheckpointError(f"tensor {name} in {source} has shape {tuple(t.shape)} but the config implies "
-                                  f"{shapes[name]}; is config.json the right one for these weights?")
-        if name in ("d2t", "t2d"):
-            t = _integer_map(t, name, source)
-        elif not t.is_floating_point():
-            raise CheckpointError(f"tensor {name} in {source} has dtype {t.dtype}; weights must be floating point")
-        out[name] = t.contiguous()
-    if "d2t" in out or "t2d" in out:
-        if "d2t" not in out or "t2d" not in out:
-            raise CheckpointError(f"{source} is missing tensor(s): {'t2d' if 'd2t' in out else 'd2t'} (the "
-                                  f"vocabulary maps come in pairs)")
-        _check_vocab_maps(out["d2t"], out["t2d"], f["vocab_size"], source)
-    else:  # full draft vocabulary: identity maps
-        out["d2t"] = torch.zeros(f["vocab_size"], dtype=torch.int64)
-        out["t2d"] = torch.ones(f["vocab_size"], dtype=torch.bool)
-    return out
