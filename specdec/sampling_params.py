@@ -47,8 +47,9 @@ class SamplingParams:
 
     Integers and reals of numpy are accepted and stored as Python int / float.
 
-    >>> SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7)
-    SamplingParams(max_tokens=32, temperature=0.8, top_k=0, top_p=0.95, seed=7, stop=(), stop_token_ids=(), ignore_eos=False)
+    >>> SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7)  # doctest: +NORMALIZE_WHITESPACE
+    SamplingParams(max_tokens=32, temperature=0.8, top_k=0, top_p=0.95, seed=7, stop=(), stop_token_ids=(),
+                   ignore_eos=False)
     """
 
     max_tokens: int = 16
@@ -112,14 +113,15 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         set_("ignore_eos", bool(self.ignore_eos))
 
-    def with_defaults(self, **defaults) -> "SamplingParams":
+    def with_defaults(self, **defaults) -> SamplingParams:
         """These parameters with each unset one among temperature, top_k and top_p taken
         from ``defaults`` (a model's generation_config values; None or absent: keep the
         library default). Given values are never replaced. Range-checked as on
         construction. The result records no unset fields: its values are final.
 
-        >>> SamplingParams(top_p=0.5).with_defaults(temperature=0.6, top_p=0.95)
-        SamplingParams(max_tokens=16, temperature=0.6, top_k=0, top_p=0.5, seed=None, stop=(), stop_token_ids=(), ignore_eos=False)
+        >>> SamplingParams(top_p=0.5).with_defaults(temperature=0.6, top_p=0.95)  # doctest: +NORMALIZE_WHITESPACE
+        SamplingParams(max_tokens=16, temperature=0.6, top_k=0, top_p=0.5, seed=None, stop=(), stop_token_ids=(),
+                       ignore_eos=False)
         """
         unknown = set(defaults) - set(LIBRARY_DEFAULTS)
         if unknown:

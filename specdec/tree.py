@@ -65,7 +65,7 @@ class TreeShape:
     depths: tuple[int, ...]  # 1-based: children of the root have depth 1
 
     @classmethod
-    def of(cls, branching) -> "TreeShape":
+    def of(cls, branching) -> TreeShape:
         branching = tuple(branching)
         if not branching or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in branching):
             raise ValueError(f"draft_tree must be a non-empty tuple of integers >= 1, got {branching!r}")

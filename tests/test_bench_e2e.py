@@ -11,7 +11,7 @@ def _table(out: str) -> list[dict]:
     """The markdown table's rows as {column heading: cell}."""
     lines = [line for line in out.splitlines() if line.startswith("|")]
     heads = [h.strip() for h in lines[0].strip("|").split("|")]
-    return [dict(zip(heads, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return [dict(zip(heads, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
 
 def test_leviathan_formula():

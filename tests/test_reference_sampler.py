@@ -130,7 +130,7 @@ def outcome_pvalue(out, n_acc, law, min_expected=5.0):
     """
     total = n_acc.shape[0]
     counts = {}
-    for row, a in zip(out.tolist(), n_acc.tolist()):
+    for row, a in zip(out.tolist(), n_acc.tolist(), strict=True):
         key = (a, *row[: a + 1])
         if law.get(key, 0.0) <= 0.0:
             return 0.0
@@ -217,7 +217,7 @@ def test_one_hot_target(has_q):
         rows = target[int(cu[b]) + b : int(cu[b + 1]) + b + 1]
         drafts = args[1][int(cu[b]) : int(cu[b + 1])]
         a = int(n_acc[b])
-        expected_a = next((i for i, (x, t) in enumerate(zip(drafts, rows)) if x != t), len(drafts))
+        expected_a = next((i for i, (x, t) in enumerate(zip(drafts, rows, strict=False)) if x != t), len(drafts))
         assert a == expected_a
         assert int(out[b, a]) == int(rows[a])
 

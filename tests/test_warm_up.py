@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from specdec import LLM
+from specdec import LLM, warmup
 from specdec.cuda_graphs import SAMPLING_MODES
-from specdec import warmup
 
 va = importlib.import_module("specdec.kernels.verify_attention")
 

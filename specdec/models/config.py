@@ -87,7 +87,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -102,7 +102,7 @@ class ModelConfig:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> "ModelConfig":
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> ModelConfig:
         where = f" (in {source})"
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(raw.get("model_type", ""))
@@ -265,7 +265,7 @@ class GenerationDefaults:
     source: str = "<none>"
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "GenerationDefaults":
+    def from_dir(cls, path: str | Path) -> GenerationDefaults:
         """Read ``path/generation_config.json``; all-None defaults when there is none."""
         file = Path(path) / "generation_config.json"
         if not file.is_file():
@@ -279,7 +279,7 @@ class GenerationDefaults:
         return cls.from_dict(raw, source=str(file))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> "GenerationDefaults":
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> GenerationDefaults:
         from ..sampling_params import SamplingParams
 
         eos = raw.get("eos_token_id")

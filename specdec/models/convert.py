@@ -140,7 +140,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
             f"{path}: llama2.c export version {version} (magic 'ak42') is not supported; "
             f"only the legacy version-0 format is (export.py --version 0)"
         )
-    h = dict(zip(_HEADER_FIELDS, _HEADER.unpack(raw)))
+    h = dict(zip(_HEADER_FIELDS, _HEADER.unpack(raw), strict=True))
     shown = ", ".join(f"{k}={v}" for k, v in h.items())
     bad = [k for k in _HEADER_FIELDS if k != "vocab_size" and h[k] <= 0]
     if bad or h["vocab_size"] == 0:

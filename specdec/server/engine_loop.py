@@ -45,7 +45,7 @@ class Event:
 class Choice:
     index: int
     request: object  # specdec.Request
-    handle: "Handle"
+    handle: Handle
     arrival: float
     started: bool = False
 

@@ -68,7 +68,7 @@ async def _complete(state, request: Request, req: GenerationRequest, handle: Han
     if failed is not None:
         raise APIError(500, f"generation failed: {failed.error}", type="server_error", code="generation_error")
     choices = []
-    for i, (text, final) in enumerate(zip(texts, finals)):
+    for i, (text, final) in enumerate(zip(texts, finals, strict=True)):
         choice = {"index": i, "logprobs": None, "finish_reason": final.finish_reason, "specdec": _specdec(final)}
         if req.kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
