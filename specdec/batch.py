@@ -92,7 +92,8 @@ def build_forward_batch(
 
     tokens: [sum(lengths)] int64 on ``device`` (built by the caller, possibly on device)
     """
-    positions, slots, rows, q_start = [], [], [], [0]
+    positions, slots, q_start = [], [], [0]
+    rows: list[int] = []
     for seq_id, start, n, n_logits in zip(seq_ids, starts, lengths, num_logits, strict=True):
         pos = list(range(start, start + n))
         positions += pos
@@ -130,7 +131,8 @@ def build_tree_batch(
     tokens:     [sum(1 + N_b)] int64 on ``device``
     Logits are returned for every new token (the root's and each node's).
     """
-    positions, slots, masks, q_start = [], [], [], [0]
+    positions, slots, q_start = [], [], [0]
+    masks: list[int] = []  # one packed ancestor mask per new token
     seq_lens = [r + 1 + len(p) for r, p in zip(roots, parents, strict=True)]
     for seq_id, root, ps in zip(seq_ids, roots, parents, strict=True):
         n = 1 + len(ps)

@@ -6,6 +6,7 @@ import math
 import numbers
 import struct
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy
 
@@ -53,9 +54,10 @@ class SamplingParams:
     """
 
     max_tokens: int = 16
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+    # None (unset) is accepted and replaced by __post_init__: the fields are typed as read
+    temperature: float = None  # type: ignore[assignment]
+    top_k: int = None  # type: ignore[assignment]
+    top_p: float = None  # type: ignore[assignment]
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -127,7 +129,7 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"with_defaults takes {', '.join(LIBRARY_DEFAULTS)}, got {', '.join(sorted(unknown))}")
         values = {name: getattr(self, name) for name in LIBRARY_DEFAULTS}
-        for name in self.unset:
+        for name in self.unset or ():  # always a frozenset after __post_init__
             if defaults.get(name) is not None:
                 values[name] = defaults[name]
         return SamplingParams(max_tokens=self.max_tokens, seed=self.seed, stop=self.stop,
@@ -139,11 +141,11 @@ def _float32(x) -> float:
     return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
-def _is_int(x) -> bool:
+def _is_int(x) -> TypeGuard[int]:
     return isinstance(x, numbers.Integral) and not _is_bool(x)
 
 
-def _is_real(x) -> bool:
+def _is_real(x) -> TypeGuard[float]:
     return isinstance(x, numbers.Real) and not _is_bool(x)
 
 

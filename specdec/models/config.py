@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,7 +124,7 @@ class ModelConfig:
 
         # transformers >= 5 keeps theta and scaling in `rope_parameters` (per layer type for
         # Gemma 3); older files use `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`).
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope: dict[str, Any] = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         local_theta = raw.get("rope_local_base_freq") if arch == "Gemma3ForCausalLM" else None
         if "full_attention" in rope or "sliding_attention" in rope:
             local = dict(rope.get("sliding_attention") or {})
@@ -131,7 +132,8 @@ class ModelConfig:
                 raise ConfigError(f"sliding-window layers' rope type {local.get('rope_type')!r} is not "
                                   f"supported{where}; supported: default")
             local_theta = local.get("rope_theta", local_theta)
-            rope = dict(rope.get("full_attention") or {})
+            full: dict[str, Any] = rope.get("full_attention") or {}
+            rope = dict(full)
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         gemma = arch in GEMMA
@@ -184,6 +186,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ rope
     def rope_local_inv_freq(self) -> torch.Tensor:
         """Gemma 3's sliding-window layers: default RoPE with base ``rope_local_theta``."""
+        if self.rope_local_theta is None:
+            raise ValueError("this model has no sliding-window RoPE base (rope_local_theta is None)")
         d = self.head_dim
         return (1.0 / (self.rope_local_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).float()
 
@@ -287,7 +291,7 @@ class GenerationDefaults:
         if eos_ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                            for t in eos_ids):
             raise ConfigError(f"eos_token_id must be a token id or a list of them, got {eos!r} (in {source})")
-        values = {name: raw.get(name) for name in ("temperature", "top_k", "top_p")}
+        values: dict[str, Any] = {name: raw.get(name) for name in ("temperature", "top_k", "top_p")}
         if raw.get("do_sample") is False:
             values["temperature"] = 0.0
         try:

@@ -249,7 +249,9 @@ def _read_tokenizer(path: Path, vocab_size: int, checkpoint: Path) -> tuple[list
     (max_len,) = struct.unpack_from("<i", data, 0)
     if not 0 < max_len <= 1 << 16:
         raise ValueError(f"{path}: max_token_length {max_len} is implausible; {hint}")
-    pieces, scores, off = [], [], 4
+    pieces: list[bytes] = []
+    scores: list[float] = []
+    off = 4
     while off < len(data):
         i = len(pieces)
         if off + 8 > len(data):

@@ -9,6 +9,7 @@ load benchmark).
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import threading
@@ -37,7 +38,7 @@ class _Server(uvicorn.Server):
 
 def _config(app, state: ServerState, **kw) -> uvicorn.Config:
     # uvicorn's own wait for connections is a backstop behind the app's drain timeout
-    grace = state.shutdown_timeout + 5 if state.shutdown_timeout < float("inf") else None
+    grace = math.ceil(state.shutdown_timeout) + 5 if state.shutdown_timeout < float("inf") else None  # whole seconds
     return uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=grace, **kw)
 
 
