@@ -22,7 +22,7 @@ Bandwidth counts each byte the op must move once:
 and FLOPs the visible (query, key) pairs: 4 * D * H * sum_t visible_keys(t) (QK^T and PV).
 
 The KV copies (``test_kv_copy``) time specdec.kernels.kv_cache_ops.write_kv and move_kv,
-torch path vs Triton path.
+the torch backend's (the reference) vs the Triton backend's.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ import torch.nn.functional as F
 from specdec.kernels import reference as ref
 from specdec.kernels.kv_cache_ops import move_kv, write_kv
 
+KV_IMPLS = {"torch": (ref.write_kv, ref.move_kv), "triton": (write_kv, move_kv)}  # per backend
+
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
+policy = importlib.import_module("specdec.kernels._attention_policy")
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -206,12 +209,12 @@ def test_kv_copy(benchmark, op, impl):
     slots = torch.randperm(num_slots, device=DEVICE)[:T]
     if op == "write_kv":
         k = torch.randn(T, h_kv, d, dtype=dtype, device=DEVICE)
-        rows, fn = T, lambda: write_kv(k, k, k_cache, v_cache, slots, impl=impl)
+        rows, fn = T, lambda: KV_IMPLS[impl][0](k, k, k_cache, v_cache, slots)
     else:  # compaction: every sequence moves ~1/8 of its tree down by a few slots
         rows = T // 8
         src = torch.sort(slots[:rows]).values
         dst = (src - 3).clamp(min=0)
-        fn = lambda: move_kv(k_cache, v_cache, src, dst, impl=impl)  # noqa: E731
+        fn = lambda: KV_IMPLS[impl][1](k_cache, v_cache, src, dst)  # noqa: E731
 
     def timed():
         fn()
@@ -290,13 +293,13 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
 
     # -- tile configs for the headline case (the heuristic's pick is marked) --
     args = kernel_args(head)
-    picked = va._pick_config(B, H_kv, H // H_kv, D, head_tree, head_prefix + head_tree,
+    picked = policy.pick_config(B, H_kv, H // H_kv, D, head_tree, head_prefix + head_tree,
                              shape["dtype"], head["q"].device)
     nbytes, _ = traffic(head)
     print(f"\nheadline tile configs (picked: {picked})\n\n| block_m | block_n | warps | stages "
           "| splits | µs | GB/s |\n|---|---|---|---|---|---|---|")
     for bm, bn, w, st, sp in configs:
-        cfg = va._Config(bm, bn, w, st, sp)
+        cfg = policy.Config(bm, bn, w, st, sp)
         try:
             us = _time_us(functools.partial(va._launch_attention, **args, max_query_len=head_tree, cfg=cfg))
             print(f"| {bm} | {bn} | {w} | {st} | {sp} | {us:.1f} | {nbytes / us / 1e3:.0f} |")
@@ -311,12 +314,12 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
     for rows in kv_rows:
         slots = torch.randperm(nb * PAGE, device=DEVICE)[:rows]
         k = torch.randn(rows, H_kv, D, device=DEVICE).to(shape["dtype"])
-        t = [_time_us(functools.partial(write_kv, k, k, k_cache, v_cache, slots, impl=i))
+        t = [_time_us(functools.partial(KV_IMPLS[i][0], k, k, k_cache, v_cache, slots))
              for i in ("torch", "triton")]
         print(f"| write_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
         src = torch.sort(slots).values
         dst = (src - 3).clamp(min=0)
-        t = [_time_us(functools.partial(move_kv, k_cache, v_cache, src, dst, impl=i))
+        t = [_time_us(functools.partial(KV_IMPLS[i][1], k_cache, v_cache, src, dst))
              for i in ("torch", "triton")]
         print(f"| move_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
 
@@ -378,11 +381,11 @@ def run_budget_table(shape: dict | None = None, prefix: int = 4096, tree: int = 
         max_len = prefix + n
         kv_bytes = int(inp["seq_lens"].sum()) * H_kv * D * 2 * inp["q"].element_size()
         budget = HEADLINE_GOAL_US if name == "tree" else DECODE_FLOOR_FACTOR * kv_bytes / hbm * 1e6
-        policy = va._pick_config(inp["block_table"].shape[0], H_kv, H // H_kv, D, n, max_len,
-                                 shape["dtype"], inp["q"].device)
-        old = va._Config(64 if name == "tree" else 16, 64, 4, 3, 1)  # queries split, no KV split
-        for label, cfg in (("policy", policy), ("previous", old)):
-            with va._forcing(cfg):
+        picked = policy.pick_config(inp["block_table"].shape[0], H_kv, H // H_kv, D, n, max_len,
+                                   shape["dtype"], inp["q"].device)
+        old = policy.Config(64 if name == "tree" else 16, 64, 4, 3, 1)  # queries split, no KV split
+        for label, cfg in (("policy", picked), ("previous", old)):
+            with policy.forcing(cfg):
                 _check_against_reference(inp, max_query_len=n, max_seq_len=max_len)
                 us = _kernel_us(functools.partial(va.verify_attention, **args, max_query_len=n, max_seq_len=max_len))
             verdict = ("ok" if us <= budget else "OVER") if label == "policy" else "reference"

@@ -58,7 +58,8 @@ class LLM:
 
     target:           HF-style model directory (config.json + safetensors)
     draft:            None (plain decoding), a draft model directory sharing the target's
-                      vocabulary, ``"ngram"`` (prompt lookup) or ``"early-exit:N"`` (the
+                      vocabulary, an EAGLE-3 head directory (drafts from the target's own
+                      hidden states), ``"ngram"`` (prompt lookup) or ``"early-exit:N"`` (the
                       target's first N layers)
     num_draft_tokens: draft tokens proposed per step (the chain length k); with adaptive
                       speculation, the most a step proposes
@@ -73,7 +74,9 @@ class LLM:
                       others finish)
     seed:             seeds the per-request seeds of requests that give none
     draft_tree:       a static draft tree instead of a chain: every node at depth d gets
-                      ``draft_tree[d]`` children, e.g. (3, 2, 1, 1); at most 63 nodes
+                      ``draft_tree[d]`` children, e.g. (3, 2, 1, 1); at most 63 nodes.
+                      With an EAGLE-3 head also ``"dynamic:K,D,N"``: an EAGLE-2 dynamic
+                      tree (top-K expansion, depth D, N tokens verified with the root)
     adaptive:         choose each step's chain length (0 .. num_draft_tokens) from the
                       measured acceptance and the measured cost of drafting and verifying
                       at the current batch size, so large batches fall back to plain
@@ -98,7 +101,7 @@ class LLM:
     def __init__(self, target: str | Path, draft: str | Path | None = None, num_draft_tokens: int = 4,
                  device=None, dtype: torch.dtype | None = None, backend: str = "auto", *,
                  kv_cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
-                 seed: int | None = None, draft_tree: tuple[int, ...] | None = None,
+                 seed: int | None = None, draft_tree: tuple[int, ...] | str | None = None,
                  adaptive: bool | None = None, cuda_graphs: bool | None = None):
         cfg = self.engine_config = EngineConfig(
             target, draft, num_draft_tokens, device, dtype, backend, kv_cache_memory=kv_cache_memory,
@@ -120,7 +123,7 @@ class LLM:
         self.cache, draft_cache = caches[0], caches[1] if draft_config else None
         # the drafter, then the engine with its fixed-shape runner (if any)
         self.drafter = build_drafter(spec, self.target, self.cache, draft_cache, self.blocks, self.ops,
-                                     self.device, self.dtype)
+                                     self.device, self.dtype, draft_config)
         self.engine = Engine(self.target, self.cache, self.blocks, self.ops, self.drafter, cfg.draft_slots,
                              eos_token_ids=self.eos_token_ids, max_num_seqs=cfg.max_num_seqs,
                              tokenizer=self.tokenizer, draft_depth=spec.draft_depth,

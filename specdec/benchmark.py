@@ -16,6 +16,9 @@ Two pairs (``--pair``):
   demo       the embedded demo pair (``specdec/demo``): a small trained target and its
              separately trained draft model, which both specdec and transformers use.
 
+Or ``--draft DIR [--target DIR]``: any drafter specdec loads (early-exit:N, a draft model
+directory, an EAGLE-3 head directory) on the given target, by default the demo target.
+
 Prompts are random token ids in [3, vocab), so acceptance is that of the pair on noise.
 
 Contenders, tokens/s = generated tokens / wall seconds (synchronised):
@@ -30,7 +33,9 @@ steps, draft/step = proposed draft tokens / steps (per sequence; below k where m
 clips the last drafts, or where ``--adaptive`` chooses fewer), the measured cost ratio
 c = (draft step time) / (target step time) from the draft and the target each decoding
 plainly, and the speedup Leviathan et al. (2023) predict for fixed-k speculation from
-them: (1 − α^(k+1)) / ((1 − α)(k·c + 1)).
+them: (1 − α^(k+1)) / ((1 − α)(k·c + 1)). An EAGLE-3 head cannot decode on its own
+(it reads the target's hidden states), so for a head c, the prediction and achieved /
+predicted are n/a, and so is transformers' assisted generation.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ import tempfile
 import time
 
 import torch
+
+from .models.eagle3 import is_eagle3_dir
 
 SHAPES = {
     # name: (hidden, layers, heads, kv heads, intermediate, vocab, context)
@@ -91,15 +98,22 @@ def first_layers(target: str, num_layers: int, out: pathlib.Path, dtype) -> str:
     return str(out)
 
 
-def _pair(args, root: pathlib.Path, dtype) -> tuple[str, str, str, str]:
-    """(target dir, draft dir, specdec's draft argument, a label for the table heading)."""
-    if args.target is not None:
+def _pair(args, root: pathlib.Path, dtype) -> tuple[str, str | None, str, str]:
+    """(target dir, draft dir, specdec's draft argument, a label for the table heading).
+    The draft dir is None for an EAGLE-3 head: it cannot decode on its own."""
+    if args.draft is not None:
+        target = args.target
+        if target is None:  # --draft alone: against the embedded demo target
+            from .demo import demo_dirs
+
+            target = str(demo_dirs()[0])
         draft = args.draft
         if draft.startswith("early-exit:"):
             n = int(draft.split(":", 1)[1])
-            return args.target, first_layers(args.target, n, root / "draft", dtype), draft, \
-                f"{args.target} with {draft}"
-        return args.target, draft, draft, f"{args.target} with draft model {draft}"
+            return target, first_layers(target, n, root / "draft", dtype), draft, f"{target} with {draft}"
+        if is_eagle3_dir(draft):
+            return target, None, draft, f"{target} with EAGLE-3 head {draft}"
+        return target, draft, draft, f"{target} with draft model {draft}"
     if args.pair == "demo":
         from .demo import demo_dirs
 
@@ -215,6 +229,20 @@ def leviathan_speedup(alpha: float, k: int, c: float) -> float:
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1))
 
 
+def _prediction(draft_plain, bench: tuple, alpha: float, k: int, plain_s_per_token: float):
+    """(c, Leviathan's predicted speedup): c = a draft step against a target step, both
+    decoding plainly; (None, None) when the drafter cannot decode on its own (EAGLE-3)."""
+    if draft_plain is None:
+        return None, None
+    n_draft, s_draft, _ = bench_specdec(draft_plain, *bench)
+    c = (s_draft / n_draft) / plain_s_per_token
+    return c, leviathan_speedup(alpha, k, c)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -230,8 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``specdec bench`` and ``bench/e2e.py``."""
     parser.add_argument("--pair", choices=("synthetic", "demo"), default="synthetic",
                         help="synthetic: random weights at --shape, early-exit draft; demo: the embedded demo pair")
-    parser.add_argument("--target", default=None, help="a model directory: benchmark it instead of --pair")
-    parser.add_argument("--draft", default=None, help="with --target: early-exit:N or a draft model directory")
+    parser.add_argument("--target", default=None, help="a model directory: benchmark it instead of --pair "
+                        "(needs --draft)")
+    parser.add_argument("--draft", default=None, help="early-exit:N, a draft model directory or an EAGLE-3 head "
+                        "directory; without --target: against the embedded demo target")
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="synthetic pair only")
     parser.add_argument("--draft-layers", type=int, default=2, help="synthetic pair only")
     parser.add_argument("--eps", type=float, default=0.0, help="synthetic pair only")
@@ -251,9 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the markdown table for parsed ``args`` (see :func:`add_arguments`); returns 0."""
-    if (args.target is None) != (args.draft is None):
-        raise SystemExit("specdec bench: --target and --draft go together (a model directory and "
-                         "early-exit:N or a draft model directory)")
+    if args.target is not None and args.draft is None:
+        raise SystemExit("specdec bench: --target needs --draft (early-exit:N, a draft model directory or an "
+                         "EAGLE-3 head directory); --draft alone runs against the embedded demo target")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for but there is no CUDA device: pass --device cpu")
@@ -273,12 +303,16 @@ def run(args: argparse.Namespace) -> int:
         # the contenders: the target plain, the target speculating, the draft plain (for c)
         plain = make_llm(target, None, k, device, max(batches), **engine)
         spec = make_llm(target, spec_draft, k, device, max(batches), **engine, **spec_only)
-        draft_plain = make_llm(draft, None, k, device, max(batches), **engine)
+        # an EAGLE-3 head cannot decode plainly: no c, no prediction (n/a in the table)
+        draft_plain = make_llm(draft, None, k, device, max(batches), **engine) if draft is not None else None
         roofline = weight_roofline(plain)
         print(f"# e2e on {name}, {time.strftime('%Y-%m-%d')}: {label}, k={k}{options}, "
               f"prompt {args.prompt_len}, {args.max_tokens} new tokens")
         if roofline:
             print(f"# batch-1 weight-bandwidth roofline: {roofline[0]:.0f} tok/s ({roofline[1]})")
+        if draft_plain is None:
+            print("# c, predicted: n/a — an EAGLE-3 head drafts from the target's hidden states and cannot "
+                  "decode on its own, so the plain-decoding cost ratio c does not exist for it")
         print("\n| batch | T | specdec plain tok/s | specdec spec tok/s | spec / plain | hf static tok/s | "
               "hf assisted tok/s | α | mean accepted | draft/step | c | predicted | achieved / predicted |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -288,27 +322,26 @@ def run(args: argparse.Namespace) -> int:
                 bench = (prompts, args.max_tokens, temperature, device)
                 n_plain, s_plain, _ = bench_specdec(plain, *bench)
                 n_spec, s_spec, m = bench_specdec(spec, *bench)
-                # c: a draft step against a target step, both decoding plainly
-                n_draft, s_draft, _ = bench_specdec(draft_plain, *bench)
-                c = (s_draft / n_draft) / (s_plain / n_plain)
-                alpha = m["acceptance_rate"]
-                predicted = leviathan_speedup(alpha, k, c)
                 achieved = (n_spec / s_spec) / (n_plain / s_plain)
+                c, predicted = _prediction(draft_plain, bench, m["acceptance_rate"], k, s_plain / n_plain)
                 hf_static = hf_assisted = "—"
                 if not args.skip_hf and batch in hf_batches:
                     n, s = bench_hf(target, draft, prompts, args.max_tokens, temperature, device, dtype, False)
                     hf_static = f"{n / s:.1f}"
-                    if batch == 1:
+                    if batch == 1 and draft is not None:
                         n, s = bench_hf(target, draft, prompts, args.max_tokens, temperature, device, dtype, True)
                         hf_assisted = f"{n / s:.1f}"
+                ratio = achieved / predicted if predicted is not None else None
                 print(f"| {batch} | {temperature:g} | {n_plain / s_plain:.1f} | {n_spec / s_spec:.1f} | "
-                      f"{achieved:.2f} | {hf_static} | {hf_assisted} | {alpha:.3f} | "
-                      f"{m['mean_accepted_length']:.2f} | {m['draft_per_step']:.2f} | {c:.2f} | {predicted:.2f} | "
-                      f"{achieved / predicted:.2f} |", flush=True)
-                rows.append((batch, temperature, achieved, achieved / predicted, n_plain / s_plain))
+                      f"{achieved:.2f} | {hf_static} | {hf_assisted} | {m['acceptance_rate']:.3f} | "
+                      f"{m['mean_accepted_length']:.2f} | {m['draft_per_step']:.2f} | {_fmt(c)} | {_fmt(predicted)} | "
+                      f"{_fmt(ratio)} |", flush=True)
+                rows.append((batch, temperature, achieved, ratio, n_plain / s_plain))
     best = max(rows, key=lambda r: r[2])
+    ratios = [r[3] for r in rows if r[3] is not None]
+    spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "n/a (EAGLE-3 head)"
     print(f"\nspec / plain {min(r[2] for r in rows):.2f}–{best[2]:.2f} (best at batch {best[0]}, T={best[1]:g}); "
-          f"achieved / predicted {min(r[3] for r in rows):.2f}–{max(r[3] for r in rows):.2f}")
+          f"achieved / predicted {spread}")
     if roofline and 1 in batches:
         plain_1 = max(r[4] for r in rows if r[0] == 1)
         print(f"batch-1 plain decoding at {plain_1 / roofline[0]:.0%} of the weight-bandwidth roofline")

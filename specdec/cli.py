@@ -96,11 +96,21 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _branching(text: str) -> tuple[int, ...]:
+def _branching(text: str) -> tuple[int, ...] | str:
+    """--draft-tree: a static tree ``3,2,1,1`` or an EAGLE-3 head's dynamic tree ``dynamic:K,D,N``."""
+    if text.startswith("dynamic:"):
+        from .drafters.eagle3 import DynamicTree
+
+        try:
+            DynamicTree.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
     try:
         return tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,2,1,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,2,1,1 (or dynamic:K,D,N with an "
+                                         f"EAGLE-3 head), got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,13 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("--target", required=True, help="target model directory (config.json + safetensors)")
-    gen.add_argument("--draft", default=None, help="draft model directory, 'ngram', or 'early-exit:N'")
+    gen.add_argument("--draft", default=None,
+                     help="draft model directory, EAGLE-3 head directory, 'ngram', or 'early-exit:N'")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as one user message through the model's chat template")
     gen.add_argument("--num-draft-tokens", type=int, default=4)
-    gen.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...",
-                     help="draft a static tree instead of a chain, e.g. 3,2,1,1")
+    gen.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...|dynamic:K,D,N",
+                     help="draft a static tree instead of a chain, e.g. 3,2,1,1; with an EAGLE-3 head also "
+                          "an EAGLE-2 dynamic tree, e.g. dynamic:4,5,24 (top-K, depth D, N tokens verified)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=None,
                      help="default: the model's generation_config.json value, else 1.0")
@@ -149,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Serve a target (and drafter) over an OpenAI-compatible HTTP API. "
                                      "Without --target: the embedded demo pair.")
     srv.add_argument("--target", default=None, help="target model directory (default: the embedded demo target)")
-    srv.add_argument("--draft", default=None, help="draft model directory, 'ngram', or 'early-exit:N' "
+    srv.add_argument("--draft", default=None, help="draft model directory, EAGLE-3 head directory, 'ngram', or "
+                     "'early-exit:N' "
                      "(default with the demo: the demo draft)")
     srv.add_argument("--no-draft", action="store_true", help="plain decoding (no drafter)")
     srv.add_argument("--num-draft-tokens", type=positive_int, default=4)
-    srv.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...")
+    srv.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...|dynamic:K,D,N")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--api-key", default=None,

@@ -45,7 +45,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     seed: int | None = None
-    draft_tree: tuple[int, ...] | None = None
+    draft_tree: tuple[int, ...] | str | None = None
     adaptive: bool | None = None
     cuda_graphs: bool | None = None
     drafter: DrafterSpec = field(init=False)

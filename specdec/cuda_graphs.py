@@ -24,7 +24,10 @@ their writes land there and their results are dropped.
 
 The drafter's side of the step is the drafter's (``Drafter.static_draft``, the same chain
 loop as its eager ``propose``); ``Drafter.width`` is ``W``: 1 when the drafter reads the
-target's cache (early exit) or there is none, 2 for a separate draft model.
+target's cache (early exit) or there is none, 2 for a separate draft model. A drafter
+that reads the target's hidden states (EAGLE-3, ``capture_layers``) gets the verify
+forward's captured rows in the verify half (``Drafter.static_observe``) and keeps its
+per-sequence state in static buffers of its own (``static_load``).
 
 Sampling modes key the graphs because they change which kernels run: ``greedy`` (every
 row greedy: drafts are argmaxes, no distribution is built), ``sample`` (no top-k/top-p
@@ -78,7 +81,10 @@ class _StaticStep:
     def verify(self) -> None:
         """The target over [last token, d_1..d_k], then rejection sampling -> out, n_acc."""
         r, k, x = self.runner, self.k, self.inputs
-        logits = r.target.forward_cached(x.verify(self.drafts), r.cache, r.ops)  # [Bp * (k + 1), V]
+        batch, capture = x.verify(self.drafts), r.drafter.capture_layers or None
+        logits = r.target.forward_cached(batch, r.cache, r.ops, capture=capture)  # [Bp * (k + 1), V]
+        if capture:
+            logits, hidden = logits
         ids = self.drafts.reshape(-1) if k > 0 else torch.empty(0, dtype=torch.int64, device=r.device)
         s = x.sampling
         self.out, self.n_acc = r.ops.rejection_sample(
@@ -86,6 +92,8 @@ class _StaticStep:
             s.temperature, s.top_k, s.top_p, s.seeds, s.offsets, check_finite=False,
             num_draft=x.num_draft, filtered=s.filtered, radix_rounds=s.radix_rounds,
         )
+        if capture:  # the drafter reads the target's features of the verified rows
+            r.drafter.static_observe(x, batch, hidden, self.out, self.n_acc)
 
     # ------------------------------------------------------------------ graphs
     def capture(self, pool) -> None:
@@ -123,7 +131,7 @@ class DecodeRunner:
 
     target, cache: the target model and its KV cache; padded rows write its
                    ``scratch_block``, which no sequence is ever given
-    drafter:       ``Drafter()`` (plain decoding) or a chain ``ModelDrafter``
+    drafter:       ``Drafter()`` (plain decoding), a chain ``ModelDrafter`` or ``Eagle3Drafter``
     max_k:         the longest chain a step may draft
     max_batch:     the most sequences in a step (graphs up to its bucket)
     max_context:   the model's context length (sizes the block-table width)
@@ -156,6 +164,7 @@ class DecodeRunner:
         cache.k[:, self.scratch_block].zero_()
         cache.v[:, self.scratch_block].zero_()
         drafter.prepare_scratch(self.scratch_block)
+        drafter.prepare_static(self.max_batch)
         self._steps: dict[tuple[int, int, str], _StaticStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.clock = StepClock(self.device)
@@ -169,7 +178,7 @@ class DecodeRunner:
             n = len(s.tokens)
             if s.target_len != n - 1 or n < self.width:  # a prompt (or a preempted sequence) to
                 return False  # prefill, or fewer tokens than the first draft forward takes
-            if k > 0 and not self.drafter.static_ready(s):
+            if (k > 0 or self.drafter.capture_layers) and not self.drafter.static_ready(s):
                 return False  # e.g. the draft model's cache lags further (after plain steps)
         return True
 
@@ -206,6 +215,7 @@ class DecodeRunner:
             x.temperature[B:Bp], x.top_p[B:Bp] = pad[0], 1.0
         for host, dev in zip(self._host, self._dev):
             dev.copy_(host, non_blocking=True)
+        self.drafter.static_load(seqs, Bp)
         return Bp
 
     def _step(self, bucket: int, k: int, mode: str) -> _StaticStep:

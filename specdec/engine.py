@@ -174,6 +174,7 @@ class Engine:
             result = runner.run(seqs, self.blocks, limits, mode, clock)  # 3. draft, verify, accept
             result.fetch()  # 4. the one device-to-host copy
             self.eager.keep_paths(seqs, self.blocks, result)
+            self.eager.observe(seqs, result)  # features of the committed positions to the drafter
             timing = self._timing(result, k, decode_only)
         except BaseException:
             for seq, target_len in zip(seqs, saved[0]):

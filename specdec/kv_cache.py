@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from .kernels.reference import move_kv
+
 
 class CacheCapacityError(RuntimeError):
     """Raised when the KV cache has no free block for an allocation."""
@@ -119,9 +121,7 @@ class KVCache:
         Used after tree verification to move the accepted path into consecutive slots;
         the sources are gathered before anything is written, so overlaps are safe.
         """
-        for t in (self.k, self.v):
-            flat = t.view(t.shape[0], -1, *t.shape[3:])  # [layers, blocks * block_size, H_kv, D]
-            flat[:, dst_slots] = flat[:, src_slots]
+        move_kv(self.k, self.v, src_slots, dst_slots)  # [layers, ...]: every layer in one op
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-MAX_DRAFT_NODES = 63  # root + 63 nodes fill the 64 bits of an int64 mask
+MAX_TREE_NODES = 64  # new tokens one int64 ancestor mask addresses (a bit each): the kernels' limit
+MAX_DRAFT_NODES = MAX_TREE_NODES - 1  # root + 63 nodes fill the 64 bits of an int64 mask
 
 
 def _to_int64(bits: int) -> int:

@@ -154,10 +154,10 @@ def _install(arch: int) -> None:
             raise NotImplementedError
 
     driver.set_active(StandInDriver())
-    from specdec.kernels import verify_attention as va
+    from specdec.kernels import _attention_policy as policy
 
-    gpu = va._Gpu(SM_COUNT[arch], arch)
-    va._gpu = lambda device: gpu  # the launch config sees an H100/H200 or an A100
+    gpu = policy.Gpu(SM_COUNT[arch], arch)
+    policy.gpu_of_device = lambda device: gpu  # the launch config sees an H100/H200 or an A100
 
 
 # --------------------------------------------------------------------------- cases
@@ -251,9 +251,9 @@ def _attention_cases(arch: int, full: bool):
 
 def _forced(launch, tiles):
     def run():
-        from specdec.kernels import verify_attention as va
+        from specdec.kernels import _attention_policy as policy
 
-        with va._forcing(va._Config(*tiles)):
+        with policy.forcing(policy.Config(*tiles)):
             launch()
     return run
 

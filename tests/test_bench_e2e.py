@@ -99,5 +99,29 @@ def test_cli_bench_any_target_with_early_exit(tmp_path, capsys):
     assert cut.config.num_hidden_layers == 2
     for name, value in cut.state_dict().items():
         assert (value == full.state_dict()[name]).all(), name
-    with pytest.raises(SystemExit, match="go together"):
+    with pytest.raises(SystemExit, match="--target needs --draft"):
         cli_main(["bench", "--target", str(target)])
+
+
+def test_cli_bench_an_eagle3_head_against_the_demo_target(tmp_path, capsys):
+    """--draft HEAD alone: the head drafts for the demo target; c and the prediction are
+    n/a (a head cannot decode on its own), the measured columns are numbers."""
+    import json
+
+    from eagle3_reference import make_eagle3_head
+
+    from specdec.demo import demo_dirs
+
+    cfg = json.loads((demo_dirs()[0] / "config.json").read_text())
+    head = make_eagle3_head(tmp_path / "head", vocab_size=cfg["vocab_size"], target_hidden=cfg["hidden_size"],
+                            num_heads=4, num_kv_heads=2, aux_ids=[1, 2, 3], seed=0)
+    assert cli_main(["bench", "--draft", str(head), "--batches", "1", "--max-tokens", "8", "--prompt-len", "4",
+                     "--skip-hf"]) == 0
+    out = capsys.readouterr().out
+    assert "with EAGLE-3 head" in out.splitlines()[0] and "c, predicted: n/a" in out
+    rows = _table(out)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["c"] == r["predicted"] == r["achieved / predicted"] == "n/a"
+        assert float(r["specdec spec tok/s"]) > 0 and 0.0 <= float(r["α"]) <= 1.0
+        assert float(r["draft/step"]) > 0  # the head drafted

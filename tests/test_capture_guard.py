@@ -8,7 +8,9 @@ fixed-shape steps run eagerly on CPU, with the Triton kernels interpreted, under
 that raises on every such operation (the kernels' interpreted bodies are not checked:
 on a GPU they are single launches; their launchers' host code is).
 
-Every sampling mode x every drafter the runner covers (none, a draft model, early exit),
+Every sampling mode x every drafter the runner covers (none, a draft model, early exit,
+an EAGLE-3 head: its state load is host work before the graphs, its chain and the
+head pass over the verified rows' captured features are inside them),
 plus a mutation check: a scale tensor built with ``torch.tensor(..., device=...)`` put
 back into the draft step (the bug the Philox scale once had) makes the guard fail.
 """
@@ -17,14 +19,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import make_checkpoint, perturbed_copy
+from eagle3_reference import make_eagle3_head
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from checkpoints import make_checkpoint, perturbed_copy
 from specdec import LLM
 from specdec.cuda_graphs import SAMPLING_MODES
 from specdec.drafters.draft_model import ModelDrafter
-from specdec.kernels import _sampling_core
+from specdec.kernels import _radix
 
 K = 2
 BUCKET = 2
@@ -166,7 +169,9 @@ on_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="interprets the ke
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("capture")
     target = make_checkpoint(root / "target", num_layers=2, seed=0)
-    return {"target": target, "near": perturbed_copy(target, root / "near", noise=0.05, seed=4)}
+    head = make_eagle3_head(root / "head", vocab_size=97, target_hidden=32, draft_vocab_size=50, aux_ids=[0, 1],
+                            seed=1)
+    return {"target": target, "near": perturbed_copy(target, root / "near", noise=0.05, seed=4), "head": head}
 
 
 def _static_step(dirs, draft, mode):
@@ -185,12 +190,13 @@ def _static_step(dirs, draft, mode):
 @on_cpu
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
 @pytest.mark.parametrize("mode", SAMPLING_MODES)
-@pytest.mark.parametrize("draft", [None, "near", "early-exit:1"], ids=["none", "draft-model", "early-exit"])
+@pytest.mark.parametrize("draft", [None, "near", "early-exit:1", "head"],
+                         ids=["none", "draft-model", "early-exit", "eagle3"])
 def test_captured_steps_neither_sync_nor_copy_from_the_host(dirs, draft, mode, monkeypatch):
     step = _static_step(dirs, draft, mode)
     # the host code a GPU runs: the samplers' interpreter-only shortcut (stop the radix
     # rounds once every row is settled, a host read) is off, as it is on a GPU
-    monkeypatch.setattr(_sampling_core, "_INTERPRETED", False)
+    monkeypatch.setattr(_radix, "_INTERPRETED", False)
     with CaptureGuard():
         step.run(None)  # exactly what capture() records: draft() (k > 0), then verify()
     assert step.out.shape == (BUCKET, step.k + 1)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import make_checkpoint, perturbed_copy
+from eagle3_reference import make_eagle3_head
+from test_distribution import ScheduledK
+
 from specdec import LLM, SamplingParams
 from specdec.cuda_graphs import DecodeRunner, sampling_mode
 from specdec.drafters.draft_model import ModelDrafter
-from test_distribution import ScheduledK
+from specdec.drafters.eagle3 import Eagle3Drafter
 
 K = 3
 
@@ -26,11 +28,14 @@ K = 3
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("graphs")
     target = make_checkpoint(root / "target", num_layers=3, seed=0)
-    return {"target": target, "near": perturbed_copy(target, root / "near", noise=0.05, seed=4)}
+    # a random EAGLE-3 head (reduced draft vocabulary) reading layers 0, 1, 2 of the target
+    head = make_eagle3_head(root / "head", vocab_size=97, target_hidden=32, draft_vocab_size=60, aux_ids=[0, 1, 2],
+                            std=0.3, seed=5)
+    return {"target": target, "near": perturbed_copy(target, root / "near", noise=0.05, seed=4), "head": head}
 
 
 def _poison(llm):
-    caches = [llm.cache] + ([llm.drafter.cache] if isinstance(llm.drafter, ModelDrafter) else [])
+    caches = [llm.cache] + ([llm.drafter.cache] if isinstance(llm.drafter, (ModelDrafter, Eagle3Drafter)) else [])
     for cache in caches:
         cache.k.fill_(float("nan"))
         cache.v.fill_(float("nan"))
@@ -63,7 +68,7 @@ PARAMS = {
 
 
 @pytest.mark.parametrize("mode", list(PARAMS))
-@pytest.mark.parametrize("draft", [None, "early-exit:2", "near"])
+@pytest.mark.parametrize("draft", [None, "early-exit:2", "near", "head"])
 def test_static_step_gives_the_general_paths_tokens(dirs, draft, mode):
     # different max_tokens: sequences reach their last, capped step at different times
     params = [SamplingParams(**{**vars(PARAMS[mode]), "max_tokens": n, "seed": 100 + i, "ignore_eos": True})
@@ -74,6 +79,10 @@ def test_static_step_gives_the_general_paths_tokens(dirs, draft, mode):
     static = llm.generate(PROMPTS, params)
     assert [o.token_ids for o in static] == [o.token_ids for o in general]
     assert [o.metrics.num_draft_tokens for o in static] == [o.metrics.num_draft_tokens for o in general]
+    # the same drafts were accepted: greedy tokens alone would not show a wrong draft
+    assert [o.metrics.accepted_per_position for o in static] == [o.metrics.accepted_per_position for o in general]
+    if draft == "head" and mode != "filtered":  # (top-k 20 of 97: a random head's drafts all miss)
+        assert sum(o.metrics.num_accepted_tokens for o in static) > 0, "the head should get some drafts accepted"
     assert runs, "no step took the fixed-shape path"
     assert all(m == mode for *_, m in runs)
     assert any(b == 3 for b, *_ in runs)  # a padded bucket (3 of 4 rows)
@@ -99,8 +108,29 @@ def test_static_step_continues_after_plain_steps_with_a_lagging_draft_cache(dirs
     assert len(ran) < outs[True].metrics.num_steps  # some steps fell back to the general path
 
 
+def test_eagle3_static_steps_follow_any_chain_length(dirs):
+    """EAGLE-3: the head's state crosses steps of changing k (plain k = 0 steps included)
+    in the fixed-shape step's buffers; every decode step runs there, tokens as the general
+    path's, and the head is re-fed only the committed positions' features."""
+    params = [SamplingParams(max_tokens=n, temperature=1.0, seed=3 + n, ignore_eos=True) for n in (20, 14)]
+    ks = [3, 0, 0, 2, 3, 1, 0, 3] * 6
+    outs, accepted = {}, {}
+    for static in (False, True):
+        llm = make_llm(dirs, "head", static=static)
+        llm.engine.speculation = ScheduledK(ks)
+        runs = _count_runs(llm) if static else None
+        done = llm.generate(PROMPTS[1:], params)
+        outs[static] = [o.token_ids for o in done]
+        accepted[static] = [o.metrics.num_accepted_tokens for o in done]
+    assert outs[True] == outs[False]
+    assert accepted[True] == accepted[False] and sum(accepted[True]) > 0
+    ran = [max(lim) for _, lim, _ in runs]
+    assert 0 in ran and 3 in ran, ran
+    assert len(runs) > 5
+
+
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
-@pytest.mark.parametrize("draft", ["early-exit:2", "near"])
+@pytest.mark.parametrize("draft", ["early-exit:2", "near", "head"])
 def test_static_step_on_the_triton_kernels(dirs, draft):
     """The kernels under the fixed layout: padded rows, capped drafts, the scratch block."""
     params = [SamplingParams(max_tokens=n, temperature=1.0, seed=7 + n, ignore_eos=True) for n in (7, 5, 6)]

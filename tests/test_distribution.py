@@ -468,8 +468,11 @@ def test_triton_backend_draws_the_torch_backends_tokens(ckpts, device, draft):
     Triton kernels (verify attention, KV writes, rejection sampling) must emit exactly the
     torch backend's tokens for every seed: equality carries the chi-square verdicts on the
     torch backend over to the triton one. The interpreter is ~100x too slow for a
-    chi-square test of its own (on CUDA that runs too, in the distribution test above)."""
-    n = 12
+    chi-square test of its own (on CUDA that runs too, in the distribution test above).
+    Equality is per seed, so a few seeds per parameter set suffice: they cover the wiring
+    (streams, offsets, layout) on accepting and rejecting steps, plain and filtered; the
+    kernels' token-for-token agreement on awkward inputs is tested in their own files."""
+    n = 6
     t1 = SamplingParams(max_tokens=N_TOKENS, temperature=1.0, ignore_eos=True)
     filtered = dataclasses.replace(t1, temperature=0.7, top_k=3, top_p=0.9)
     exact_joint(ckpts.model, PROMPT, filtered)  # asserts the cuts sit far from ties

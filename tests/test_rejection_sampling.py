@@ -64,9 +64,11 @@ MIXED = dict(
 )
 
 
-@pytest.mark.parametrize("vocab", [7, 1000, 4096, 4097, 5003])
+@pytest.mark.parametrize("vocab", [7, 4096, 4097])
 @pytest.mark.parametrize("has_q", [True, False])
 def test_agrees_with_reference(vocab, has_q):
+    # 1024-token chunks (_sampling_core.chunk_size): one chunk of fewer tokens than the
+    # candidate buffers (7), four full chunks (4096), five with a 1-token masked tail (4097)
     args = ragged_batch([3, 0, 4, 1, 2, 4], vocab, has_q=has_q, seed=vocab, **MIXED)
     out, n_acc, ref_out, ref_n = run_both(args)
     check_invariants(args, out, n_acc)

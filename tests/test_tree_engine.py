@@ -2,7 +2,7 @@
 
 ``LLM(target, draft=..., draft_tree=(b_1, .., b_D))`` drafts a static tree (a node at depth
 d has b_d children), verifies it in one target forward under the tree mask and walks it
-with ``tree_rejection_sample`` (reference.py / tree_sampling.py). What is checked here:
+with ``tree_rejection_sample`` (reference/tree_sampling.py / tree_sampling.py). What is checked here:
 
 * the pieces: ancestor masks, ``TreeShape``, ``build_tree_batch`` (positions, slots,
   masks of a 2-sequence batch), ``prefill_tails`` + a tree forward against the no-cache

@@ -20,6 +20,7 @@ from specdec.kernels import reference as ref
 
 # the module, not the function of the same name that specdec.kernels may re-export
 va = importlib.import_module("specdec.kernels.verify_attention")
+policy = importlib.import_module("specdec.kernels._attention_policy")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {
@@ -230,7 +231,7 @@ def test_split_kv_and_small_tiles(causal):
     # straddle 8-slot pages, two query tiles per sequence
     case = make_case([0, 3, 130], [random_tree(10, 11), chain(2), wide(9)], page=8,
                      causal=causal, seed=11)
-    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=3)
+    cfg = policy.Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=3)
     out = va._launch_attention(**case, max_query_len=10, cfg=cfg)
     torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
 
@@ -243,7 +244,7 @@ def test_unmasked_region_ends_at_tile_boundaries(causal):
     n = 40 if causal else 30
     trees = [n] * 5 if causal else [random_forest(n, s) for s in range(5)]
     case = make_case([14, 15, 16, 0, 30], trees, h=2, h_kv=2, causal=causal, seed=15)
-    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    cfg = policy.Config(block_m=16, block_n=16, num_warps=4, num_stages=1)
     out = va._launch_attention(**case, max_query_len=n, cfg=cfg)
     torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
 
@@ -251,15 +252,15 @@ def test_unmasked_region_ends_at_tile_boundaries(causal):
 def test_split_kv_row_that_sees_nothing():
     case = make_case([0], [[-1, 0, 0]], seed=12)
     case["tree_mask"] = torch.tensor([0b001, 0b000, 0b011], dtype=torch.int64, device=DEVICE)
-    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=2)
+    cfg = policy.Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=2)
     out = va._launch_attention(**case, max_query_len=3, cfg=cfg)
     assert not out.isnan().any() and torch.count_nonzero(out[1]) == 0
     torch.testing.assert_close(out, ref.verify_attention(**case), **TOL[torch.float32])
 
 
 def _pretend_gpu(monkeypatch, sms=132, arch=90):
-    monkeypatch.setattr(va, "_interpreting", lambda: False)
-    monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "gpu_of_device", lambda device: policy.Gpu(sms, arch))
     return torch.device("cuda")
 
 
@@ -269,45 +270,45 @@ def test_gpu_config_choice(monkeypatch):
     # headline tree: B=8, 32/8 heads, D=128, 64 nodes over a 4,096 prefix: 128-row tiles
     # (32 queries x 4 heads), so each KV head's K/V is streamed by 2 tiles, and 2 KV
     # splits fill 2 CTAs on each SM
-    head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
+    head = policy.pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
     assert head.block_m == 128 and math.ceil(64 * 4 / head.block_m) <= 2
     programs = 8 * 8 * math.ceil(64 * 4 / head.block_m)
     assert head.num_splits == 2 and programs * head.num_splits <= 2 * 132
     # decode at B=1 over 4,096 positions: >= 64 programs through KV splits
-    decode = va._pick_config(1, 8, 4, 128, 1, 4097, torch.bfloat16, cuda)
+    decode = policy.pick_config(1, 8, 4, 128, 1, 4097, torch.bfloat16, cuda)
     assert decode.block_m == 16 and 8 * decode.num_splits >= 64
     assert decode.num_splits * 2 * decode.block_n <= 4097  # each split streams >= 2 tiles
-    assert va._pick_config(1, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
+    assert policy.pick_config(1, 8, 4, 128, 1, None, torch.bfloat16, cuda).num_splits == 1
     # a short sequence is not split below two KV tiles per split
-    assert va._pick_config(1, 8, 4, 128, 1, 100, torch.bfloat16, cuda).num_splits == 1
+    assert policy.pick_config(1, 8, 4, 128, 1, 100, torch.bfloat16, cuda).num_splits == 1
     # a grid that fills the GPU is not split
-    assert va._pick_config(64, 8, 4, 128, 64, 4160, torch.bfloat16, cuda).num_splits == 1
-    mqa = va._pick_config(2, 1, 64, 64, 1, None, torch.float16, cuda)
+    assert policy.pick_config(64, 8, 4, 128, 64, 4160, torch.bfloat16, cuda).num_splits == 1
+    mqa = policy.pick_config(2, 1, 64, 64, 1, None, torch.float16, cuda)
     assert mqa.block_m >= 64  # a tile holds at least one query's whole GQA group
-    assert va._pick_config(1, 8, 4, 128, 2048, None, torch.bfloat16, cuda).block_m == 128
+    assert policy.pick_config(1, 8, 4, 128, 2048, None, torch.bfloat16, cuda).block_m == 128
     # float32: small tiles (no spills); head_dim 256: 128 rows on sm_90
-    fp32 = va._pick_config(8, 8, 4, 128, 64, 4160, torch.float32, cuda)
+    fp32 = policy.pick_config(8, 8, 4, 128, 64, 4160, torch.float32, cuda)
     assert fp32.block_m <= 32 and fp32.block_n == 16
-    assert va._pick_config(8, 8, 4, 256, 64, 4160, torch.float32, cuda).block_m == 16
-    assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 128
+    assert policy.pick_config(8, 8, 4, 256, 64, 4160, torch.float32, cuda).block_m == 16
+    assert policy.pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 128
 
 
 def test_gpu_config_choice_on_sm80(monkeypatch):
     cuda = _pretend_gpu(monkeypatch, sms=108, arch=80)
-    head = va._pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
+    head = policy.pick_config(8, 8, 4, 128, 64, 4160, torch.bfloat16, cuda)
     assert head.block_m == 128 and head.block_n == 32  # mma.sync: narrower KV tiles
-    assert va._pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 64
+    assert policy.pick_config(8, 4, 4, 256, 64, None, torch.float16, cuda).block_m == 64
 
 
 def test_float32_attention_refused_on_a_gpu_where_it_would_spill(monkeypatch):
     cuda = _pretend_gpu(monkeypatch)
-    va._check_gpu_support(torch.float32, 128, 32, cuda)  # 32 x 16 tiles: allowed
-    va._check_gpu_support(torch.float32, 256, 16, cuda)  # 16 x 16 tiles: allowed
-    va._check_gpu_support(torch.bfloat16, 256, 64, cuda)
+    policy.check_gpu_support(torch.float32, 128, 32, cuda)  # 32 x 16 tiles: allowed
+    policy.check_gpu_support(torch.float32, 256, 16, cuda)  # 16 x 16 tiles: allowed
+    policy.check_gpu_support(torch.bfloat16, 256, 64, cuda)
     with pytest.raises(ValueError, match="at most 16 query heads per KV head at head_dim 256"):
-        va._check_gpu_support(torch.float32, 256, 32, cuda)
+        policy.check_gpu_support(torch.float32, 256, 32, cuda)
     with pytest.raises(ValueError, match="at most 32 query heads per KV head at head_dim 64"):
-        va._check_gpu_support(torch.float32, 64, 64, cuda)
+        policy.check_gpu_support(torch.float32, 64, 64, cuda)
     # through the launcher: refused before any work (the CPU tensors are never touched)
     q, kc = torch.empty(2, 64, 64), torch.empty(4, 16, 1, 64)
     bt = torch.zeros(1, 1, dtype=torch.int32)
@@ -323,7 +324,7 @@ def _policy_configs() -> list:
         for d in (64, 128, 256):
             for group in (1, 4, 8):
                 for arch in (80, 90):
-                    for cfg in va._policy_tiles(dtype, d, group, arch):
+                    for cfg in policy.policy_tiles(dtype, d, group, arch):
                         if cfg not in out:
                             out.append(cfg)
     return out
@@ -347,14 +348,14 @@ def test_every_policy_config_matches_the_reference(cfg, causal, splits):
     # tiles straddle pages
     trees = [20, 3, 9] if causal else [random_forest(20, 1), chain(3), wide(9)]
     case = make_case([0, 5, 70], trees, h=4, h_kv=2, d=16, page=8, causal=causal, seed=17)
-    with va._forcing(va.dataclasses.replace(cfg, num_splits=splits)):
+    with policy.forcing(policy.dataclasses.replace(cfg, num_splits=splits)):
         check(case, max_query_len=20, max_seq_len=79)
 
 
 def test_many_splits_most_of_them_empty():
     case = make_case([0, 2, 40], [random_tree(5, 3), chain(1), wide(7)], seed=18)
-    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=va._MAX_SPLITS)
-    with va._forcing(cfg):
+    cfg = policy.Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=policy.MAX_SPLITS)
+    with policy.forcing(cfg):
         check(case, max_query_len=7, max_seq_len=47)
 
 
@@ -437,7 +438,7 @@ def test_eager_batches_pass_the_longest_sequence_as_the_split_hint(monkeypatch):
                                   "cpu")
     assert tree_batch.max_seq_len == 4098
     cuda = _pretend_gpu(monkeypatch)
-    decode = va._pick_config(1, 8, 4, 128, 1, chain_batch.max_seq_len, torch.bfloat16, cuda)
+    decode = policy.pick_config(1, 8, 4, 128, 1, chain_batch.max_seq_len, torch.bfloat16, cuda)
     assert 8 * decode.num_splits >= 64
 
 
@@ -513,7 +514,7 @@ def test_sliding_window_with_split_kv_and_small_tiles(causal):
     # (not a multiple of the tile), two query tiles per sequence
     case = make_case([0, 3, 130], [random_tree(10, 11), chain(2), wide(9)], page=8,
                      causal=causal, seed=34)
-    cfg = va._Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=3)
+    cfg = policy.Config(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=3)
     for window, cap in ((20, None), (3, 1.5)):
         out = va._launch_attention(**case, max_query_len=10, cfg=cfg, sliding_window=window, softcap=cap)
         want = ref.verify_attention(**case, sliding_window=window, softcap=cap)

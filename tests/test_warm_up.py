@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from specdec import LLM, warmup
 from specdec.cuda_graphs import SAMPLING_MODES
 
 va = importlib.import_module("specdec.kernels.verify_attention")
+policy = importlib.import_module("specdec.kernels._attention_policy")
 
 
 def _variant(cfg, tree):
@@ -33,8 +35,8 @@ def _variant(cfg, tree):
     (torch.float32, 4, 2, 16),
 ], ids=["8B", "1B", "d256", "tiny-fp32"])
 def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, sms, dtype, h, h_kv, d):
-    monkeypatch.setattr(va, "_interpreting", lambda: False)
-    monkeypatch.setattr(va, "_gpu", lambda device: va._Gpu(sms, arch))
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "gpu_of_device", lambda device: policy.Gpu(sms, arch))
     launched = set()
     monkeypatch.setattr(va, "_launch_attention", lambda *a, **kw: launched.add(_variant(a[-1], a[6] is not None)))
     cache = torch.zeros(4, 16, h_kv, d, dtype=dtype)
@@ -44,7 +46,7 @@ def test_precompile_launches_every_variant_the_policy_picks(monkeypatch, arch, s
     for B in (1, 2, 3, 8, 16, 33, 64, 128):
         for n in (1, 2, 4, 5, 8, 9, 16, 17, 33, 64, 100, 500, 2048):
             for seq_len in (n, n + 15, n + 300, n + 4096, n + 131072, None):
-                cfg = va._pick_config(B, h_kv, group, d, n, seq_len, dtype, torch.device("cuda"))
+                cfg = policy.pick_config(B, h_kv, group, d, n, seq_len, dtype, torch.device("cuda"))
                 picked.add(_variant(cfg, False))
                 if n <= 64:
                     picked.add(_variant(cfg, True))
@@ -93,3 +95,24 @@ def test_eager_warm_up_pieces_run_with_todays_launchers(target):
     # the tree sampler at every depth and its draft sampler
     d = engine.draft_depth
     assert n == len(SAMPLING_MODES) * ((d + 1) + d + (d + 1))
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
+def test_warm_up_runs_an_eagle3_heads_own_forward(target, tmp_path):
+    """An EAGLE-3 drafter hands warm-up its head (``own_forwards``): attention of the head's
+    shape precompiles on its cache, and one head forward runs on the Triton launchers."""
+    from eagle3_reference import make_eagle3_head
+
+    vocab, hidden = (json.loads((target / "config.json").read_text())[key] for key in ("vocab_size", "hidden_size"))
+    head = make_eagle3_head(tmp_path / "head", vocab_size=vocab, target_hidden=hidden, aux_ids=[0, 1], seed=2)
+    llm = LLM(str(target), draft=str(head), num_draft_tokens=2, device="cpu", dtype=torch.float32,
+              backend="triton", block_size=4, seed=0)
+    engine, scratch = llm.engine, llm.cache.scratch_block
+    (model, cache, num_layers), = llm.drafter.own_forwards()
+    assert cache is llm.drafter.cache and model.attention_kinds() == ((None, None),)
+    k_cache, v_cache = cache.layer(0)
+    assert va.precompile(k_cache, v_cache, model.config.num_heads, scratch, trees=False) >= 1
+    cache.k.fill_(float("nan"))
+    assert warmup._one_token_forward(model, cache, engine.ops, scratch, num_layers) == 1
+    assert torch.isfinite(cache.k[:, scratch, 0]).all()  # the head wrote its one slot
+    assert llm.drafter.samples_q  # so the draft sampler is warmed up too

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..batch import SamplingTensors
+from ..batch import ForwardBatch, SamplingTensors
 from ..kernels._sampling_core import DraftDist
 from ..sequence import Sequence
 
@@ -43,7 +43,9 @@ class Drafter:
     propose(seqs, limits, sampling, device)  the eager path's drafts (any shape)
     commit(seq, a)                           after verification, before tokens append
     keep_path(src, dst)                      mirror a tree step's K/V compaction
-    static_step, width, static_draft, drafted, static_ready, prepare_scratch
+    capture_layers, observe                  target hidden states the drafter reads (EAGLE-3)
+    static_step, width, static_draft, drafted, static_ready, prepare_scratch,
+    prepare_static, static_load, static_observe
                                              the fixed-shape decode step (specdec/cuda_graphs.py)
     snapshot, restore, forget                draft-side state around failed steps and preemption
 
@@ -53,6 +55,7 @@ class Drafter:
     name = "none"
     speculates = False  # proposes draft tokens at all (the fixed-shape step then drafts k)
     samples_q = False  # sampled drafts come with the distribution q they were drawn from
+    capture_layers: tuple[int, ...] = ()  # target hidden_states indices the verify forward captures
 
     # ------------------------------------------------------------------ eager path
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
@@ -65,6 +68,17 @@ class Drafter:
 
     def keep_path(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Mirror the target's keep-path move in a draft cache of the drafter's own."""
+
+    def observe(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[list[int]],
+                next_tokens: list[list[int]]) -> None:
+        """Target features of newly committed positions (drafters with ``capture_layers``):
+        called after the step's device-to-host copy, before postprocess.
+
+        hidden:      [R, C * Ht] the verify forward's captured rows
+        rows:        rows[b], the rows of ``hidden`` of sequence b's positions
+                     target_len .. target_len + m_b - 1 (target_len not yet advanced)
+        next_tokens: next_tokens[b][i], the committed token after position target_len + i
+        """
 
     # ------------------------------------------------------------------ fixed-shape step
     static_step = True  # has a fixed-shape decode step (chains of a fixed k)
@@ -85,6 +99,18 @@ class Drafter:
 
     def prepare_scratch(self, block: int) -> None:
         """Make the scratch block of a cache of its own finite (padding rows read it)."""
+
+    def prepare_static(self, max_batch: int) -> None:
+        """Allocate static buffers of its own for ``max_batch`` rows (before any capture)."""
+
+    def static_load(self, seqs: list[Sequence], bucket: int) -> None:
+        """Host side of a fixed-shape step, after the runner staged its inputs: copy the
+        drafter's per-sequence state of ``seqs`` (rows 0 .. B - 1) into its static buffers."""
+
+    def static_observe(self, batch: StaticBatch, verify: ForwardBatch, hidden: torch.Tensor, out: torch.Tensor,
+                       n_accepted: torch.Tensor) -> None:
+        """Device work after the verify half's rejection sampling (drafters with
+        ``capture_layers``): verify batch, its captured hidden rows, out [Bp, k + 1], n_accepted [Bp]."""
 
     def own_forwards(self) -> list[tuple]:
         """(model, cache, num_layers) of each forward the drafter runs on a cache of its

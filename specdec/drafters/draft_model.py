@@ -25,6 +25,7 @@ import torch
 
 from ..batch import ForwardBatch, SamplingTensors, build_forward_batch, build_tree_batch
 from ..kernels._sampling_core import INT32_MIN, DraftDist
+from ..kernels.philox import DRAFT_STREAM  # the draft token at position j uses DRAFT_STREAM + j
 from ..kv_cache import BlockManager, KVCache
 from ..models.llama import LlamaForCausalLM
 from ..runners.eager import prefill_tails
@@ -34,9 +35,6 @@ from .base import Drafter, DraftProposal
 
 if TYPE_CHECKING:
     from ..runners.static import StaticBatch
-
-# Philox stream of the draft token at position j (0-based): DRAFT_STREAM + j.
-DRAFT_STREAM = 16
 
 
 class ModelDrafter(Drafter):

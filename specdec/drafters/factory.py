@@ -7,6 +7,9 @@ Kinds (``DrafterSpec.kind``):
   early-exit  ``"early-exit:N"``: the target's first N layers, sharing its weights and cache
   model       a model directory (config.json + weights) sharing the target's vocabulary,
               with a KV cache of its own
+  eagle3      an EAGLE-3 head directory (``is_eagle3_dir``): one decoder layer drafting
+              from the target's captured hidden states, with a one-layer KV cache of its
+              own; chains, static trees or ``draft_tree="dynamic:K,D,N"``
 
 Three steps, in the order ``LLM`` runs them:
 
@@ -30,16 +33,19 @@ import torch
 
 from ..kv_cache import BlockManager, KVCache
 from ..models import ModelConfig, load_model
+from ..models.eagle3 import Eagle3Config, check_against_target, is_eagle3_dir, load_eagle3
 from ..models.llama import LlamaForCausalLM
 from ..tree import TreeShape
 from .base import Drafter
 from .draft_model import ModelDrafter
+from .eagle3 import DynamicTree, Eagle3Drafter
+from .eagle3_head import Eagle3Head
 from .ngram import NgramDrafter
 
 NGRAM = "ngram"
 EARLY_EXIT = "early-exit:"
-DRAFTER_NAMES = ("a model directory", "'ngram'", "'early-exit:N'")
-KINDS = ("none", "ngram", "early-exit", "model")
+DRAFTER_NAMES = ("a model directory", "an EAGLE-3 head directory", "'ngram'", "'early-exit:N'")
+KINDS = ("none", "ngram", "early-exit", "model", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -48,30 +54,37 @@ class DrafterSpec:
 
     kind:       one of ``KINDS``
     name:       the drafter's display name ('none', 'ngram', 'early-exit:N', the path as given)
-    path:       model: the draft model directory; else None
+    path:       model / eagle3: the directory; else None
     num_layers: early-exit: N, the target layers it runs; else None
-    tree:       a static draft tree, or None for chains
+    tree:       a static draft tree, a ``DynamicTree`` (eagle3 only), or None for chains
     """
 
     kind: str
     name: str
     path: Path | None = None
     num_layers: int | None = None
-    tree: TreeShape | None = None
+    tree: TreeShape | DynamicTree | None = None
 
     @classmethod
     def parse(cls, draft, draft_tree=None) -> DrafterSpec:
-        """The spec of ``draft`` (None, 'ngram', 'early-exit:N' or a model directory) and
-        ``draft_tree`` (None or branching factors). The reserved names win over a folder
-        of the same name (pass ``Path("ngram")`` or ``"./ngram"`` for that).
+        """The spec of ``draft`` (None, 'ngram', 'early-exit:N', a model or EAGLE-3 head
+        directory) and ``draft_tree`` (None, branching factors, or ``"dynamic:K,D,N"`` with
+        an EAGLE-3 head). The reserved names win over a folder of the same name (pass
+        ``Path("ngram")`` or ``"./ngram"`` for that).
 
         >>> DrafterSpec.parse("early-exit:2", (2, 1)).num_layers
         2
         """
         spec = cls._of_name(draft)
-        tree = TreeShape.of(draft_tree) if draft_tree is not None else None
-        if tree is not None and spec.kind == "none":
+        if draft_tree is not None and spec.kind == "none":
             raise ValueError("draft_tree needs a drafter: pass draft='ngram', 'early-exit:N' or a model directory")
+        if isinstance(draft_tree, str):
+            tree = DynamicTree.parse(draft_tree)
+            if spec.kind != "eagle3":
+                raise ValueError(f"draft_tree={draft_tree!r} (a dynamic tree) needs an EAGLE-3 head as draft=, got "
+                                 f"draft={draft!r}: use a static tree such as draft_tree=(2, 2) instead")
+        else:
+            tree = TreeShape.of(draft_tree) if draft_tree is not None else None
         return cls(spec.kind, spec.name, spec.path, spec.num_layers, tree)
 
     @classmethod
@@ -102,6 +115,8 @@ class DrafterSpec:
         the chain length ``num_draft_tokens``."""
         if self.kind == "none":
             return 0
+        if isinstance(self.tree, DynamicTree):
+            return self.tree.cache_slots
         return self.tree.num_nodes if self.tree is not None else num_draft_tokens
 
     @property
@@ -115,13 +130,42 @@ def _directory_kind(path: Path) -> str:
     if not (path / "config.json").is_file():
         raise ValueError(f"draft {str(path)!r} is not a model directory (no config.json in it); "
                          f"use one of {', '.join(DRAFTER_NAMES)}")
-    return "model"
+    return "eagle3" if is_eagle3_dir(path) else "model"
 
 
-def draft_cache_config(spec: DrafterSpec, target_path, target_config: ModelConfig) -> ModelConfig | None:
+@dataclass(frozen=True)
+class HeadCacheLayout:
+    """The KV-cache layout of an EAGLE-3 head (one layer), carrying the loaded head so
+    ``build_drafter`` does not read it twice.
+
+    config:  the head's Eagle3Config;  tensors: its normalised state dict (``load_eagle3``)
+    max_position_embeddings: the target's (the head caches every position the target does)
+    """
+
+    config: Eagle3Config
+    tensors: dict
+    max_position_embeddings: int
+    num_layers: int = 1
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+
+def draft_cache_config(spec: DrafterSpec, target_path,
+                       target_config: ModelConfig) -> ModelConfig | HeadCacheLayout | None:
     """Check ``spec`` against the target, before any cache is allocated; returns the config
     of the model whose KV cache the drafter keeps apart from the target's (None: it keeps
-    none; the early-exit drafter writes the target's own cache)."""
+    none; the early-exit drafter writes the target's own cache). An EAGLE-3 head is loaded
+    here (its tensors checked, then the head against the target): a ``HeadCacheLayout``."""
+    if spec.kind == "eagle3":
+        head_cfg, tensors = load_eagle3(spec.path)
+        check_against_target(head_cfg, target_config)
+        return HeadCacheLayout(head_cfg, tensors, target_config.max_position_embeddings)
     if spec.kind == "early-exit":
         n, layers = spec.num_layers, target_config.num_layers
         if not 1 <= n <= layers - 1:
@@ -139,13 +183,16 @@ def draft_cache_config(spec: DrafterSpec, target_path, target_config: ModelConfi
 
 
 def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, draft_cache: KVCache | None,
-                  blocks: BlockManager, ops, device: torch.device, dtype: torch.dtype) -> Drafter:
+                  blocks: BlockManager, ops, device: torch.device, dtype: torch.dtype,
+                  draft_config: ModelConfig | HeadCacheLayout | None = None) -> Drafter:
     """The drafter of ``spec`` over the engine's caches.
 
     target, cache: the target model and its KV cache
     draft_cache:   the drafter's own cache, sized from ``draft_cache_config`` (None if that
                    was None)
     blocks:        the block manager every cache shares
+    draft_config:  what ``draft_cache_config`` returned (an EAGLE-3 head's loaded tensors);
+                   None: loaded again
     """
     if spec.kind == "none":
         return Drafter()
@@ -160,4 +207,20 @@ def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, d
                              "draft_cache_config()")
         model = load_model(spec.path, device, dtype)
         return ModelDrafter(model, draft_cache, blocks, ops, name=spec.name, tree=spec.tree)
+    if spec.kind == "eagle3":
+        return _build_eagle3(spec, target, draft_cache, blocks, ops, device, dtype, draft_config)
     raise ValueError(f"unknown drafter kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _build_eagle3(spec: DrafterSpec, target: LlamaForCausalLM, draft_cache: KVCache | None, blocks: BlockManager,
+                  ops, device, dtype, layout: HeadCacheLayout | None) -> Eagle3Drafter:
+    """The EAGLE-3 drafter: the head (weights cast to ``dtype``; the target's embedding
+    table unless the head has its own) over its one-layer cache."""
+    if draft_cache is None:
+        raise ValueError(f"the EAGLE-3 head {spec.name} needs a KV cache of its own: size one from "
+                         "draft_cache_config()")
+    if not isinstance(layout, HeadCacheLayout):
+        layout = draft_cache_config(spec, spec.path, target.config)
+    head = Eagle3Head(layout.config, layout.tensors, target.model.embed_tokens.weight, device, dtype)
+    return Eagle3Drafter(head, draft_cache, blocks, ops, layout.config.aux_layers(target.config.num_layers),
+                         tree=spec.tree, name=spec.name)

@@ -1,6 +1,6 @@
 """Kernel backends: the Triton kernels and the PyTorch reference behind one interface.
 
-``get_backend("torch")`` returns the reference path (kernels/reference.py), the CPU
+``get_backend("torch")`` returns the reference path (kernels/reference/), the CPU
 backend and test oracle. ``get_backend("triton")`` returns the Triton kernels; on a machine
 without CUDA they run through Triton's interpreter, which must be switched on before the
 kernel modules are imported — ``get_backend`` does that when it imports them.

@@ -27,11 +27,11 @@ from ._sampling_core import (
     p_weights,
     pick_chunk,
     radix_rounds_needed,
-    row_statistics,
 )
+from ._row_stats import row_statistics
 from ._validation import require, require_tensor
 from .philox import MAX_DRAWS, MAX_STREAM
-from .reference import _LOGIT_DTYPES, _check_tensors, _per_sequence
+from ._sampling_validation import LOGIT_DTYPES, check_tensors, per_sequence
 
 __all__ = ["draft_sample"]
 
@@ -102,13 +102,13 @@ def _check_args(logits, temperature, top_k, top_p, seeds, offsets, stream, num_s
     require_tensor("logits", logits)
     require(logits.dim() == 2 and logits.shape[1] >= 1,
             f"logits must be [N, V] with V >= 1, got {tuple(logits.shape)}")
-    require(logits.dtype in _LOGIT_DTYPES,
+    require(logits.dtype in LOGIT_DTYPES,
             f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     n = logits.shape[0]
-    expected = _per_sequence(n, temperature, top_k, top_p, seeds, offsets)
+    expected = per_sequence(n, temperature, top_k, top_p, seeds, offsets)
     if first_draw is not None:
         expected["first_draw"] = (first_draw, torch.int64, (n,))
-    _check_tensors(expected, logits, f"N={n}")
+    check_tensors(expected, logits, f"N={n}")
     require(isinstance(stream, int) and 0 <= stream < MAX_STREAM,
             f"stream must be an int in [0, {MAX_STREAM}), got {stream!r}")
     require(isinstance(num_samples, int) and 1 <= num_samples <= MAX_DRAWS,

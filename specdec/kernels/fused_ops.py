@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._validation import require, shape_of
-from .reference import _check_add_rms_norm_args, _check_rotary_args, _check_silu_mul_args
+from ._validation import check_add_rms_norm_args, check_rotary_args, check_silu_mul_args
 
 __all__ = ["add_rms_norm", "rotary", "silu_mul"]
 
@@ -200,7 +200,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         ([[3.0, 0.0]], [1.4142, 0.0])
     """
     if check:
-        _check_add_rms_norm_args(x, residual, weight, eps)
+        check_add_rms_norm_args(x, residual, weight, eps)
         require(x.shape[1] <= MAX_NORM_COLS, f"add_rms_norm keeps a row in one block: N must be <= "
                 f"{MAX_NORM_COLS}, got x of shape {shape_of(x)}")
     t, n = x.shape
@@ -248,7 +248,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         [0.5, 0.866, -1.732, 1.0]
     """
     if check:
-        _check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
+        check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
     t, h, d = q.shape
     h_kv = k.shape[1]
     q_out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
@@ -286,7 +286,7 @@ def silu_mul(gate_up: torch.Tensor, *, activation: str = "silu", check: bool = T
         [[0.0, 10.0]]
     """
     if check:
-        _check_silu_mul_args(gate_up, activation)
+        check_silu_mul_args(gate_up, activation)
     t, i = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:

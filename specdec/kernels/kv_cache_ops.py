@@ -11,7 +11,7 @@ A slot is ``block * block_size + offset`` in the paged layout of
 :mod:`specdec.kernels.reference` (the test oracle). Both ops are one kernel,
 ``_copy_slots_kernel``: one program per row and block of KV heads copies K and V
 together, addressing a paged side through its slot and a dense side through the row
-index. Each op also has an ``impl="torch"`` path (advanced indexing) for comparison.
+index. The torch backend's write_kv / move_kv are the reference's (``reference/kv_ops.py``).
 """
 
 from __future__ import annotations
@@ -115,40 +115,15 @@ def _copy_slots(src_k, src_v, dst_k, dst_v, src_slots, dst_slots, page: int, num
     )
 
 
-def _flat_slots(cache: torch.Tensor) -> torch.Tensor | None:
-    """[num_blocks * block_size, H_kv, D] view of a cache, None when not viewable."""
-    nb, bs, h, d = cache.shape
-    try:
-        return cache.view(nb * bs, h, d)
-    except RuntimeError:
-        return None
-
-
-def _slot_index(cache: torch.Tensor, slots: torch.Tensor):
-    """Index for ``cache[...]`` selecting ``slots``: flat view or (block, offset) pair."""
-    flat = _flat_slots(cache)
-    slots = slots.long()
-    if flat is not None:
-        return flat, (slots,)
-    bs = cache.shape[1]
-    return cache, (slots // bs, slots % bs)
-
-
-def _check_impl(impl: str) -> None:
-    require(impl in ("triton", "torch"), f"impl must be 'triton' or 'torch', got {impl!r}")
-
-
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, *, impl: str = "triton") -> None:
+             slot_mapping: torch.Tensor) -> None:
     """Scatter new keys and values into the paged cache, in place.
 
     k, v:            [T, H_kv, D] any float dtype (cast to the cache's), stride 1 in D
     k_cache/v_cache: [num_blocks, block_size, H_kv, D] float16/bfloat16/float32
     slot_mapping:    [T] int32 or int64, slot = block * block_size + offset, each in
-                     [0, num_blocks * block_size); the Triton path skips a slot outside
-                     that range (e.g. -1 padding), the torch path does not (it wraps or
-                     raises). Duplicate slots: one of the writes wins.
-    impl:            "triton" (one launch for K and V) or "torch" (index_put_)
+                     [0, num_blocks * block_size); a slot outside that range (e.g. -1
+                     padding) is skipped. Duplicate slots: one of the writes wins.
 
     Example::
 
@@ -158,7 +133,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         >>> float(kc[1, 1].sum()), float(kc[0, 3].sum())
         (8.0, 8.0)
     """
-    _check_impl(impl)
     check_kv_cache(k_cache, v_cache)
     require_tensor("k", k)
     require(k.dim() == 3, f"k must be [T, H_kv, D], got shape {shape_of(k)}")
@@ -169,11 +143,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             f"{shape_of(slot_mapping)} but k has {k.shape[0]} rows (shape {shape_of(k)})")
     if k.shape[0] == 0:
         return
-    if impl == "torch":
-        for x, cache in ((k, k_cache), (v, v_cache)):
-            target, index = _slot_index(cache, slot_mapping)
-            target[index] = x.to(cache.dtype)
-        return
     # cast on the host (torch rounds to nearest even, like the reference); the kernel copies
     k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     nb, page = k_cache.shape[0], k_cache.shape[1]
@@ -182,13 +151,12 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def move_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tensor,
-            dst_slots: torch.Tensor, *, impl: str = "triton") -> None:
+            dst_slots: torch.Tensor) -> None:
     """Copy cache entries ``src_slots[i] -> dst_slots[i]`` in place (keep-path compaction).
 
     k_cache/v_cache:      [num_blocks, block_size, H_kv, D]
     src_slots, dst_slots: [N] int32 or int64 slots in [0, num_blocks * block_size)
-                          (the Triton path skips a pair with a slot outside that range)
-    impl:                 "triton" or "torch"
+                          (a pair with a slot outside that range is skipped)
 
     Every source is read before any destination is written (a gather into a temporary
     [N, H_kv, D] and a scatter, two launches), so any overlap between sources and
@@ -201,7 +169,6 @@ def move_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tenso
         >>> kc.flatten().tolist()
         [0.0, 2.0, 3.0, 3.0]
     """
-    _check_impl(impl)
     check_kv_cache(k_cache, v_cache)
     _check_slots("src_slots", src_slots, k_cache)
     _check_slots("dst_slots", dst_slots, k_cache)
@@ -209,12 +176,6 @@ def move_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.Tenso
             f"but dst_slots has {shape_of(dst_slots)}")
     n = src_slots.shape[0]
     if n == 0:
-        return
-    if impl == "torch":
-        for cache in (k_cache, v_cache):
-            src, src_index = _slot_index(cache, src_slots)
-            dst, dst_index = _slot_index(cache, dst_slots)
-            dst[dst_index] = src[src_index]  # advanced indexing reads into a new tensor
         return
     nb, page, h_kv, d = k_cache.shape
     tmp_k = torch.empty(n, h_kv, d, dtype=k_cache.dtype, device=k_cache.device)

@@ -48,6 +48,9 @@ __all__ = [
     "sample_inverse_cdf",
     "SAMPLER_ACCEPT_STREAM",
     "SAMPLER_SAMPLE_STREAM",
+    "TREE_ACCEPT_STREAM",
+    "TREE_SAMPLE_STREAM",
+    "DRAFT_STREAM",
     "FIRST_FREE_STREAM",
     "MAX_STREAM",
     "MAX_DRAWS",
@@ -55,7 +58,10 @@ __all__ = [
 
 SAMPLER_ACCEPT_STREAM = 0  # j = draft position
 SAMPLER_SAMPLE_STREAM = 1  # j = target row of the residual / bonus sample
+TREE_ACCEPT_STREAM = 2  # tree sampler: acceptance uniform of node i (j = i)
+TREE_SAMPLE_STREAM = 3  # tree sampler: the emitted sample from tree row r (j = r)
 FIRST_FREE_STREAM = 16  # streams 16 .. MAX_STREAM - 1 belong to drafters
+DRAFT_STREAM = FIRST_FREE_STREAM  # a draft model's token at draft position j: DRAFT_STREAM + j
 MAX_STREAM = 256  # the stream field is 8 bits wide
 MAX_DRAWS = 1 << 24  # the draw index field is 24 bits wide
 

@@ -3,7 +3,7 @@ programs (so batch 1 fills the GPU) and no probability tensor in memory.
 
 Launches (R = sum_b (n_b + 1) target rows, C = V / CHUNK vocabulary chunks):
 
-1. ``row_statistics`` (``_sampling_core``): partials over (R x C) programs, one read of
+1. ``row_statistics`` (``_row_stats``): partials over (R x C) programs, one read of
    every row (max, sum-exp with one exp per element, first argmax, non-finite flag and,
    with top-k / top-p, each chunk's 64 largest keys); a merge per row gives m, the kept
    mass z, the threshold thr of top-k / top-p (from the candidates: no pass over the row;
@@ -39,10 +39,10 @@ from ._sampling_core import (
     p_weights,
     pick_chunk,
     radix_rounds_needed,
-    row_statistics,
 )
+from ._row_stats import RowStats, row_statistics
 from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM
-from .reference import _check_draft_layout, _check_rejection_args, _raise_if_flagged
+from ._sampling_validation import check_draft_layout, check_rejection_args, raise_if_flagged
 
 __all__ = ["rejection_sample"]
 
@@ -213,15 +213,13 @@ def rejection_sample(
     """Split-vocabulary rejection sampling; same arguments, results and errors as
     ``reference.rejection_sample`` (see its docstring for every tensor's shape and dtype).
 
-    filtered:     host hint: False promises no sequence uses top-k / top-p (no candidate
-                  keys are kept); None reads top_k / top_p (free on CPU, a sync on a GPU:
-                  pass it on the hot path, e.g. ``SamplingTensors.filtered``)
-    radix_rounds: host hint, radix-select rounds to launch for rows the candidates cannot
-                  settle (``_sampling_core.radix_rounds_needed``; None reads top_k / top_p)
+    filtered:     host hint: False promises no top-k / top-p (no candidate keys kept); None
+                  reads top_k / top_p (a sync on a GPU: pass ``SamplingTensors.filtered``)
+    radix_rounds: host hint, radix-select rounds for rows the candidates cannot settle
+                  (``radix_rounds_needed``; None reads top_k / top_p)
     chunk:        tokens per program (a power of two >= 64; default ``chunk_size(V)``)
-    returns: out_tokens [B, max_num_draft + 1] int64 padded with -1, n_accepted [B] int32
-    (-1 for a sequence with bad values when check_finite=False). With check_finite=False
-    and both hints given the call makes no host copy.
+    returns: out_tokens [B, max_num_draft + 1] int64, n_accepted [B] int32, as the
+    reference; check_finite=False with both hints given makes no host copy.
 
     Example::
 
@@ -232,16 +230,14 @@ def rejection_sample(
         ...                  torch.zeros(1, dtype=i64), torch.zeros(1, dtype=i64))
         (tensor([[1, 2]]), tensor([1], dtype=torch.int32))
     """
-    batch, vocab = _check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft,
-                                         max_num_draft, temperature, top_k, top_p, seeds, offsets,
-                                         num_draft)
+    batch, vocab = check_rejection_args(target_logits, draft_token_ids, q, cu_num_draft, max_num_draft,
+                                        temperature, top_k, top_p, seeds, offsets, num_draft)
     if chunk is not None and (chunk < 64 or chunk & (chunk - 1)):
         raise ValueError(f"chunk must be a power of two >= 64, got {chunk}")
     if check_finite:
-        _check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
+        check_draft_layout(cu_num_draft, draft_token_ids, max_num_draft, vocab)
     dev = target_logits.device
-    out = torch.empty((batch, max_num_draft + 1), dtype=torch.int64, device=dev)
-    n_acc = torch.empty((batch,), dtype=torch.int32, device=dev)
+    out, n_acc = _empty_outputs(batch, max_num_draft, dev)
     if batch == 0:
         return out, n_acc
     if filtered is None:
@@ -251,16 +247,27 @@ def rejection_sample(
     logits = target_logits if target_logits.stride(1) == 1 else target_logits.contiguous()
     stats = row_statistics(logits, temperature, top_k, top_p, cu_num_draft, filtered=filtered,
                            radix_rounds=radix_rounds or 0, chunk=chunk)
+    _launch_chain(logits, draft_token_ids, q, cu_num_draft, max_num_draft, num_draft, temperature,
+                  seeds, offsets, stats, out, n_acc)
+    if check_finite:
+        raise_if_flagged(n_acc)
+    return out, n_acc
+
+
+def _launch_chain(logits, draft_token_ids, q, cu_num_draft, max_num_draft: int, num_draft,
+                  temperature, seeds, offsets, stats: RowStats, out, n_acc) -> None:
+    """Launches 2 (accept, B x C) and 3 (emit, B) from the row statistics, into out / n_acc."""
+    batch, vocab, dev = out.shape[0], logits.shape[1], logits.device
     ids = draft_token_ids
     if ids.numel() == 0:
         ids = torch.zeros(1, dtype=torch.int64, device=dev)  # never read (every n_b = 0)
-    if q is not None and q.logits.shape[0] > 0:
+    has_q = q is not None and q.logits.shape[0] > 0
+    if has_q:
         q_logits = q.logits
         q_fields = (q.inv_t, q.m, q.z, q.thr)
     else:  # never read (HAS_Q=False, or no draft rows)
         q_logits = logits
         q_fields = (stats.inv_t, stats.m, stats.z, stats.thr)
-    has_q = q is not None and q.logits.shape[0] > 0
     state = torch.empty((batch, 2), dtype=torch.int32, device=dev)
     chunk_w = torch.empty((batch, stats.n_chunks, 2), dtype=torch.float32, device=dev)
     row = (stats.m, stats.z, stats.thr, stats.arg, stats.inv_t)
@@ -281,6 +288,9 @@ def rejection_sample(
         HAS_Q=has_q, CHUNK=stats.chunk, BLOCK_K=block_k,
         BLOCK_C=triton.next_power_of_2(stats.n_chunks), num_warps=warps,
     )
-    if check_finite:
-        _raise_if_flagged(n_acc)
-    return out, n_acc
+
+
+def _empty_outputs(batch: int, max_num_draft: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """out_tokens [B, k_max + 1] int64 and n_accepted [B] int32, uninitialised."""
+    return (torch.empty((batch, max_num_draft + 1), dtype=torch.int64, device=dev),
+            torch.empty((batch,), dtype=torch.int32, device=dev))

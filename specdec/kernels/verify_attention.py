@@ -10,464 +10,57 @@ and after the rejection sampler, ``move_kv`` compacts the accepted tree path; th
 cache ops live in :mod:`specdec.kernels.kv_cache_ops`. Semantics are those of
 :mod:`specdec.kernels.reference` (the test oracle); the paged layout is described there.
 
-Kernel design (``_verify_attention_kernel``):
+Query i of sequence b sees cached positions < seq_lens[b] - n_b and the new positions
+that its mask allows; a query that sees nothing yields zeros. A tree mask holds 64 nodes,
+so ``tree_mask`` with ``max_query_len > 64`` raises ValueError (use None for longer
+chains). Device values are not checked (that would sync): seq_lens[b] >= n_b and
+block_table[b, :cdiv(seq_lens[b], block_size)] valid block ids are the caller's contract;
+positions past the block table row are never read.
 
-* grid = (query tiles x KV splits, H_kv, B); axis 0 varies fastest, so the programs
-  that stream the same sequence/KV head run side by side and share K/V through L2.
-* GQA fold: one program owns one KV head and all ``G = H / H_kv`` query heads on it.
-  Tile row ``r`` is query ``q0 + r // G`` of the sequence, head ``kvh * G + r % G``,
-  so each K/V tile is loaded once and multiplied against ``BLOCK_M = BLOCK_Q * G``
-  rows (the Q tile is [BLOCK_M, D], the score tile [BLOCK_M, BLOCK_N]).
-* Ragged queries without a host sync: the host knows an upper bound of the queries
-  per sequence (``max_query_len``), the grid has ``cdiv(max_query_len, BLOCK_Q)`` tiles
-  per sequence and a tile past its sequence's ``n_b`` queries returns at once.
-* KV positions are walked BLOCK_N at a time; every position's slot comes from the
-  block table (``block_table[b, pos // page] * page + pos % page``), so any page size
-  works and a tile may straddle pages. Offsets into the cache are int64.
-* Two loops: positions every row of the tile sees (the prefix; for causal also the new
-  tokens up to the tile's first query) run without masks, the rest with the causal or
-  tree-bit mask. Online softmax in base 2 with fp32 statistics (FlashAttention-2).
-* Split-KV (flash-decoding) when the grid is too small to fill the GPU (decode, small
-  batches, trees at B <= 8): each split handles a slice of the KV range and writes an
-  fp32 partial output and its log-sum-exp; ``_combine_splits_kernel`` merges them.
-  Query tiles are never shrunk to make programs: each query tile of a (sequence, KV
-  head) streams that head's whole K/V (see the launch-config policy below).
+Example::
+
+    >>> import torch
+    >>> from specdec.kernels.verify_attention import verify_attention
+    >>> kc = torch.randn(4, 16, 2, 64); vc = torch.randn(4, 16, 2, 64)
+    >>> q = torch.randn(3, 4, 64)                     # one sequence, 3 new tokens
+    >>> bt = torch.tensor([[2, 0]], dtype=torch.int32)  # 20 positions: 17 + 3
+    >>> out = verify_attention(q, kc, vc, bt, torch.tensor([20], dtype=torch.int32),
+    ...                        torch.tensor([0, 3], dtype=torch.int32), None, 64 ** -0.5,
+    ...                        max_query_len=3)
+    >>> out.shape
+    torch.Size([3, 4, 64])
+
+The kernels (``_attention_kernels.py``: design notes there), the host-side launch policy
+(``_attention_policy.py``: tile shapes, KV splits) and this launcher are three files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
+from ..tree import MAX_TREE_NODES
+from . import _attention_policy as policy
+from ._attention_kernels import _combine_splits_kernel, _verify_attention_kernel
 from ._validation import (
     check_host_int,
     check_index,
     check_kv_cache,
+    check_window_args,
     require,
     require_same_device,
     require_tensor,
     require_unit_stride,
     shape_of,
 )
-from .reference import _check_window_args
 
 __all__ = ["verify_attention"]
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * _LOG2E)
-_MAX_TREE_NODES = 64  # one int64 ancestor bitmask per query
 _MAX_HEAD_DIM = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _load_kv_tile(ptr, row_off, d, pos_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """[BLOCK_N, BLOCK_D] rows of K or V at int64 element offsets ``row_off``."""
-    ptrs = ptr + row_off[:, None] + d[None, :]
-    if MASKED:
-        x = tl.load(ptrs, mask=pos_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=d[None, :] < HEAD_DIM, other=0.0)
-    if UPCAST:  # the interpreter computes bf16 wrongly
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _popcount64(x):
-    """Set bits of each int64 (SWAR; the masks clear the sign bits arithmetic shifts copy)."""
-    x = x - ((x >> 1) & 0x5555555555555555)
-    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
-    return (x * 0x0101010101010101) >> 56  # the byte sums, added into the top byte
-
-
-@triton.jit
-def _attend_range(
-    acc, l_i, m_i, q, qi, q_pos, tree_bits, lo, hi, prefix, n_new,
-    k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
-    stride_kb, stride_ks, stride_vb, stride_vs,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, HAS_TREE: tl.constexpr,
-    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Online-softmax accumulation over KV positions [lo, hi) (hi - lo a whole number of
-    KV tiles unless MASKED).
-
-    acc [BLOCK_M, BLOCK_D] f32, l_i / m_i [BLOCK_M] f32 (row sum and max, base 2).
-    k_ptr / v_ptr already point at the program's KV head. SOFTCAP: ``scale_log2`` is
-    scale / cap and scores are cap * tanh(q.k * scale / cap) (``cap_log2`` = cap / ln 2).
-    SLIDING (with MASKED): row r also needs q_pos[r] - key position < ``window``.
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n  # [BLOCK_N] positions in the sequence
-        pos_ok = pos < hi
-        # -- paged addressing: slot = block_table[b, pos // page] * page + pos % page --
-        if MASKED:
-            blk = tl.load(bt_row_ptr + pos // PAGE_SIZE, mask=pos_ok, other=0)
-        else:
-            blk = tl.load(bt_row_ptr + pos // PAGE_SIZE)
-        blk = blk.to(tl.int64)
-        in_page = (pos % PAGE_SIZE).to(tl.int64)
-        k = _load_kv_tile(k_ptr, blk * stride_kb + in_page * stride_ks, d, pos_ok,
-                          HEAD_DIM, BLOCK_D, MASKED, UPCAST)
-        # -- compute qk: s = (q . k) * scale / ln 2, so that exp(x) becomes exp2(s) --
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        if SOFTCAP:
-            # cap * tanh(x), x = q.k * scale / cap; tanh(x) = 1 - 2 / (e^2x + 1) (+-1 at +-inf)
-            s = (1.0 - 2.0 / (tl.math.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * cap_log2
-        if MASKED:
-            j = pos - prefix  # index among the new tokens; < 0 inside the prefix
-            if HAS_TREE:
-                # bit j of the query's ancestor mask (shift clamped to the 64 bits)
-                shift = tl.minimum(tl.maximum(j, 0), 63).to(tl.int64)
-                bit = (tree_bits[:, None] >> shift[None, :]) & 1
-                visible = (j[None, :] < 0) | ((j[None, :] < n_new) & (bit != 0))
-            else:
-                visible = j[None, :] <= qi[:, None]  # causal among the new tokens
-            if SLIDING:
-                # distance from the query to the key in positions; a tree ancestor j sits
-                # as many positions before the query as the query has ancestors after j
-                dist = q_pos[:, None] - pos[None, :]
-                if HAS_TREE:
-                    jj = tl.minimum(tl.maximum(j, 0), 63).to(tl.int64)
-                    after_j = tree_bits[:, None] & ~((2 << jj[None, :]) - 1)  # bits above j
-                    dist = tl.where(j[None, :] < 0, dist, _popcount64(after_j))
-                visible = visible & (dist < window)
-            visible = visible & pos_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-        # -- online softmax: m_new = max(m, rowmax s); rescale acc and l by 2^(m - m_new) --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen nothing keeps m = -inf; subtract 0 instead (no inf - inf)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], masked -> 0
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_ptr, blk * stride_vb + in_page * stride_vs, d, pos_ok,
-                          HEAD_DIM, BLOCK_D, MASKED, UPCAST)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-# Ints that vary from call to call (the block table's width, the KV split count and the
-# partial buffers' split strides) are not specialised: one compiled variant serves every
-# batch. Split strides are passed in units of 16 elements and multiplied back in the
-# kernel, so the compiler still knows they keep 16-element alignment.
-@triton.jit(do_not_specialize=["max_positions", "stride_bt", "num_splits", "stride_os16",
-                               "stride_ls16", "window"])
-def _verify_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr,
-    tree_mask_ptr, out_ptr, lse_ptr,
-    scale_log2, cap_log2, window, max_positions, num_splits,
-    stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_bt,
-    stride_os16, stride_ot, stride_oh,
-    stride_ls16, stride_lt,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_TREE: tl.constexpr,
-    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    tile = tl.program_id(0) // num_splits
-    split = tl.program_id(0) % num_splits
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
-
-    q_begin = tl.load(q_start_ptr + b)
-    n_new = tl.load(q_start_ptr + b + 1) - q_begin  # n_b queries of this sequence
-    q0 = tile * BLOCK_Q
-    if q0 >= n_new:
-        return
-    seq_len = tl.load(seq_lens_ptr + b)
-    prefix = seq_len - n_new  # committed positions, seen by every query
-
-    # -- rows of the tile: (query, head) pairs of the GQA group --
-    rows = tl.arange(0, BLOCK_M)
-    qi = q0 + rows // GROUP  # [BLOCK_M] query index within the sequence
-    head = kvh * GROUP + rows % GROUP  # [BLOCK_M] query head
-    row_ok = (rows < BLOCK_Q * GROUP) & (qi < n_new)
-    tok = (q_begin + qi).to(tl.int64)  # [BLOCK_M] row of q / out
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q_off = tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    if HAS_TREE:
-        tree_bits = tl.load(tree_mask_ptr + tok, mask=row_ok, other=0)  # [BLOCK_M] int64
-    else:
-        tree_bits = tok  # unused
-
-    # -- KV range: [0, dense_end) is seen by every row, [dense_end, kv_end) is masked --
-    if HAS_TREE:
-        kv_end = seq_len
-        dense_end = prefix
-    else:  # causal: query qi sees positions <= prefix + qi
-        kv_end = prefix + tl.minimum(q0 + BLOCK_Q, n_new)
-        dense_end = prefix + q0 + 1
-    kv_end = tl.minimum(kv_end, max_positions)  # never read past the block table row
-    # -- sliding window: a query at position p sees keys > p - window. The tile's rows sit
-    # at positions [first_q, last_q] (a tree node at prefix + its depth, depth < n_new):
-    # no row sees a key <= first_q - window, every row's window holds the keys > last_q - window
-    if SLIDING:
-        if HAS_TREE:
-            q_pos = prefix + _popcount64(tree_bits) - 1  # [BLOCK_M] ancestors = depth + 1
-            first_q = prefix
-            last_q = prefix + n_new - 1
-        else:
-            q_pos = prefix + qi
-            first_q = prefix + q0
-            last_q = prefix + tl.minimum(q0 + BLOCK_Q, n_new) - 1
-        win_lo = (tl.maximum(first_q - window + 1, 0) // BLOCK_N) * BLOCK_N
-        win_all = tl.maximum(last_q - window + 1, 0)
-    else:
-        q_pos = qi  # unused
-        win_lo = 0
-        win_all = 0
-    lo = win_lo
-    hi = kv_end
-    if SPLIT:  # this split's slice, a whole number of KV tiles (possibly empty)
-        chunk = tl.cdiv(tl.cdiv(kv_end - win_lo, num_splits), BLOCK_N) * BLOCK_N
-        lo = tl.minimum(win_lo + split * chunk, kv_end)
-        hi = tl.minimum(lo + chunk, kv_end)
-    # [lo, edge_stop): the window's edge, masked; [edge_stop, dense_stop): every row sees
-    # every key, unmasked; [dense_stop, hi): the causal / tree mask
-    edge_stop = lo
-    if SLIDING:
-        edge_stop = tl.minimum(tl.maximum(lo, tl.cdiv(win_all, BLOCK_N) * BLOCK_N), hi)
-    dense_stop = tl.maximum(edge_stop, (tl.minimum(dense_end, hi) // BLOCK_N) * BLOCK_N)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    k_ptr = k_cache_ptr + kvh.to(tl.int64) * stride_kh
-    v_ptr = v_cache_ptr + kvh.to(tl.int64) * stride_vh
-    bt_row_ptr = block_table_ptr + b.to(tl.int64) * stride_bt
-    if SLIDING:
-        acc, l_i, m_i = _attend_range(
-            acc, l_i, m_i, q, qi, q_pos, tree_bits, lo, edge_stop, prefix, n_new,
-            k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE,
-            True, HAS_TREE, True, SOFTCAP, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, qi, q_pos, tree_bits, edge_stop, dense_stop, prefix, n_new,
-        k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
-        stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE,
-        False, HAS_TREE, False, SOFTCAP, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, qi, q_pos, tree_bits, dense_stop, hi, prefix, n_new,
-        k_ptr, v_ptr, bt_row_ptr, scale_log2, cap_log2, window,
-        stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE,
-        True, HAS_TREE, False, SOFTCAP, UPCAST, DOT_PRECISION)
-
-    # -- epilogue: out = acc / l; a row that saw nothing (l == 0) gets zeros --
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_off = tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + d[None, :]
-    if SPLIT:
-        o_off += split.to(tl.int64) * stride_os16 * 16
-    tl.store(out_ptr + o_off, out, mask=row_ok[:, None] & d_ok[None, :])
-    if SPLIT:  # log2-sum-exp2 of the split's scores, -inf when it saw nothing
-        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        l_off = split.to(tl.int64) * stride_ls16 * 16 + tok * stride_lt + head
-        tl.store(lse_ptr + l_off, lse, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["num_splits", "stride_ps16", "stride_ls16"])
-def _combine_splits_kernel(
-    part_ptr, lse_ptr, out_ptr, num_splits,
-    stride_ps16, stride_pt, stride_ph, stride_ls16, stride_lt, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """out[t, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    s = tl.arange(0, BLOCK_S).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < num_splits
-    lse = tl.load(lse_ptr + s * stride_ls16 * 16 + t * stride_lt + h, mask=s_ok,
-                  other=float("-inf"))
-    top = tl.max(lse, 0)
-    w = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [BLOCK_S]
-    den = tl.sum(w, 0)
-    part = tl.load(part_ptr + s[:, None] * stride_ps16 * 16 + t * stride_pt + h * stride_ph
-                   + d[None, :], mask=s_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out, mask=d < HEAD_DIM)
-
-
-# --------------------------------------------------------------------------- launch config
-#
-# Policy (host-side, from shapes only):
-#
-# * Query tiles keep every query row of a (sequence, KV head) together, up to 128 rows
-#   (GQA group folded in): each extra query tile re-streams that KV head's K/V, so tiles
-#   are never shrunk to make more programs.
-# * The GPU is filled along the KV range instead (flash-decoding): when the grid has
-#   fewer programs than two per SM, each program's KV range is split and
-#   ``_combine_splits_kernel`` merges the partial results. The split count is the
-#   smallest that reaches ~85 % of the best wave efficiency (as FlashAttention's
-#   ``num_splits_heuristic``), each split streaming at least _MIN_SPLIT_TILES KV tiles.
-# * Register budget (``_tiles``): D = 256 and sm_80 use narrower KV tiles; float32 (ieee
-#   dots) uses 16x16 / 32x16 tiles and is refused on a GPU when a query's GQA group does
-#   not fit them (more than 32 query heads per KV head, 16 for head_dim > 128). tests/test_gpu_compile.py compiles the variants for sm_80
-#   and sm_90 and fails on any spill.
-# * Split counts are runtime ints and the split flag a constexpr, so one model has a
-#   handful of compiled variants (``_policy_tiles`` x tree/causal x split/not).
-
-_MAX_SPLITS = 32  # partials the combine kernel merges (its BLOCK_S)
-_MIN_SPLIT_TILES = 2  # KV tiles a split streams at least
-_MAX_FP32_GROUP = {128: 32, 256: 16}  # float32: query heads per KV head a tile can hold
-
-
-@dataclass(frozen=True)
-class _Config:
-    block_m: int  # tile rows = BLOCK_Q queries x GROUP heads (a power of two >= 16)
-    block_n: int  # KV positions per step
-    num_warps: int
-    num_stages: int
-    num_splits: int = 1  # KV splits (flash-decoding); > 1 adds a combine launch
-
-
-@dataclass(frozen=True)
-class _Gpu:
-    sms: int
-    arch: int  # compute capability major * 10 + minor: 80 (A100), 90 (H100/H200)
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_of(index: int) -> _Gpu:
-    props = torch.cuda.get_device_properties(index)
-    return _Gpu(props.multi_processor_count, props.major * 10 + props.minor)
-
-
-def _gpu(device: torch.device) -> _Gpu | None:
-    """SM count and architecture of a CUDA device (host-only, cached); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return _gpu_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-# test-only: a config every launch uses instead of the policy's (see ``_forcing``)
-_FORCED: _Config | None = None
-
-
-@contextlib.contextmanager
-def _forcing(cfg: _Config):
-    """Test-only override: every ``verify_attention`` call inside uses ``cfg``."""
-    global _FORCED
-    before, _FORCED = _FORCED, cfg
-    try:
-        yield
-    finally:
-        _FORCED = before
-
-
-def _tiles(dtype: torch.dtype, head_dim: int, rows: int, group: int, arch: int) -> _Config:
-    """Tile shape for ``rows`` query rows per (sequence, KV head) on a GPU of ``arch``.
-
-    Register/shared-memory budget per variant, as compiled offline (ptxas 12.8, no spills):
-    bf16 D=128 BM=128 w8: 182-214 regs sm_90 (98.5 KiB smem, 2 CTAs/SM); on sm_80
-    mma.sync holds Q, S and acc in registers, so BM >= 64 takes 32-wide KV tiles (178-202
-    regs; 64-wide spill 172 B). D=256: BM 128 on sm_90 (249 regs), 64 on sm_80 (255).
-    fp32 ieee: BM <= 32 (16 for D=256) with 16-wide KV tiles (60-136 regs; 32x32 spills).
-    """
-    min_m = max(16, triton.next_power_of_2(group))  # a tile holds a query's whole group
-    if dtype == torch.float32:
-        block_m = max(min(32 if head_dim <= 128 else 16, triton.next_power_of_2(rows)), min_m)
-        return _Config(block_m, 16, 8 if block_m >= 32 or head_dim > 128 else 4, 2)
-    if head_dim > 128:
-        cap = 128 if arch >= 90 else 64
-        return _Config(max(min(cap, triton.next_power_of_2(rows)), min_m), 32, 8, 2)
-    block_m = max(min(128, triton.next_power_of_2(rows)), min_m)
-    if arch < 90 and head_dim > 64 and block_m >= 64:
-        return _Config(block_m, 32, 8, 2)
-    return _Config(block_m, 64, 8 if block_m >= 128 else 4, 3)
-
-
-def _num_splits(programs: int, kv_len: int, block_n: int, slots: int) -> int:
-    """KV splits for a grid of ``programs`` over ``kv_len`` positions on ``slots`` CTA slots.
-
-    Efficiency of s splits = waves / ceil(waves), waves = programs * s / slots; the
-    smallest s within 85 % of the best wins (fewer splits: less combine traffic).
-    """
-    if programs >= slots:
-        return 1
-    most = max(1, min(_MAX_SPLITS, kv_len // (_MIN_SPLIT_TILES * block_n)))
-    eff = [0.0]
-    for s in range(1, most + 1):
-        waves = programs * s / slots
-        eff.append(waves / math.ceil(waves))
-    best = max(eff)
-    return next(s for s in range(1, most + 1) if eff[s] >= 0.85 * best)
-
-
-def _pick_config(num_seqs: int, h_kv: int, group: int, head_dim: int, max_query_len: int,
-                 max_seq_len: int | None, dtype: torch.dtype, device: torch.device) -> _Config:
-    """Tile sizes and KV splits from host-known sizes only (no device read)."""
-    if _FORCED is not None:
-        return _FORCED
-    rows = max_query_len * group  # tile rows one (sequence, KV head) needs
-    gpu = _gpu(device)
-    if _interpreting() or gpu is None:  # few, large programs: the interpreter pays per program
-        block_m = min(128, max(16, triton.next_power_of_2(rows), triton.next_power_of_2(group)))
-        return _Config(block_m, 128, 1, 1)
-    cfg = _tiles(dtype, head_dim, rows, group, gpu.arch)
-    if max_seq_len is None:
-        return cfg
-    programs = num_seqs * h_kv * triton.cdiv(max_query_len, max(1, cfg.block_m // group))
-    splits = _num_splits(programs, max_seq_len, cfg.block_n, 2 * gpu.sms)
-    return dataclasses.replace(cfg, num_splits=splits)
-
-
-def _policy_tiles(dtype: torch.dtype, head_dim: int, group: int, arch: int,
-                  max_rows: int = 1 << 16) -> list[_Config]:
-    """Every tile config ``_tiles`` can return for this model (num_splits 1)."""
-    seen = []
-    rows = 1
-    while rows <= max_rows:
-        cfg = _tiles(dtype, head_dim, rows, group, arch)
-        if cfg not in seen:
-            seen.append(cfg)
-        rows *= 2
-    return seen
-
-
-def _check_gpu_support(dtype: torch.dtype, head_dim: int, group: int,
-                       device: torch.device) -> None:
-    """Refuse, before any work, what would compile to a spilling kernel on a GPU."""
-    if _gpu(device) is None or _interpreting():
-        return
-    if dtype == torch.float32:
-        most = _MAX_FP32_GROUP[128 if head_dim <= 128 else 256]
-        require(group <= most,
-                f"float32 attention on a GPU supports at most {most} query heads per KV head at "
-                f"head_dim {head_dim} (got {group}): a tile holding a query's whole group would "
-                "spill registers in fp32; load the model in bfloat16 or float16")
-
 
 # --------------------------------------------------------------------------- validation
 
@@ -551,52 +144,40 @@ def verify_attention(
     softcap       (keyword): None, or c > 0: scores c * tanh(scores / c) (Gemma 2)
     returns:      [T, H, D] in q's dtype
 
-    Query i of sequence b sees cached positions < seq_lens[b] - n_b and the new
-    positions that its mask allows; a query that sees nothing yields zeros. A tree mask
-    holds 64 nodes, so ``tree_mask`` with ``max_query_len > 64`` raises ValueError
-    (use None for longer chains). Device values are not checked (that would sync):
-    seq_lens[b] >= n_b and block_table[b, :cdiv(seq_lens[b], block_size)] valid block ids
-    are the caller's contract; positions past the block table row are never read.
-
-    Example::
-
-        >>> import torch
-        >>> from specdec.kernels.verify_attention import verify_attention
-        >>> kc = torch.randn(4, 16, 2, 64); vc = torch.randn(4, 16, 2, 64)
-        >>> q = torch.randn(3, 4, 64)                     # one sequence, 3 new tokens
-        >>> bt = torch.tensor([[2, 0]], dtype=torch.int32)  # 20 positions: 17 + 3
-        >>> out = verify_attention(q, kc, vc, bt, torch.tensor([20], dtype=torch.int32),
-        ...                        torch.tensor([0, 3], dtype=torch.int32), None, 64 ** -0.5,
-        ...                        max_query_len=3)
-        >>> out.shape
-        torch.Size([3, 4, 64])
+    Visibility, the caller's contract and an example: see the module docstring.
     """
     _check_attention_args(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale)
-    _check_window_args(sliding_window, softcap)
+    check_window_args(sliding_window, softcap)
     check_host_int("max_query_len", max_query_len)
     check_host_int("max_seq_len", max_seq_len)
     T, H, D = q.shape
-    B = block_table.shape[0]
-    if max_query_len is None:  # the one device read; pass max_query_len to avoid it
-        max_query_len = int((q_start[1:] - q_start[:-1]).max()) if B > 0 else 0
-    max_query_len = min(max_query_len, T)
-    if tree_mask is not None and max_query_len > _MAX_TREE_NODES:
-        raise ValueError(f"tree_mask holds {_MAX_TREE_NODES} nodes per sequence, but "
-                         f"max_query_len is {max_query_len}; pass tree_mask=None for a chain")
-    require(T == 0 or (B > 0 and max_query_len > 0),
-            f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
-    h_kv = k_cache.shape[2]
-    _check_gpu_support(q.dtype, D, H // h_kv, q.device)
+    B, h_kv = block_table.shape[0], k_cache.shape[2]
+    max_query_len = _query_bound(max_query_len, q_start, T, B, tree_mask is not None)
+    policy.check_gpu_support(q.dtype, D, H // h_kv, q.device)
     if sliding_window is not None and max_seq_len is not None:
         # a program streams at most its rows' windows: split that range, not the sequence
         max_seq_len = min(max_seq_len, sliding_window + max_query_len)
-    cfg = _pick_config(B, h_kv, H // h_kv, D, max_query_len, max_seq_len, q.dtype, q.device)
+    cfg = policy.pick_config(B, h_kv, H // h_kv, D, max_query_len, max_seq_len, q.dtype, q.device)
     return _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask,
                              scale, max_query_len, cfg, sliding_window, softcap)
 
 
+def _query_bound(max_query_len: int | None, q_start: torch.Tensor, T: int, B: int, tree: bool) -> int:
+    """The host bound of max_b n_b the grid is sized by (checked against T, B and the tree
+    mask's 64 nodes); None reads q_start once (the one device read)."""
+    if max_query_len is None:
+        max_query_len = int((q_start[1:] - q_start[:-1]).max()) if B > 0 else 0
+    max_query_len = min(max_query_len, T)
+    if tree and max_query_len > MAX_TREE_NODES:
+        raise ValueError(f"tree_mask holds {MAX_TREE_NODES} nodes per sequence, but "
+                         f"max_query_len is {max_query_len}; pass tree_mask=None for a chain")
+    require(T == 0 or (B > 0 and max_query_len > 0),
+            f"q has {T} rows but max_query_len is {max_query_len} with B = {B}")
+    return max_query_len
+
+
 def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_mask, scale,
-                      max_query_len: int, cfg: _Config, sliding_window: int | None = None,
+                      max_query_len: int, cfg: policy.Config, sliding_window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
     """Launch with an explicit config (inputs already validated)."""
     T, H, D = q.shape
@@ -608,7 +189,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
         return out
     block_m = max(cfg.block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group  # queries per tile
-    splits = min(cfg.num_splits, _MAX_SPLITS)
+    splits = min(cfg.num_splits, policy.MAX_SPLITS)
     if splits > 1:
         # fp32 partial outputs [S, T16, H, D] and their log2-sum-exp2 [S, T16, H], with
         # T16 = T rounded up to 16 so that the split strides are multiples of 16
@@ -621,7 +202,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
         lse = out  # unused
         dst, stride_os16, stride_ls16, stride_lt = out, 0, 0, 0
         dst_t, dst_h = out.stride(0), out.stride(1)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = policy.interpreting() and q.dtype == torch.bfloat16
     grid = (triton.cdiv(max_query_len, block_q) * splits, h_kv, B)
     _verify_attention_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, q_start,
@@ -648,7 +229,7 @@ def _launch_attention(q, k_cache, v_cache, block_table, seq_lens, q_start, tree_
             part, lse, out, splits,
             part.stride(0) // 16, part.stride(1), part.stride(2), lse.stride(0) // 16,
             lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=_MAX_SPLITS,
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=policy.MAX_SPLITS,
             num_warps=4 if D >= 128 else 2,
         )
     return out
@@ -667,7 +248,7 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scr
                      variant each; the window size and cap are runtime values)
     returns:         the number of launches
 
-    A variant is a tile config (``_policy_tiles``) x split or not x tree or causal; the
+    A variant is a tile config (``policy.policy_tiles``) x split or not x tree or causal; the
     split count, batch size and block-table width are runtime ints, so one launch of one
     query over the scratch block compiles what every batch of that kind will run.
     """
@@ -676,12 +257,12 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scr
     dtype, device = k_cache.dtype, k_cache.device
     require(num_heads % h_kv == 0, f"num_heads {num_heads} is not a multiple of {h_kv} KV heads")
     group = num_heads // h_kv
-    _check_gpu_support(dtype, d, group, device)
-    gpu = _gpu(device)
-    if gpu is None or _interpreting():  # one config: the interpreter's
-        tiles = [_pick_config(1, h_kv, group, d, 1, None, dtype, device)]
+    policy.check_gpu_support(dtype, d, group, device)
+    gpu = policy.gpu_of_device(device)
+    if gpu is None or policy.interpreting():  # one config: the interpreter's
+        tiles = [policy.pick_config(1, h_kv, group, d, 1, None, dtype, device)]
     else:
-        tiles = _policy_tiles(dtype, d, group, gpu.arch)
+        tiles = policy.policy_tiles(dtype, d, group, gpu.arch)
     q = torch.zeros(1, num_heads, d, dtype=dtype, device=device)
     block_table = torch.full((1, 1), scratch_block, dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
@@ -689,7 +270,7 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scr
     masks = [None] + ([torch.ones(1, dtype=torch.int64, device=device)] if trees else [])
     launches = 0
     for window, softcap in kinds:
-        _check_window_args(window, softcap)
+        check_window_args(window, softcap)
     for window, softcap in kinds:
         for cfg in tiles:
             for splits in (1, 2):

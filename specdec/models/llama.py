@@ -319,7 +319,8 @@ class LlamaForCausalLM(nn.Module):
                 module.cache_gain()
 
     @torch.no_grad()
-    def forward_cached(self, batch: ForwardBatch, cache, ops, num_layers: int | None = None) -> torch.Tensor:
+    def forward_cached(self, batch: ForwardBatch, cache, ops, num_layers: int | None = None,
+                       capture: tuple[int, ...] | None = None):
         """Ragged forward through the paged cache.
 
         batch:      ForwardBatch (tokens [T], positions [T], cache metadata)
@@ -332,9 +333,15 @@ class LlamaForCausalLM(nn.Module):
                     as they are and upcast in registers (the torch reference upcasts
                     itself), so no fp32 copy of the logits is made
 
+        capture:    ascending HF hidden_states indices (0 = the embeddings, k = the input
+                    of decoder layer k, the un-normalised residual stream): then returns
+                    ``(logits, hidden)``, hidden [T, len(capture) * hidden] in the model's
+                    dtype for EVERY token row (EAGLE-3 features); None: logits only
+
         Needs ``fuse_projections()`` first (``load_model`` calls it).
         """
         n = self.num_layers if num_layers is None else num_layers
+        captured = [] if capture else None
         inv_freq = self.model.rotary.inv_freq
         local = self.model.rotary_local
         h, residual = self.model.embed(batch.tokens), None  # [T, hidden]
@@ -342,6 +349,8 @@ class LlamaForCausalLM(nn.Module):
             k_cache, v_cache = cache.layer(i)
             attn, post_attn = layer.self_attn, layer.post_attention_layernorm
             x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm.gain(), layer.input_layernorm.eps)
+            if captured is not None and i in capture:  # the stream entering layer i (h + residual)
+                captured += [residual] * capture.count(i)
             freqs = local.inv_freq if attn.local_rope else inv_freq
             h = attn.forward_cached(x, freqs, batch, k_cache, v_cache, ops)
             if layer.sandwich:  # Gemma: norm the sublayer outputs before they join the residual
@@ -352,7 +361,13 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x, residual = ops.add_rms_norm(h, residual, post_attn.gain(), post_attn.eps)
                 h = layer.mlp.forward_cached(x, ops)
+        if captured is not None and n in capture:  # the stream after the last layer run
+            captured += [h + residual] * capture.count(n)
         if batch.logits_rows is not None:
             h, residual = h[batch.logits_rows], residual[batch.logits_rows]  # [R, hidden]
         x, _ = ops.add_rms_norm(h, residual, self.model.norm.gain(), self.model.norm.eps)
-        return self.lm_head(x)
+        if captured is None:
+            return self.lm_head(x)
+        if len(captured) != len(capture):
+            raise ValueError(f"capture={tuple(capture)} names hidden-state indices outside [0, {n}]")
+        return self.lm_head(x), torch.cat(captured, dim=-1)

@@ -19,7 +19,7 @@ from ..drafters.base import Drafter
 from ..kv_cache import BlockManager, KVCache
 from ..sequence import Sequence
 from ..tree import tree_layout
-from .result import StepResult
+from .result import Captured, StepResult
 
 
 def _cumsum(counts: list[int], device) -> torch.Tensor:
@@ -31,21 +31,40 @@ def _cumsum(counts: list[int], device) -> torch.Tensor:
 
 
 def prefill_tails(model, cache, ops, blocks: BlockManager, seqs: list[Sequence], cached: list[int], device,
-                  num_layers: int | None = None) -> None:
+                  num_layers: int | None = None, capture: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """Write the K/V of every uncached token but the last (the root of a tree step).
 
     cached[b]: tokens of sequence b already in ``cache``. A tree forward carries at most
     64 new tokens per sequence, so a prompt (or a sequence back from preemption) is first
     run as a causal chain here; sequences with nothing to prefill are left out.
+    capture:   hidden_states indices to capture (``forward_cached``); then returns the
+               tails' rows [T, C * H] in sequence order, or None when nothing was prefilled
     """
     todo = [(s, c) for s, c in zip(seqs, cached) if c < len(s.tokens) - 1]
     if not todo:
-        return
+        return None
     tails = [s.tokens[c:-1] for s, c in todo]
     tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
     batch = build_forward_batch(blocks, [s.seq_id for s, _ in todo], [c for _, c in todo],
                                 [len(t) for t in tails], [0] * len(todo), tokens, device)
-    model.forward_cached(batch, cache, ops, num_layers)
+    out = model.forward_cached(batch, cache, ops, num_layers, capture=capture)
+    return out[1] if capture else None
+
+
+def _tree_captured(seqs: list[Sequence], counts: list[int], pre: torch.Tensor | None,
+                   hidden: torch.Tensor) -> Captured:
+    """Rows of a tree step: ``prefill_tails``' rows (sequences with more than the root
+    uncached, in order), then [root, nodes] of every sequence (the tree forward)."""
+    fixed, drafts, row = [], [], 0
+    for seq in seqs:
+        m = max(0, len(seq.tokens) - 1 - seq.target_len)
+        fixed.append(list(range(row, row + m)))
+        row += m
+    for b, n in enumerate(counts):
+        fixed[b].append(row)
+        drafts.append(list(range(row + 1, row + 1 + n)))
+        row += 1 + n
+    return Captured(hidden if pre is None else torch.cat([pre, hidden]), fixed, drafts)
 
 
 class EagerRunner:
@@ -74,15 +93,24 @@ class EagerRunner:
         t1 = mark()
         if draft.parents is None:
             depths = draft.counts
-            out, n_acc, nodes = self.verify_chain(seqs, blocks, draft, sampling)
+            (out, n_acc, nodes), captured = self.verify_chain(seqs, blocks, draft, sampling)
         else:
             depths = [max(tree_layout(tuple(p))[0], default=0) for p in draft.parents]
-            out, n_acc, nodes = self.verify_tree(seqs, blocks, draft, sampling, max(depths))
+            (out, n_acc, nodes), captured = self.verify_tree(seqs, blocks, draft, sampling, max(depths))
         marks = (t0, t1, mark()) if clock is not None else None
-        return StepResult(out, n_acc, nodes, draft.counts, depths, marks, fixed_shape=False)
+        return StepResult(out, n_acc, nodes, draft.counts, depths, marks, fixed_shape=False, captured=captured)
+
+    def observe(self, seqs: list[Sequence], result: StepResult) -> None:
+        """After ``result.fetch()``: hand the drafter the captured target features of each
+        sequence's newly committed positions (drafters with ``capture_layers`` only)."""
+        if result.captured is None:
+            return
+        todo, rows, nexts = result.captured.committed(seqs, result.rows, result.host_paths)
+        self.drafter.observe(todo, result.captured.hidden, rows, nexts)
 
     def verify_chain(self, seqs, blocks, draft, sampling):
-        """Uncached tokens + a chain of drafts per sequence, one causal forward."""
+        """Uncached tokens + a chain of drafts per sequence, one causal forward ->
+        ((out, n_accepted, None), the captured features or None)."""
         dev = self.device
         tails = [s.tokens[s.target_len:] for s in seqs]
         lengths = [len(t) + n for t, n in zip(tails, draft.counts)]
@@ -95,18 +123,28 @@ class EagerRunner:
         tokens[torch.tensor(draft_pos, dtype=torch.int64, device=dev)] = draft.tokens
         batch = build_forward_batch(blocks, [s.seq_id for s in seqs], [s.target_len for s in seqs],
                                     lengths, [n + 1 for n in draft.counts], tokens, dev)
-        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(n_b + 1), V]
+        capture = self.drafter.capture_layers or None
+        logits = self.target.forward_cached(batch, self.cache, self.ops, capture=capture)  # [sum(n_b + 1), V]
+        captured = None
+        if capture:
+            logits, hidden = logits
+            starts = _cumsum(lengths, "cpu").tolist()
+            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails)],
+                                [list(range(o + len(t), o + n)) for o, t, n in zip(starts, tails, lengths)])
         out, n_acc = self.ops.rejection_sample(
             logits, draft.tokens, draft.q, _cumsum(draft.counts, dev), max(draft.counts),
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
             check_finite=False, filtered=sampling.filtered, radix_rounds=sampling.radix_rounds,
         )
-        return out, n_acc, None
+        return (out, n_acc, None), captured
 
     def verify_tree(self, seqs, blocks, draft, sampling, max_depth: int):
-        """Prefill long tails causally, then one tree forward over [root, nodes...]."""
+        """Prefill long tails causally, then one tree forward over [root, nodes...] ->
+        ((out, n_accepted, paths), the captured features or None)."""
         dev = self.device
-        prefill_tails(self.target, self.cache, self.ops, blocks, seqs, [s.target_len for s in seqs], dev)
+        capture = self.drafter.capture_layers or None
+        pre = prefill_tails(self.target, self.cache, self.ops, blocks, seqs, [s.target_len for s in seqs], dev,
+                            capture=capture)
         roots = [len(s.tokens) - 1 for s in seqs]
         flat, node_pos = [], []
         for seq, n in zip(seqs, draft.counts):
@@ -115,13 +153,17 @@ class EagerRunner:
         tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
         tokens[torch.tensor(node_pos, dtype=torch.int64, device=dev)] = draft.tokens
         batch = build_tree_batch(blocks, [s.seq_id for s in seqs], roots, draft.parents, tokens, dev)
-        logits = self.target.forward_cached(batch, self.cache, self.ops)  # [sum(1 + N_b), V]
+        logits = self.target.forward_cached(batch, self.cache, self.ops, capture=capture)  # [sum(1 + N_b), V]
+        captured = None
+        if capture:
+            logits, hidden = logits
+            captured = _tree_captured(seqs, draft.counts, pre, hidden)
         parents = torch.tensor([p for ps in draft.parents for p in ps], dtype=torch.int32, device=dev)
         return self.ops.tree_rejection_sample(
             logits, draft.tokens, parents, draft.q, _cumsum(draft.counts, dev), max_depth,
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
             check_finite=False, radix_rounds=sampling.radix_rounds,
-        )
+        ), captured
 
     def keep_paths(self, seqs: list[Sequence], blocks: BlockManager, result: StepResult) -> None:
         """After ``result.fetch()``: compact the accepted tree paths of the finite rows."""

@@ -8,6 +8,38 @@ import torch
 
 
 @dataclass
+class Captured:
+    """The target's captured hidden states of one verify forward (EAGLE-3 features).
+
+    hidden: [R, C * Ht] the rows of every token the step ran through the target
+    fixed:  fixed[b], the rows of sequence b's positions committed whatever is accepted
+            (its uncached tail; a tree step's root included)
+    drafts: drafts[b][i], the row of draft i (chain position i, or tree node i)
+    """
+
+    hidden: torch.Tensor
+    fixed: list[list[int]]
+    drafts: list[list[int]]
+
+    def committed(self, seqs, rows: list[list[int]], paths: list[list[int]] | None):
+        """After ``StepResult.fetch``: (sequences, hidden rows, next tokens) of each finite
+        sequence's newly committed positions: its fixed rows, then its accepted drafts (the
+        accepted path's nodes for trees), each with the token committed after it."""
+        todo, index, nexts = [], [], []
+        for b, (seq, row) in enumerate(zip(seqs, rows)):
+            a = row[0]
+            if a < 0:
+                continue
+            accepted = paths[b][:a] if paths is not None else range(a)
+            r = self.fixed[b] + [self.drafts[b][i] for i in accepted]
+            ext = seq.tokens + row[1:a + 2]  # the accepted drafts and the sampled token
+            todo.append(seq)
+            index.append(r)
+            nexts.append(ext[seq.target_len + 1:seq.target_len + 1 + len(r)])
+        return todo, index, nexts
+
+
+@dataclass
 class StepResult:
     """One step's outcome: device tensors until ``fetch()``, host rows after it.
 
@@ -22,6 +54,8 @@ class StepResult:
       marks:       the clock marks (draft start, draft end / verify start, verify end) or
                    None when the step was not timed
       fixed_shape: whether the fixed-shape runner (static buffers, CUDA graphs) ran it
+      captured:    ``Captured`` target hidden states of the verify forward (drafters with
+                   ``capture_layers``), or None
     After ``fetch()``:
       rows:        [B] host lists ``[a, token_1, ..., token_{D + 1}]``
       host_paths:  [B] host lists of the accepted path's node indices (trees), else None
@@ -36,6 +70,7 @@ class StepResult:
     fixed_shape: bool
     rows: list[list[int]] = field(default_factory=list)
     host_paths: list[list[int]] | None = None
+    captured: Captured | None = None
 
     def fetch(self) -> None:
         """The one device-to-host copy of the step: n_accepted, out (and paths) in one."""
