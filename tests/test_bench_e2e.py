@@ -109,7 +109,6 @@ def test_cli_bench_an_eagle3_head_against_the_demo_target(tmp_path, capsys):
     import json
 
     from eagle3_reference import make_eagle3_head
-
     from specdec.demo import demo_dirs
 
     cfg = json.loads((demo_dirs()[0] / "config.json").read_text())

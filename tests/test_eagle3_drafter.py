@@ -17,6 +17,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from checkpoints import make_checkpoint
 from eagle3_reference import (
     hf_hidden_states,
@@ -24,7 +25,6 @@ from eagle3_reference import (
     make_eagle3_head,
     reference_chain_logits,
 )
-
 from specdec import LLM
 from specdec.batch import SamplingTensors, build_forward_batch
 from specdec.drafters.eagle3 import DynamicTree, Eagle3Drafter

@@ -18,15 +18,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from checkpoints import make_checkpoint
 from eagle3_reference import make_eagle3_head
-from test_distribution import ALPHA, POWER_ALPHA, _residual_from_p, exact_joint
-from test_engine import _prompts, greedy_ref
-from test_tree_engine import host_tree_sampler, law_test
-
 from specdec import LLM, SamplingParams
 from specdec.kernels import reference
 from specdec.kv_cache import KVCache, cdiv
+from test_distribution import ALPHA, POWER_ALPHA, _residual_from_p, exact_joint
+from test_engine import _prompts, greedy_ref
+from test_tree_engine import host_tree_sampler, law_test
 
 # ---------------------------------------------------------------------- greedy
 

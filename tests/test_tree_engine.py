@@ -38,9 +38,6 @@ import torch
 from torch.testing import assert_close
 
 from checkpoints import make_checkpoint, perturbed_copy
-from stats import binomial_two_sided_p, chi_square_test
-from test_distribution import exact_joint, next_token_probs
-from test_engine import _draft_arg, _model, _poison, _prompts, _record_running, greedy_ref
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch
 from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
@@ -52,6 +49,9 @@ from specdec.models import load_model
 from specdec.runners.eager import prefill_tails
 from specdec.sequence import Sequence
 from specdec.tree import TreeShape, depths_of, tree_masks
+from stats import binomial_two_sided_p, chi_square_test
+from test_distribution import exact_joint, next_token_probs
+from test_engine import _draft_arg, _model, _poison, _prompts, _record_running, greedy_ref
 
 SHAPES = [(2,), (3, 2, 1), (2, 2, 2), (1, 1, 1, 1)]  # the last one is a chain as a tree
 
@@ -92,7 +92,7 @@ def _params(max_tokens=MAX_TOKENS, **kw):
 
 
 def check_greedy(path, prompts, params, outs):
-    for prompt, p, out in zip(prompts, params, outs):
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
         ref = greedy_ref(path, prompt, p.max_tokens, () if p.ignore_eos else (2,))
         assert out.token_ids == ref, (prompt[:8], out.token_ids, ref)
         stopped = len(ref) < p.max_tokens or (not p.ignore_eos and ref[-1] == 2)
@@ -108,8 +108,9 @@ def check_tree_metrics(out, shape: TreeShape):
     acc, prop = m.accepted_per_position, m.proposed_per_position
     assert len(acc) == len(prop) <= shape.depth  # one entry per depth, not per node
     assert sum(acc) == m.num_accepted_tokens  # one accepted token per depth on the path
-    assert all(a <= p for a, p in zip(acc, prop))
-    assert all(x >= y for x, y in zip(acc, acc[1:])) and all(x >= y for x, y in zip(prop, prop[1:]))
+    assert all(a <= p for a, p in zip(acc, prop, strict=True))
+    assert all(x >= y for x, y in zip(acc, acc[1:], strict=False))
+    assert all(x >= y for x, y in zip(prop, prop[1:], strict=False))
 
 
 def _record_proposals(llm):
@@ -121,7 +122,7 @@ def _record_proposals(llm):
         toks = prop.tokens.tolist()
         cu = [0] + list(itertools.accumulate(prop.counts))
         steps.append(SimpleNamespace(limits=list(limits), counts=list(prop.counts), parents=prop.parents,
-                                     tokens=[toks[a:b] for a, b in zip(cu, cu[1:])]))
+                                     tokens=[toks[a:b] for a, b in zip(cu, cu[1:], strict=False)]))
         return prop
 
     llm.drafter.propose = wrapped
@@ -195,7 +196,7 @@ def test_tree_shape():
         for i in range(s.num_nodes):  # exactly branching[d] children per node of depth d < D
             kids = [j for j, p in enumerate(s.parents) if p == i]
             assert len(kids) == (branching[s.depths[i]] if s.depths[i] < s.depth else 0)
-            assert all(b - a == 1 for a, b in zip(kids, kids[1:]))  # siblings are contiguous
+            assert all(b - a == 1 for a, b in zip(kids, kids[1:], strict=False))  # siblings are contiguous
         assert tree_masks(list(s.parents)) == _brute_masks(list(s.parents))
     for too_big in [(64,), (1,) * 64, (2,) * 6, (8, 8)]:
         with pytest.raises(ValueError, match="at most 63 fit one verification pass"):
@@ -242,10 +243,10 @@ def _cached_tree_logits(model, seqs, trees, block_size=3):
     """prefill_tails + one tree forward through a NaN-filled paged cache; returns the
     logits [sum(1 + N_b), V]."""
     cfg = model.config
-    need = [len(s.tokens) + len(t[0]) for s, t in zip(seqs, trees)]
+    need = [len(s.tokens) + len(t[0]) for s, t in zip(seqs, trees, strict=True)]
     bm = BlockManager(sum(cdiv(n, block_size) for n in need) + 1, block_size)
     bm.allocate(99, 1)  # a first block nobody owns: no sequence starts at slot 0
-    for s, n in zip(seqs, need):
+    for s, n in zip(seqs, need, strict=True):
         bm.allocate(s.seq_id, n)
     cache = KVCache(cfg.num_layers, bm.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                     torch.float32, "cpu")
@@ -253,7 +254,7 @@ def _cached_tree_logits(model, seqs, trees, block_size=3):
     cache.v.fill_(float("nan"))
     ops = get_backend("torch")
     prefill_tails(model, cache, ops, bm, seqs, [0] * len(seqs), "cpu")
-    flat = [t for s, (_, toks) in zip(seqs, trees) for t in [s.tokens[-1]] + toks]
+    flat = [t for s, (_, toks) in zip(seqs, trees, strict=True) for t in [s.tokens[-1]] + toks]
     batch = build_tree_batch(bm, [s.seq_id for s in seqs], [len(s.tokens) - 1 for s in seqs],
                              [p for p, _ in trees], torch.tensor(flat), "cpu")
     return model.forward_cached(batch, cache, ops)
@@ -275,7 +276,7 @@ def test_tree_forward_matches_no_cache_paths(dirs):
     logits = _cached_tree_logits(model, seqs, trees)
     assert logits.shape == (sum(1 + len(p) for p, _ in trees), 97)
     row = 0
-    for seq, (parents, toks) in zip(seqs, trees):
+    for seq, (parents, toks) in zip(seqs, trees, strict=True):
         for node in [-1] + list(range(len(parents))):
             path, u = [], node
             while u >= 0:
@@ -404,7 +405,8 @@ def _budget(paths, block_size, num_blocks):
 PREEMPT_CASES = [("ngram", (3, 2, 1)), ("early-exit:2", (2, 2, 2)), ("draft-model", (2, 2, 2)), ("self", (3, 2, 1))]
 
 
-@pytest.mark.parametrize("drafter, shape", PREEMPT_CASES, ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in PREEMPT_CASES])
+@pytest.mark.parametrize("drafter, shape", PREEMPT_CASES,
+                         ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in PREEMPT_CASES])
 def test_greedy_tree_under_preemption(dirs, drafter, shape):
     path, bs = dirs["qwen2"], 4
     draft = _draft_arg(dirs, "qwen2", drafter)
@@ -412,7 +414,7 @@ def test_greedy_tree_under_preemption(dirs, drafter, shape):
     # the 70-token prompt first: it holds most of the cache, the others take turns beside it
     prompts = [PROMPTS[3]] + PROMPTS[:3] + PROMPTS[4:]
     params = _params([16] * len(prompts), ignore_eos=True)
-    one = max(cdiv(len(p) + sp.max_tokens + n, bs) for p, sp in zip(prompts, params))
+    one = max(cdiv(len(p) + sp.max_tokens + n, bs) for p, sp in zip(prompts, params, strict=True))
     models = [path] + ([draft] if drafter in ("draft-model", "self") else [])
     llm = make_llm(path, draft, draft_tree=shape, block_size=bs, kv_cache_memory=_budget(models, bs, one + 2))
     assert llm.blocks.num_blocks == one + 2
@@ -435,7 +437,7 @@ def test_ngram_trees_are_ragged_per_sequence(dirs):
     outs = llm.generate(prompts, params)
     check_greedy(path, prompts, params, outs)
     for st in steps:
-        for parents, toks, lim in zip(st.parents, st.tokens, st.limits):
+        for parents, toks, lim in zip(st.parents, st.tokens, st.limits, strict=True):
             check_tree_valid(parents, toks, shape, lim, distinct_siblings=True)
     first = steps[0]
     assert first.counts[1] == 0, "a prompt without repeats gets no tree"
@@ -463,10 +465,10 @@ def test_trees_near_max_tokens_are_cut(dirs, drafter):
         if st.parents is None:  # every limit 0: the drafter proposes nothing (a chain of 0)
             assert not any(st.limits) and not any(st.counts)
             continue
-        for parents, lim in zip(st.parents, st.limits):
+        for parents, lim in zip(st.parents, st.limits, strict=True):
             assert parents == list(shape.parents[:shape.nodes_up_to(lim)])
     assert sorted(set(steps[0].counts)) == [0, 2, 6, 10]
-    for out, p in zip(outs, params):
+    for out, p in zip(outs, params, strict=True):
         assert len(out.token_ids) == p.max_tokens
         if drafter == "self":  # all accepted: ceil(max_tokens / (D + 1)) steps
             assert out.metrics.num_steps == cdiv(p.max_tokens, shape.depth + 1)
@@ -493,14 +495,14 @@ def plain_decoding_kv(path, prompts, tokens, block_size):
     seqs = llm._make_sequences(prompts, p)
     for s in seqs:
         llm.engine.add(s)
-    while any(s.target_len < len(t) - 1 for s, t in zip(seqs, tokens)):
+    while any(s.target_len < len(t) - 1 for s, t in zip(seqs, tokens, strict=True)):
         llm.engine.step()
-        for s, t in zip(seqs, tokens):
+        for s, t in zip(seqs, tokens, strict=True):
             if len(s.tokens) <= len(t):
                 s.tokens[-1] = t[len(s.tokens) - 1]
-    for s, t in zip(seqs, tokens):
+    for s, t in zip(seqs, tokens, strict=True):
         assert s.tokens[:len(t)] == t and not s.finished
-    return [_kv_at(llm.cache, llm.blocks, s.seq_id, len(t) - 1) for s, t in zip(seqs, tokens)]
+    return [_kv_at(llm.cache, llm.blocks, s.seq_id, len(t) - 1) for s, t in zip(seqs, tokens, strict=True)]
 
 
 KEEP_PATH_CASES = [
@@ -618,7 +620,7 @@ def test_acceptance_by_position_has_one_entry_per_depth(dirs):
     assert all(0 <= r <= 1 for r in by_pos) and 0 < min(by_pos) < 1
     acc = [sum(o.metrics.accepted_per_position[i] for o in outs) for i in range(4)]
     prop = [sum(o.metrics.proposed_per_position[i] for o in outs) for i in range(4)]
-    assert by_pos == [a / p for a, p in zip(acc, prop)]
+    assert by_pos == [a / p for a, p in zip(acc, prop, strict=True)]
 
 
 # ---------------------------------------------------------------------- exactness
@@ -703,7 +705,7 @@ class TreeWalkRecorder:
                                    *args, **kwargs)
         cu, par, tok = cu_num_nodes.tolist(), parents.tolist(), draft_token_ids.tolist()
         offsets = args[-1].tolist()  # temperature, top_k, top_p, seeds, offsets follow max_depth
-        for b, (a, nodes) in enumerate(zip(n_acc.tolist(), path.tolist())):
+        for b, (a, nodes) in enumerate(zip(n_acc.tolist(), path.tolist(), strict=True)):
             s, e = cu[b], cu[b + 1]
             self.walks.append(SimpleNamespace(parents=par[s:e], tokens=tok[s:e], n_acc=a, path=nodes[:a],
                                               offset=offsets[b]))
@@ -744,7 +746,7 @@ def first_step_acceptance(ckpts, draft, tree, prompt, params) -> float:
     if draft == "ngram":
         conts = ngram_continuations(prompt, len(tree), limit=TreeShape.of(tree).num_nodes)
         toks, parents = continuation_tree(conts, tree)
-        return float(sum(p[t] for t, par in zip(toks, parents) if par == -1))
+        return float(sum(p[t] for t, par in zip(toks, parents, strict=True) if par == -1))
     q = next_token_probs(load_model(ckpts.dirs[draft]), x, params)[0]
     reject, r = 1.0, p
     for _ in range(tree[0]):
@@ -904,11 +906,11 @@ def test_host_tree_sampler_reproduces_the_reference(with_q):
         args = _random_tree_inputs(seed, with_q)
         want = reference.tree_rejection_sample(*args)
         got = host_tree_sampler("exact")(*args)
-        for w, g_ in zip(want, got):
+        for w, g_ in zip(want, got, strict=True):
             assert torch.equal(w, g_), (seed, want, got)
         for rule in differ:
             wrong = host_tree_sampler(rule)(*args)
-            differ[rule] += not all(torch.equal(w, x) for w, x in zip(want, wrong))
+            differ[rule] += not all(torch.equal(w, x) for w, x in zip(want, wrong, strict=True))
     assert all(n > 0 for n in differ.values()), differ
 
 

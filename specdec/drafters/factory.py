@@ -65,6 +65,13 @@ class DrafterSpec:
     num_layers: int | None = None
     tree: TreeShape | DynamicTree | None = None
 
+    @property
+    def model_path(self) -> Path:
+        """The draft model directory (kind 'model')."""
+        if self.path is None:
+            raise ValueError(f"the {self.name!r} drafter has no model directory")
+        return self.path
+
     @classmethod
     def parse(cls, draft, draft_tree=None) -> DrafterSpec:
         """The spec of ``draft`` (None, 'ngram', 'early-exit:N', a model or EAGLE-3 head
@@ -168,11 +175,11 @@ def draft_cache_config(spec: DrafterSpec, target_path,
         return HeadCacheLayout(head_cfg, tensors, target_config.max_position_embeddings)
     if spec.kind == "early-exit":
         n, layers = spec.num_layers, target_config.num_layers
-        if not 1 <= n <= layers - 1:
+        if n is None or not 1 <= n <= layers - 1:
             raise ValueError(f"early-exit:{n} needs 1 <= N <= {layers - 1} (the target has {layers} layers)")
     if spec.kind != "model":
         return None
-    config = ModelConfig.from_file(spec.path)
+    config = ModelConfig.from_file(spec.model_path)
     if config.vocab_size != target_config.vocab_size:
         raise ValueError(
             f"the draft model {spec.name} has a vocabulary of {config.vocab_size} tokens "
@@ -205,7 +212,7 @@ def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, d
         if draft_cache is None:
             raise ValueError(f"the draft model {spec.name} needs a KV cache of its own: size one from "
                              "draft_cache_config()")
-        model = load_model(spec.path, device, dtype)
+        model = load_model(spec.model_path, device, dtype)
         return ModelDrafter(model, draft_cache, blocks, ops, name=spec.name, tree=spec.tree)
     if spec.kind == "eagle3":
         return _build_eagle3(spec, target, draft_cache, blocks, ops, device, dtype, draft_config)

@@ -117,7 +117,9 @@ def _reject_unsupported(layer: dict, top: dict, where: str) -> None:
         no(f"sliding_window={layer['sliding_window']!r}", "the draft layer attends over the whole context")
     if layer.get("logit_scale", 1.0) != 1.0:
         no(f"logit_scale={layer['logit_scale']!r}", "the draft logits are lm_head's, unscaled")
-    eagle = top.get("eagle_config") if isinstance(top.get("eagle_config"), dict) else {}
+    eagle = top.get("eagle_config")
+    if not isinstance(eagle, dict):
+        eagle = {}
     for d in (top, layer, eagle):
         for key in ("mask_hidden", "parallel_drafting"):
             if key in d and d[key] not in (None, False):
@@ -184,7 +186,9 @@ def parse_config(raw: dict, source: str) -> dict:
     draft_arch = "llama" if model_type == "llama" else None
     if not speculators and "draft_arch" in raw:
         draft_arch = raw["draft_arch"]
-    eagle = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
+    eagle = raw.get("eagle_config")
+    if not isinstance(eagle, dict):
+        eagle = {}
     norm_before_fc = _bool(raw, "norm_before_fc", None, where)
     nested_nbf = None if speculators else _bool(eagle, "norm_before_fc", None, where)
     if norm_before_fc is not None and nested_nbf is not None and norm_before_fc != nested_nbf:
@@ -250,11 +254,11 @@ def _rename(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Te
 
 def _expected_shapes(f: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(required, optional) normalised tensor names -> shapes for the config fields ``f``."""
-    H, I, hd = f["hidden_size"], f["intermediate_size"], f["head_dim"]
+    H, inter, hd = f["hidden_size"], f["intermediate_size"], f["head_dim"]
     q_rows, kv_rows = f["num_attention_heads"] * hd, f["num_key_value_heads"] * hd
     Ht, C = f["target_hidden_size"], 3 if f["aux_layer_ids"] is None else len(f["aux_layer_ids"])
     m = "midlayer."
-    req = {
+    req: dict[str, tuple] = {
         "fc.weight": (H, C * Ht),
         m + "input_layernorm.weight": (H,),
         m + "hidden_norm.weight": (H,),
@@ -263,9 +267,9 @@ def _expected_shapes(f: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
         m + "self_attn.v_proj.weight": (kv_rows, 2 * H),
         m + "self_attn.o_proj.weight": (H, q_rows),
         m + "post_attention_layernorm.weight": (H,),
-        m + "mlp.gate_proj.weight": (I, H),
-        m + "mlp.up_proj.weight": (I, H),
-        m + "mlp.down_proj.weight": (H, I),
+        m + "mlp.gate_proj.weight": (inter, H),
+        m + "mlp.up_proj.weight": (inter, H),
+        m + "mlp.down_proj.weight": (H, inter),
         "norm.weight": (H,),
         "lm_head.weight": (f["draft_vocab_size"], H),
     }
@@ -278,7 +282,7 @@ def _expected_shapes(f: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
         req["input_norm.weight"] = (C * Ht,)
     if f["fc_norm"]:
         req.update({f"fc_norm.{i}.weight": (Ht,) for i in range(C)})
-    opt = {"embed_tokens.weight": (f["vocab_size"], H)}
+    opt: dict[str, tuple] = {"embed_tokens.weight": (f["vocab_size"], H)}
     maps = {"d2t": (f["draft_vocab_size"],), "t2d": (f["vocab_size"],)}
     (req if f["draft_vocab_size"] < f["vocab_size"] else opt).update(maps)
     return req, opt
