@@ -359,7 +359,8 @@ class LlamaForCausalLM(nn.Module):
         Needs ``fuse_projections()`` first (``load_model`` calls it).
         """
         n = self.num_layers if num_layers is None else num_layers
-        captured = [] if capture else None
+        wanted = tuple(capture or ())
+        captured: list[torch.Tensor] | None = [] if wanted else None
         inv_freq = self.model.rotary.inv_freq
         local = self.model.rotary_local
         h, residual = self.model.embed(batch.tokens), None  # [T, hidden]
@@ -367,8 +368,8 @@ class LlamaForCausalLM(nn.Module):
             k_cache, v_cache = cache.layer(i)
             attn, post_attn = layer.self_attn, layer.post_attention_layernorm
             x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm.gain(), layer.input_layernorm.eps)
-            if captured is not None and i in capture:  # the stream entering layer i (h + residual)
-                captured += [residual] * capture.count(i)
+            if captured is not None and i in wanted:  # the stream entering layer i (h + residual)
+                captured += [residual] * wanted.count(i)
             freqs = local.inv_freq if attn.local_rope and local is not None else inv_freq
             h = attn.forward_cached(x, freqs, batch, k_cache, v_cache, ops)
             if layer.sandwich:  # Gemma: norm the sublayer outputs before they join the residual
@@ -379,14 +380,14 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x, residual = ops.add_rms_norm(h, residual, post_attn.gain(), post_attn.eps)
                 h = layer.mlp.forward_cached(x, ops)
-        if captured is not None and n in capture:  # the stream after the last layer run
-            captured += [h + residual] * capture.count(n)
+        if captured is not None and n in wanted:  # the stream after the last layer run
+            captured += [h + residual if residual is not None else h] * wanted.count(n)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows]  # [R, hidden]
             residual = residual[batch.logits_rows] if residual is not None else None
         x, _ = ops.add_rms_norm(h, residual, self.model.norm.gain(), self.model.norm.eps)
         if captured is None:
             return self.lm_head(x)
-        if len(captured) != len(capture):
-            raise ValueError(f"capture={tuple(capture)} names hidden-state indices outside [0, {n}]")
+        if len(captured) != len(wanted):
+            raise ValueError(f"capture={wanted} names hidden-state indices outside [0, {n}]")
         return self.lm_head(x), torch.cat(captured, dim=-1)

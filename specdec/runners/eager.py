@@ -131,8 +131,10 @@ class EagerRunner:
         if capture:
             logits, hidden = logits
             starts = _cumsum(lengths, "cpu").tolist()
-            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails)],
-                                [list(range(o + len(t), o + n)) for o, t, n in zip(starts, tails, lengths)])
+            # starts has B + 1 entries (its last, the total, is not a start): read B of them
+            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails, strict=False)],
+                                [list(range(o + len(t), o + n))
+                                 for o, t, n in zip(starts, tails, lengths, strict=False)])
         out, n_acc = self.ops.rejection_sample(
             logits, draft.tokens, draft.q, _cumsum(draft.counts, dev), max(draft.counts),
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
