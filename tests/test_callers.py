@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
+from engine_helpers import ScheduledK
 from specdec import LLM, NonFiniteLogitsError, SamplingParams
 from specdec.cli import main
 from specdec.detokenize import TextStream
 from specdec.drafters.ngram import NgramDrafter
 from specdec.sampling_params import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 from specdec.sequence import Sequence
-from test_distribution import ScheduledK
 
 SPACE = "\u2581"
 WORDS = (string.ascii_letters + string.digits + string.punctuation)[:92]  # ids 3 .. 94

@@ -15,11 +15,11 @@ import torch
 
 from checkpoints import make_checkpoint, perturbed_copy
 from eagle3_reference import make_eagle3_head
+from engine_helpers import ScheduledK
 from specdec import LLM, SamplingParams
 from specdec.cuda_graphs import DecodeRunner, sampling_mode
 from specdec.drafters.draft_model import ModelDrafter
 from specdec.drafters.eagle3 import Eagle3Drafter
-from test_distribution import ScheduledK
 
 K = 3
 
