@@ -33,11 +33,20 @@ import pytest
 import torch
 
 from engine_helpers import ScheduledK
-from exact_law import distribution_checkpoints, exact_joint, next_token_probs, window_checkpoints
+from exact_law import (
+    distribution_checkpoints,
+    exact_joint,
+    next_token_probs,
+    window_checkpoints,
+)
+from sampler_rules import ALPHA, POWER_ALPHA, residual_from_p
 from specdec import LLM, SamplingParams
 from specdec.drafters.ngram import ngram_propose
 from specdec.kernels import reference
-from specdec.kernels.philox import SAMPLER_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
+from specdec.kernels.philox import (
+    philox_uniform,
+    sample_inverse_cdf,
+)
 from specdec.kv_cache import KVCache
 from specdec.models import load_model
 from stats import binomial_two_sided_p, chi2_sf, chi_square_test
@@ -45,8 +54,6 @@ from stats import binomial_two_sided_p, chi2_sf, chi_square_test
 V = 8  # vocabulary size
 N_TOKENS = 3  # generated tokens whose joint law is tested: V ** 3 = 512 outcomes
 N_SAMPLES = 4096  # requests per distribution test
-ALPHA = 1e-3  # the engine passes when p > ALPHA
-POWER_ALPHA = 1e-6  # a wrong sampler must give p < POWER_ALPHA with the same draws
 # A prompt with repeats, so the n-gram drafter proposes tokens (acceptance ~0.2); 14
 # tokens with block_size 4 puts the drafts across KV block boundaries.
 PROMPT = [3, 1, 2, 0, 5, 2, 0, 4, 3, 1, 2, 0, 5, 2]
@@ -221,21 +228,6 @@ def _accept_all(target_logits, draft_token_ids, q, *args, **kwargs):
                                       *args, **kwargs)
 
 
-def _residual_from_p(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-                     temperature, top_k, top_p, seeds, offsets, check_finite=True, **hints):
-    """Wrong: the right acceptance test, but after a rejection it samples p instead of the
-    residual max(p - q, 0) / sum: tokens the draft favours come out too often."""
-    out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
-                                            max_num_draft, temperature, top_k, top_p, seeds, offsets,
-                                            check_finite)
-    b = torch.arange(out.shape[0])
-    a = n_acc.long()
-    rejected = a < (cu_num_draft[1:] - cu_num_draft[:-1]).long()
-    row = cu_num_draft[:-1].long() + b + a  # target row of the emitted token
-    p = reference.sampling_probs(target_logits[row], temperature, top_k, top_p)  # [B, V]
-    u = philox_uniform(seeds, offsets, max_num_draft + 1, SAMPLER_SAMPLE_STREAM).gather(1, a[:, None])[:, 0]
-    out[b, a] = torch.where(rejected, sample_inverse_cdf(p, u), out[b, a])
-    return out, n_acc
 
 
 def _unfiltered(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
@@ -249,7 +241,7 @@ def _unfiltered(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_n
 @pytest.mark.slow
 @pytest.mark.parametrize("case, wrong, num", [
     ("model-t1", _accept_all, N_SAMPLES),
-    ("model-t1", _residual_from_p, N_SAMPLES),
+    ("model-t1", residual_from_p, N_SAMPLES),
     # draws outside the filtered support: a quarter of the draws is plenty
     ("near-t0.7-topk-topp", _unfiltered, N_SAMPLES // 4),
 ], ids=["accept-all", "residual-from-p", "unfiltered"])
