@@ -144,10 +144,9 @@ def run_gpu_table():
             for with_draft in (False, True):
                 for impl, ops in BACKENDS.items():
                     _, q = sampling_step(ops, target, draft, params, cu, with_draft=True, hints=hints)
-                    us = 1e3 * triton.testing.do_bench(
-                        lambda: sampling_step(ops, target, draft, params, cu, with_draft=with_draft,
-                                              hints=hints, q=q),
-                        warmup=25, rep=100, return_mode="median")
+                    step = functools.partial(sampling_step, ops, target, draft, params, cu,
+                                             with_draft=with_draft, hints=hints, q=q)
+                    us = 1e3 * triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
                     moved = bytes_moved(batch, k, 128256, with_draft)
                     floor = moved / bw * 1e6
                     case = "with_draft" if with_draft else "target"

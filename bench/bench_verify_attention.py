@@ -27,6 +27,7 @@ the torch backend's (the reference) vs the Triton backend's.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import random
@@ -300,7 +301,7 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
     for bm, bn, w, st, sp in configs:
         cfg = policy.Config(bm, bn, w, st, sp)
         try:
-            us = _time_us(lambda: va._launch_attention(**args, max_query_len=head_tree, cfg=cfg))
+            us = _time_us(functools.partial(va._launch_attention, **args, max_query_len=head_tree, cfg=cfg))
             print(f"| {bm} | {bn} | {w} | {st} | {sp} | {us:.1f} | {nbytes / us / 1e3:.0f} |")
         except Exception as exc:  # e.g. out of shared memory for this config
             print(f"| {bm} | {bn} | {w} | {st} | {sp} | failed: {type(exc).__name__} | |")
@@ -313,12 +314,12 @@ def print_tables(shape: dict, cases: list[tuple[int, int]], prefill: int,
     for rows in kv_rows:
         slots = torch.randperm(nb * PAGE, device=DEVICE)[:rows]
         k = torch.randn(rows, H_kv, D, device=DEVICE).to(shape["dtype"])
-        t = [_time_us(lambda: KV_IMPLS[i][0](k, k, k_cache, v_cache, slots))
+        t = [_time_us(functools.partial(KV_IMPLS[i][0], k, k, k_cache, v_cache, slots))
              for i in ("torch", "triton")]
         print(f"| write_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
         src = torch.sort(slots).values
         dst = (src - 3).clamp(min=0)
-        t = [_time_us(lambda: KV_IMPLS[i][1](k_cache, v_cache, src, dst))
+        t = [_time_us(functools.partial(KV_IMPLS[i][1], k_cache, v_cache, src, dst))
              for i in ("torch", "triton")]
         print(f"| move_kv | {rows} | {t[0]:.1f} | {t[1]:.1f} |")
 
@@ -371,8 +372,8 @@ def run_budget_table(shape: dict | None = None, prefix: int = 4096, tree: int = 
     Every timed launch is first checked against the reference. Returns whether both
     budgets hold."""
     shape = shape or dict(B=8, H=32, H_kv=8, D=128, dtype=torch.bfloat16)
-    B, H, H_kv, D = shape["B"], shape["H"], shape["H_kv"], shape["D"]
-    print(f"| case | config | µs | budget µs | verdict |\n|---|---|---|---|---|", flush=True)
+    H, H_kv, D = shape["H"], shape["H_kv"], shape["D"]
+    print("| case | config | µs | budget µs | verdict |\n|---|---|---|---|---|", flush=True)
     ok = True
     for name, inp in (("tree", make_inputs(prefix=prefix, tree=tree, **shape)),
                       ("decode B=1", make_inputs(prefix=prefix, tree=1, causal=True, **dict(shape, B=1)))):
@@ -386,7 +387,7 @@ def run_budget_table(shape: dict | None = None, prefix: int = 4096, tree: int = 
         for label, cfg in (("policy", picked), ("previous", old)):
             with policy.forcing(cfg):
                 _check_against_reference(inp, max_query_len=n, max_seq_len=max_len)
-                us = _kernel_us(lambda: va.verify_attention(**args, max_query_len=n, max_seq_len=max_len))
+                us = _kernel_us(functools.partial(va.verify_attention, **args, max_query_len=n, max_seq_len=max_len))
             verdict = ("ok" if us <= budget else "OVER") if label == "policy" else "reference"
             ok &= verdict != "OVER"
             print(f"| {name} prefix {prefix} | {label} m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} "

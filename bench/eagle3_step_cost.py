@@ -21,7 +21,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from eagle3_reference import make_eagle3_head  # noqa: E402
-
 from specdec import LLM, SamplingParams  # noqa: E402
 
 PROMPT = [[5, 17, 300, 41, 12, 9, 77, 1000]]

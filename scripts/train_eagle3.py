@@ -46,8 +46,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from specdec.models import load_model
-from specdec.models.llama import RMSNorm, apply_rope
+from specdec.models import load_model  # noqa: E402  (after the sys.path set-up above)
+from specdec.models.llama import RMSNorm, apply_rope  # noqa: E402
 
 TTT_DECAY = 0.8  # loss weight of unrolled step s: 0.8^s
 
@@ -409,14 +409,14 @@ def train(args) -> None:
                 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         ids = windows(train_data, args.batch, args.seq, gen)
         losses, accs = step_losses(target, capture, head, embed, ids, args.ttt_steps)
-        loss = sum(w * l for w, l in zip(weights, losses))
+        loss = sum(w * step_loss for w, step_loss in zip(weights, losses, strict=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
         cur = [x.item() for x in losses]
-        smooth = cur if smooth is None else [0.95 * a + 0.05 * b for a, b in zip(smooth, cur)]
+        smooth = cur if smooth is None else [0.95 * a + 0.05 * b for a, b in zip(smooth, cur, strict=True)]
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             el = time.time() - start
             print(f"step {step + 1}/{args.steps} ({el:.0f}s): soft CE by step "
@@ -434,8 +434,8 @@ def train(args) -> None:
                                        args.ttt_steps)
             v_losses.append([x.item() for x in losses])
             v_accs.append(accs)
-        val_ce = [round(sum(c) / len(c), 3) for c in zip(*v_losses)]
-        val_acc = [round(sum(c) / len(c), 3) for c in zip(*v_accs)]
+        val_ce = [round(sum(c) / len(c), 3) for c in zip(*v_losses, strict=True)]
+        val_acc = [round(sum(c) / len(c), 3) for c in zip(*v_accs, strict=True)]
     print(f"validation soft CE by step {val_ce}, greedy agreement by step {val_acc}", flush=True)
 
     save_head(head, head_config(args, tcfg, aux), out)
@@ -443,9 +443,11 @@ def train(args) -> None:
         "command": "python scripts/train_eagle3.py " + " ".join(args.argv),
         "target": str(target_dir), "target_layers": target.num_layers,
         "aux_layers_hf_index": list(aux), "params": n_params,
-        "draft_vocab_size": tcfg.vocab_size, "steps": steps_done, "planned_steps": args.steps, "batch": args.batch, "seq": args.seq,
+        "draft_vocab_size": tcfg.vocab_size, "steps": steps_done, "planned_steps": args.steps,
+        "batch": args.batch, "seq": args.seq,
         "lr": args.lr, "warmup": args.warmup, "ttt_steps": args.ttt_steps, "ttt_decay": TTT_DECAY,
-        "init_lm_head_from_target": args.init_lm_head and not args.resume, "resumed_from": args.resume, "seed": args.seed, "threads": args.threads,
+        "init_lm_head_from_target": args.init_lm_head and not args.resume, "resumed_from": args.resume,
+        "seed": args.seed, "threads": args.threads,
         "train_tokens_seen": args.steps * args.batch * args.seq, "train_seconds": round(train_seconds),
         "train_soft_ce_by_step": [round(x, 3) for x in smooth], "val_soft_ce_by_step": val_ce,
         "val_greedy_agreement_by_step": val_acc, "history": history,
@@ -461,7 +463,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="specdec/demo/target")
     ap.add_argument("--out", default="specdec/demo/eagle3")
-    ap.add_argument("--draft", default=None, help="a draft model dir to measure beside the head (--eval, end of training)")
+    ap.add_argument("--draft", default=None,
+                    help="a draft model dir to measure beside the head (--eval, end of training)")
     ap.add_argument("--eval", default=None, metavar="HEAD_DIR", help="only measure acceptance of this head")
     ap.add_argument("--eval-k", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=64)

@@ -7,6 +7,7 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -107,7 +108,9 @@ class LLM:
             target, draft, num_draft_tokens, device, dtype, backend, kv_cache_memory=kv_cache_memory,
             block_size=block_size, max_num_seqs=max_num_seqs, seed=seed, draft_tree=draft_tree,
             adaptive=adaptive, cuda_graphs=cuda_graphs)  # every option checked before anything loads
-        self.device, self.dtype, self.backend = cfg.device, cfg.dtype, cfg.backend
+        # EngineConfig.__post_init__ resolved both to a torch.device and a torch.dtype
+        self.device, self.dtype = cast(torch.device, cfg.device), cast(torch.dtype, cfg.dtype)
+        self.backend = cfg.backend
         # the target, its generation defaults and tokenizer
         self.target = load_model(target, self.device, self.dtype)
         self.config = self.target.config

@@ -64,7 +64,7 @@ class SamplingTensors:
     radix_rounds: int = 8  # radix-select rounds the samplers may need (radix_rounds_needed)
 
     @classmethod
-    def of(cls, seqs: list[Sequence], device) -> "SamplingTensors":
+    def of(cls, seqs: list[Sequence], device) -> SamplingTensors:
         p = [s.params for s in seqs]
         return cls(
             temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=device),
@@ -92,14 +92,15 @@ def build_forward_batch(
 
     tokens: [sum(lengths)] int64 on ``device`` (built by the caller, possibly on device)
     """
-    positions, slots, rows, q_start = [], [], [], [0]
-    for seq_id, start, n, n_logits in zip(seq_ids, starts, lengths, num_logits):
+    positions, slots, q_start = [], [], [0]
+    rows: list[int] = []
+    for seq_id, start, n, n_logits in zip(seq_ids, starts, lengths, num_logits, strict=True):
         pos = list(range(start, start + n))
         positions += pos
         slots += blocks.slots(seq_id, pos)
         rows += range(q_start[-1] + n - n_logits, q_start[-1] + n)
         q_start.append(q_start[-1] + n)
-    seq_lens = [s + n for s, n in zip(starts, lengths)]
+    seq_lens = [s + n for s, n in zip(starts, lengths, strict=True)]
     return ForwardBatch(
         tokens=tokens,
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
@@ -130,9 +131,10 @@ def build_tree_batch(
     tokens:     [sum(1 + N_b)] int64 on ``device``
     Logits are returned for every new token (the root's and each node's).
     """
-    positions, slots, masks, q_start = [], [], [], [0]
-    seq_lens = [r + 1 + len(p) for r, p in zip(roots, parents)]
-    for seq_id, root, ps in zip(seq_ids, roots, parents):
+    positions, slots, q_start = [], [], [0]
+    masks: list[int] = []  # one packed ancestor mask per new token
+    seq_lens = [r + 1 + len(p) for r, p in zip(roots, parents, strict=True)]
+    for seq_id, root, ps in zip(seq_ids, roots, parents, strict=True):
         n = 1 + len(ps)
         depths, tree_mask = tree_layout(tuple(ps))
         positions += [root] + [root + d for d in depths]

@@ -45,6 +45,7 @@ import json
 import pathlib
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -64,9 +65,9 @@ def make_pair(root: pathlib.Path, shape: str, draft_layers: int, eps: float, dty
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter, vocab, ctx = SHAPES[shape]
-    cfg = dict(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
-               intermediate_size=inter, max_position_embeddings=ctx, tie_word_embeddings=True,
-               bos_token_id=1, eos_token_id=2)
+    cfg: dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
+                               intermediate_size=inter, max_position_embeddings=ctx, tie_word_embeddings=True,
+                               bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     target = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **cfg)).to(dtype)
     with torch.no_grad():

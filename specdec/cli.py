@@ -71,6 +71,7 @@ def _serve(args) -> int:
     from .demo import demo_dirs
     from .server import serve
 
+    draft: str | Path | None
     if args.target is None:
         if args.draft is not None:
             raise ValueError("--draft needs --target (without --target the embedded demo pair is served)")

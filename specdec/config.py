@@ -38,8 +38,8 @@ class EngineConfig:
     target: str | Path
     draft: str | Path | None = None
     num_draft_tokens: int = 4
-    device: torch.device | str | None = None
-    dtype: torch.dtype | None = None
+    device: torch.device | str | None = None  # a torch.device after __post_init__
+    dtype: torch.dtype | None = None  # set after __post_init__
     backend: str = "auto"
     kv_cache_memory: float | None = None
     block_size: int = 16
@@ -52,12 +52,12 @@ class EngineConfig:
 
     def __post_init__(self):
         self._check_sizes()
-        self._resolve_device()
+        device = self._resolve_device()
         self._check_numbers()
         if self.backend == "auto":
-            self.backend = "triton" if self.device.type == "cuda" else "torch"
+            self.backend = "triton" if device.type == "cuda" else "torch"
         self.drafter = DrafterSpec.parse(self.draft, self.draft_tree)  # names checked before anything loads
-        self._resolve_speculation()
+        self._resolve_speculation(device)
 
     # ------------------------------------------------------------------ checks
     def _check_sizes(self) -> None:
@@ -70,15 +70,16 @@ class EngineConfig:
         if not all(_is_int(n) and n >= 1 for n in sizes):
             raise ValueError(f"block_size and max_num_seqs must be integers >= 1, got {sizes[0]!r}, {sizes[1]!r}")
 
-    def _resolve_device(self) -> None:
-        self.device = torch.device(self.device) if self.device is not None else default_device()
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(self.device)!r} was asked for but this torch build or machine has no "
+    def _resolve_device(self) -> torch.device:
+        self.device = device = torch.device(self.device) if self.device is not None else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but this torch build or machine has no "
                              "CUDA device: pass device='cpu'")
         if self.dtype is None:
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if self.dtype not in DTYPES:
             raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {self.dtype}")
+        return device
 
     def _check_numbers(self) -> None:
         m = self.kv_cache_memory
@@ -88,7 +89,7 @@ class EngineConfig:
         if s is not None and (not _is_int(s) or s < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {s!r}")
 
-    def _resolve_speculation(self) -> None:
+    def _resolve_speculation(self, device: torch.device) -> None:
         """cuda_graphs and adaptive: checked against the device, backend and drafter, then
         their defaults."""
         for name in ("adaptive", "cuda_graphs"):
@@ -96,10 +97,10 @@ class EngineConfig:
             if flag is not None and not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True, False or None, got {flag!r}")
         spec = self.drafter
-        graphs_possible = self.device.type == "cuda" and self.backend == "triton"
+        graphs_possible = device.type == "cuda" and self.backend == "triton"
         if self.cuda_graphs and not graphs_possible:
             raise ValueError(f"cuda_graphs=True needs a CUDA device and the Triton backend, got device "
-                             f"{self.device} and backend {self.backend!r}: pass cuda_graphs=False")
+                             f"{device} and backend {self.backend!r}: pass cuda_graphs=False")
         if self.cuda_graphs and not spec.fixed_shape:
             raise ValueError("cuda_graphs=True does not cover the n-gram drafter or draft trees (they run "
                              "eagerly): pass cuda_graphs=False or None")

@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from .drafters.base import Drafter
+from .kernels._sampling_core import DraftDist
 from .kv_cache import KVCache, cdiv
 from .models.llama import LlamaForCausalLM
 from .runners.result import StepResult
@@ -65,12 +66,17 @@ def sampling_mode(seqs: list[Sequence]) -> str:
 class _StaticStep:
     """The draft and verify work of one (bucket, k, mode) on the runner's static buffers."""
 
+    out: torch.Tensor  # [Bp, k + 1] int64, written by verify()
+    n_acc: torch.Tensor  # [Bp] int32, written by verify()
+
     def __init__(self, runner: DecodeRunner, batch: int, k: int, mode: str):
         self.runner, self.batch, self.k, self.mode = runner, batch, k, mode
         self.inputs = StaticBatch(runner.inputs, batch, k, mode, runner.width, runner.block_size,
                                   runner.max_seq_len)
-        self.drafts = self.q = self.out = self.n_acc = None
-        self.graphs = None  # (draft graph or None, verify graph) once captured
+        self.drafts: torch.Tensor | None = None
+        self.q: DraftDist | None = None
+        # (draft graph or None, verify graph) once captured
+        self.graphs: tuple[torch.cuda.CUDAGraph | None, torch.cuda.CUDAGraph] | None = None
 
     # ------------------------------------------------------------------ device work
     def draft(self) -> None:
@@ -81,11 +87,12 @@ class _StaticStep:
     def verify(self) -> None:
         """The target over [last token, d_1..d_k], then rejection sampling -> out, n_acc."""
         r, k, x = self.runner, self.k, self.inputs
-        batch, capture = x.verify(self.drafts), r.drafter.capture_layers or None
+        drafts = self.drafts if k > 0 else None
+        batch, capture = x.verify(drafts), r.drafter.capture_layers or None
         logits = r.target.forward_cached(batch, r.cache, r.ops, capture=capture)  # [Bp * (k + 1), V]
         if capture:
             logits, hidden = logits
-        ids = self.drafts.reshape(-1) if k > 0 else torch.empty(0, dtype=torch.int64, device=r.device)
+        ids = drafts.reshape(-1) if drafts is not None else torch.empty(0, dtype=torch.int64, device=r.device)
         s = x.sampling
         self.out, self.n_acc = r.ops.rejection_sample(
             logits, ids, self.q if k > 0 else None, x.cu_draft, k,
@@ -118,11 +125,12 @@ class _StaticStep:
     def run(self, clock: StepClock | None):
         """One step on the current inputs; returns the three clock marks (None untimed)."""
         mark = clock.mark if clock is not None else lambda: None
+        draft_graph, verify_graph = self.graphs or (None, None)
         t0 = mark()
         if self.k > 0:
-            self.graphs[0].replay() if self.graphs else self.draft()
+            draft_graph.replay() if draft_graph is not None else self.draft()
         t1 = mark()
-        self.graphs[1].replay() if self.graphs else self.verify()
+        verify_graph.replay() if verify_graph is not None else self.verify()
         return t0, t1, mark()
 
 
@@ -213,7 +221,7 @@ class DecodeRunner:
             x.top_k[B:Bp] = 0
             x.num_draft[B:Bp] = pad[1]
             x.temperature[B:Bp], x.top_p[B:Bp] = pad[0], 1.0
-        for host, dev in zip(self._host, self._dev):
+        for host, dev in zip(self._host, self._dev, strict=True):
             dev.copy_(host, non_blocking=True)
         self.drafter.static_load(seqs, Bp)
         return Bp

@@ -13,6 +13,8 @@ rule of the tokenizer merged across the boundary).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # tokens of context: enough for the tokenizer to see a word boundary (and a character
 # split across byte tokens) before the decoded ids
 CONTEXT_TOKENS = 4
@@ -35,7 +37,7 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def output_text(tokenizer, ids: list[int], stop: tuple[str, ...] = (), prompt_ids: list[int] = ()) -> str:
+def output_text(tokenizer, ids: list[int], stop: tuple[str, ...] = (), prompt_ids: Sequence[int] = ()) -> str:
     """The text of generated ``ids`` after ``prompt_ids``, cut before the earliest stop string."""
     return _cut_at_stop(decode_after(tokenizer, list(prompt_ids)[-CONTEXT_TOKENS:], ids), stop)[0]
 
@@ -71,7 +73,7 @@ class TextStream:
     'l'
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_ids: list[int] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.context = list(prompt_ids)[-CONTEXT_TOKENS:]

@@ -177,7 +177,7 @@ class Engine:
             self.eager.observe(seqs, result)  # features of the committed positions to the drafter
             timing = self._timing(result, k, decode_only)
         except BaseException:
-            for seq, target_len in zip(seqs, saved[0]):
+            for seq, target_len in zip(seqs, saved[0], strict=True):
                 seq.target_len = target_len
             self.drafter.restore(seqs, saved[1])
             raise
@@ -213,7 +213,8 @@ class Engine:
         if spec is None:
             return
         ok = result.finite
-        spec.observe([n for n, good in zip(result.counts, ok) if good], [row[0] for row in result.rows if row[0] >= 0])
+        spec.observe([n for n, good in zip(result.counts, ok, strict=True) if good],
+                     [row[0] for row in result.rows if row[0] >= 0])
         if timing is not None and all(ok):
             spec.record(len(seqs), k, *timing)
 

@@ -134,12 +134,17 @@ class KVCache:
 
 
 class CacheLayout(Protocol):
-    """What sizing reads of a model config (``ModelConfig`` has it)."""
+    """What sizing reads of a model config (``ModelConfig`` has it); read-only, so a frozen
+    dataclass matches."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def max_position_embeddings(self) -> int: ...
 
 
 def default_budget(device: torch.device) -> int:

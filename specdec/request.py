@@ -110,7 +110,7 @@ def run_to_completion(requests: list[Request], step: Callable[[Request], None],
         step(pending[0])
         failed = next((r for r in requests if r.finish_reason == "error"), None)
         if failed is not None:
-            raise failed.error
+            raise failed.error or RuntimeError(f"request {failed.id} failed")
         still = [r for r in pending if not r.finished]
         progress(len(pending) - len(still))
         pending = still
@@ -133,7 +133,7 @@ def stream_text(start: Callable[[], Request], step: Callable[[Request], None]) -
             if not request.finished:
                 step(request)
         if request.finish_reason == "error":
-            raise request.error
+            raise request.error or RuntimeError(f"request {request.id} failed")
     finally:
         request.cancel()  # a no-op once finished
 
@@ -166,7 +166,7 @@ def conversation_list(messages) -> list:
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a "
                          "non-empty list of conversations")
-    return conversations
+    return list(conversations)
 
 
 def pair_prompts(prompts, params) -> list[tuple[object, SamplingParams]]:

@@ -6,6 +6,7 @@ import math
 import numbers
 import struct
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy
 
@@ -47,14 +48,16 @@ class SamplingParams:
 
     Integers and reals of numpy are accepted and stored as Python int / float.
 
-    >>> SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7)
-    SamplingParams(max_tokens=32, temperature=0.8, top_k=0, top_p=0.95, seed=7, stop=(), stop_token_ids=(), ignore_eos=False)
+    >>> SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7)  # doctest: +NORMALIZE_WHITESPACE
+    SamplingParams(max_tokens=32, temperature=0.8, top_k=0, top_p=0.95, seed=7, stop=(), stop_token_ids=(),
+                   ignore_eos=False)
     """
 
     max_tokens: int = 16
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+    # None (unset) is accepted and replaced by __post_init__: the fields are typed as read
+    temperature: float = None  # type: ignore[assignment]
+    top_k: int = None  # type: ignore[assignment]
+    top_p: float = None  # type: ignore[assignment]
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -112,20 +115,21 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         set_("ignore_eos", bool(self.ignore_eos))
 
-    def with_defaults(self, **defaults) -> "SamplingParams":
+    def with_defaults(self, **defaults) -> SamplingParams:
         """These parameters with each unset one among temperature, top_k and top_p taken
         from ``defaults`` (a model's generation_config values; None or absent: keep the
         library default). Given values are never replaced. Range-checked as on
         construction. The result records no unset fields: its values are final.
 
-        >>> SamplingParams(top_p=0.5).with_defaults(temperature=0.6, top_p=0.95)
-        SamplingParams(max_tokens=16, temperature=0.6, top_k=0, top_p=0.5, seed=None, stop=(), stop_token_ids=(), ignore_eos=False)
+        >>> SamplingParams(top_p=0.5).with_defaults(temperature=0.6, top_p=0.95)  # doctest: +NORMALIZE_WHITESPACE
+        SamplingParams(max_tokens=16, temperature=0.6, top_k=0, top_p=0.5, seed=None, stop=(), stop_token_ids=(),
+                       ignore_eos=False)
         """
         unknown = set(defaults) - set(LIBRARY_DEFAULTS)
         if unknown:
             raise ValueError(f"with_defaults takes {', '.join(LIBRARY_DEFAULTS)}, got {', '.join(sorted(unknown))}")
         values = {name: getattr(self, name) for name in LIBRARY_DEFAULTS}
-        for name in self.unset:
+        for name in self.unset or ():  # always a frozenset after __post_init__
             if defaults.get(name) is not None:
                 values[name] = defaults[name]
         return SamplingParams(max_tokens=self.max_tokens, seed=self.seed, stop=self.stop,
@@ -137,11 +141,11 @@ def _float32(x) -> float:
     return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
-def _is_int(x) -> bool:
+def _is_int(x) -> TypeGuard[int]:
     return isinstance(x, numbers.Integral) and not _is_bool(x)
 
 
-def _is_real(x) -> bool:
+def _is_real(x) -> TypeGuard[float]:
     return isinstance(x, numbers.Real) and not _is_bool(x)
 
 

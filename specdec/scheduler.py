@@ -166,7 +166,8 @@ class Scheduler:
     def postprocess(self, seqs: list[Sequence], result: StepResult) -> None:
         """Commit a fetched step: rows with non-finite logits fail their request, the
         others append their accepted drafts and sampled token."""
-        for seq, row, ok, n_draft, depth in zip(seqs, result.rows, result.finite, result.counts, result.depths):
+        for seq, row, ok, n_draft, depth in zip(seqs, result.rows, result.finite, result.counts, result.depths,
+                                                  strict=True):
             if not ok:
                 self.fail(seq, NonFiniteLogitsError(
                     f"the target produced NaN or +inf logits for request {seq.seq_id} at step {seq.step}; "

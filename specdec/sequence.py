@@ -59,7 +59,7 @@ class RequestMetrics:
             self.proposed_per_position[i] += 1
             self.accepted_per_position[i] += i < num_accepted
 
-    def merge(self, other: "RequestMetrics") -> None:
+    def merge(self, other: RequestMetrics) -> None:
         self.num_steps += other.num_steps
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens

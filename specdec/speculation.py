@@ -115,7 +115,7 @@ class AdaptiveSpeculation:
 
     def observe(self, proposed: list[int], accepted: list[int]) -> None:
         """One step's per-sequence draft counts and accepted counts."""
-        tests = sum(trials(n, a) for n, a in zip(proposed, accepted))
+        tests = sum(trials(n, a) for n, a in zip(proposed, accepted, strict=True))
         if tests == 0:
             return  # nothing was drafted: nothing learned, nothing forgotten
         self._accepted = self.memory * self._accepted + sum(accepted)

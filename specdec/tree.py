@@ -66,11 +66,13 @@ class TreeShape:
     depths: tuple[int, ...]  # 1-based: children of the root have depth 1
 
     @classmethod
-    def of(cls, branching) -> "TreeShape":
+    def of(cls, branching) -> TreeShape:
         branching = tuple(branching)
         if not branching or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in branching):
             raise ValueError(f"draft_tree must be a non-empty tuple of integers >= 1, got {branching!r}")
-        parents, depths, frontier = [], [], [-1]
+        parents: list[int] = []
+        depths: list[int] = []
+        frontier = [-1]
         for d, b in enumerate(branching, start=1):
             nxt = []
             for p in frontier:
@@ -101,7 +103,7 @@ class TreeShape:
 
 def depths_of(parents) -> list[int]:
     """1-based depth of every node (children of the root have depth 1)."""
-    depths = []
+    depths: list[int] = []
     for p in parents:
         depths.append(1 if p < 0 else depths[p] + 1)
     return depths

@@ -85,7 +85,7 @@ def _sampler_warm_up(engine, modes: tuple[str, ...], trees: bool, batch_sizes: l
                 ids = torch.zeros(B * k, dtype=torch.int64, device=dev)
                 q = None
                 if with_q and k > 0:  # the draft side: the fused draft sampler makes q
-                    rep = lambda t: t.repeat_interleave(k)  # noqa: E731
+                    rep = lambda t, k=k: t.repeat_interleave(k)  # noqa: E731
                     _, q = ops.draft_sample(torch.zeros(B * k, V, dtype=dtype, device=dev), rep(temperature),
                                             rep(top_k), rep(top_p), rep(seeds), rep(offsets), 16, **hints)
                     launches += 1

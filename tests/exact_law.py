@@ -13,8 +13,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from checkpoints import make_checkpoint, perturbed_copy
 
+from checkpoints import make_checkpoint, perturbed_copy
 from specdec import SamplingParams
 from specdec.kernels import reference
 from specdec.models import load_model

@@ -16,8 +16,8 @@ import inspect
 
 def install() -> None:
     try:
-        from triton.runtime import interpreter
         import triton.language as tl
+        from triton.runtime import interpreter
     except ImportError:
         return
     if getattr(interpreter, "_specdec_fast", False):

@@ -280,11 +280,12 @@ def _fused_cases(arch: int, full: bool):
             slots = torch.zeros(T, dtype=torch.int64)
             inv = torch.empty(D // 2)
             pos = torch.zeros(T, dtype=torch.int64)
+            norm_w = torch.empty(D, dtype=bf16)
             out += [
                 (f"add_rms_norm {model} T={T}", lambda x=x, w=w: fused_ops.add_rms_norm(x, x, w, 1e-5)),
                 (f"rms_norm {model} T={T}", lambda x=x, w=w: fused_ops.add_rms_norm(x, None, w, 1e-5)),
                 (f"rotary {model} T={T}", lambda q=q, k=k, p=pos, i=inv: fused_ops.rotary(q, k, p, i)),
-                (f"rotary+qk_norm {model} T={T}", lambda q=q, k=k, p=pos, i=inv, wd=torch.empty(D, dtype=bf16):
+                (f"rotary+qk_norm {model} T={T}", lambda q=q, k=k, p=pos, i=inv, wd=norm_w:
                  fused_ops.rotary(q, k, p, i, q_norm_weight=wd, k_norm_weight=wd, norm_eps=1e-6)),
                 (f"silu_mul {model} T={T}", lambda g=gate_up: fused_ops.silu_mul(g)),
                 (f"gelu_tanh_mul {model} T={T}", lambda g=gate_up: fused_ops.silu_mul(g, activation="gelu_tanh")),
@@ -334,7 +335,8 @@ def _sampler_cases(arch: int, full: bool):
                          filtered=filtered, radix_rounds=8 if filtered else 0)
             z64 = torch.zeros(B, dtype=torch.int64)
             name = f"rejection B={B} k={k} {str(dtype)[6:]} q={has_q} cap={cap} filtered={filtered}"
-            out.append((name, lambda a=(logits, ids, q, cu, k, torch.ones(B), top_k, top_p, z64, z64), h=hints:
+            temperature = torch.ones(B)
+            out.append((name, lambda a=(logits, ids, q, cu, k, temperature, top_k, top_p, z64, z64), h=hints:
                         rejection_sampling.rejection_sample(*a, check_finite=False, **h)))
     for n, samples in ((1, 1), (4, 4)) if arch == 90 or full else ((1, 1),):
         z64 = torch.zeros(n, dtype=torch.int64)

@@ -69,7 +69,7 @@ class LoadCounter:
             return None
         return self._orig_call(executor, *args, **kwargs)
 
-    def __enter__(self) -> "LoadCounter":
+    def __enter__(self) -> LoadCounter:
         builder = interpreter.interpreter_builder
         self._orig_load = builder.create_masked_load
         self._orig_call = interpreter.GridExecutor.__call__

@@ -11,13 +11,11 @@
 """
 
 import torch
-from stats import chi_square_pvalue
 
 from specdec.kernels._sampling_core import INT32_MIN, DraftDist
 from specdec.kernels.philox import FIRST_FREE_STREAM, philox_uniform, sample_inverse_cdf
 from specdec.kernels.reference import draft_dist, draft_dist_probs, sampling_probs
-
-
+from stats import chi_square_pvalue
 
 
 def dist_of_probs(probs: torch.Tensor) -> DraftDist:
@@ -131,7 +129,7 @@ def outcome_pvalue(out, n_acc, law, min_expected=5.0):
     """
     total = n_acc.shape[0]
     counts = {}
-    for row, a in zip(out.tolist(), n_acc.tolist()):
+    for row, a in zip(out.tolist(), n_acc.tolist(), strict=True):
         key = (a, *row[: a + 1])
         if law.get(key, 0.0) <= 0.0:
             return 0.0

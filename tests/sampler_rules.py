@@ -9,9 +9,8 @@ pass at, ``POWER_ALPHA`` the level a wrong one must fail at with the same draws.
 from __future__ import annotations
 
 import torch
-from exact_law import V
-from stats import chi_square_test
 
+from exact_law import V
 from specdec.kernels import reference
 from specdec.kernels.philox import (
     SAMPLER_SAMPLE_STREAM,
@@ -21,6 +20,7 @@ from specdec.kernels.philox import (
     sample_inverse_cdf,
 )
 from specdec.tree import MAX_TREE_NODES
+from stats import chi_square_test
 
 ALPHA = 1e-3  # the engine passes when p > ALPHA
 POWER_ALPHA = 1e-6  # a wrong sampler must give p < POWER_ALPHA with the same draws

@@ -11,7 +11,7 @@ def _table(out: str) -> list[dict]:
     """The markdown table's rows as {column heading: cell}."""
     lines = [line for line in out.splitlines() if line.startswith("|")]
     heads = [h.strip() for h in lines[0].strip("|").split("|")]
-    return [dict(zip(heads, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return [dict(zip(heads, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
 
 def test_leviathan_formula():
@@ -109,7 +109,6 @@ def test_cli_bench_an_eagle3_head_against_the_demo_target(tmp_path, capsys):
     import json
 
     from eagle3_reference import make_eagle3_head
-
     from specdec.demo import demo_dirs
 
     cfg = json.loads((demo_dirs()[0] / "config.json").read_text())

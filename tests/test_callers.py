@@ -19,16 +19,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_checkpoint
 from safetensors.torch import load_file, save_file
 
+from checkpoints import make_checkpoint
+from engine_helpers import ScheduledK
 from specdec import LLM, NonFiniteLogitsError, SamplingParams
 from specdec.cli import main
 from specdec.detokenize import TextStream
 from specdec.drafters.ngram import NgramDrafter
 from specdec.sampling_params import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 from specdec.sequence import Sequence
-from engine_helpers import ScheduledK
 
 SPACE = "\u2581"
 WORDS = (string.ascii_letters + string.digits + string.punctuation)[:92]  # ids 3 .. 94
@@ -310,7 +310,8 @@ def test_numpy_token_ids_are_token_ids(sp_dir):
 
 def test_llm_options_are_checked(sp_dir):
     assert make(sp_dir, kv_cache_memory=1.5e6).blocks.num_blocks > 0
-    for kwargs, match in ((dict(kv_cache_memory="1e6"), "kv_cache_memory"), (dict(kv_cache_memory=0), "kv_cache_memory"),
+    for kwargs, match in ((dict(kv_cache_memory="1e6"), "kv_cache_memory"),
+                          (dict(kv_cache_memory=0), "kv_cache_memory"),
                           (dict(seed="abc"), "seed"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed")):
         with pytest.raises(ValueError, match=match):
             make(sp_dir, **kwargs)
@@ -453,7 +454,7 @@ def _interleave(llm, solo, order_seed):
                 finally:
                     armed[0] = None
                 assert not interrupt, "the interrupt should have hit this call"
-                completed += [(p, q, o.text, o) for p, q, o in zip(prompts, params, outs)]
+                completed += [(p, q, o.text, o) for p, q, o in zip(prompts, params, outs, strict=True)]
             continue
         job = rng.choice(active)  # advance a started job
         (prompt, params), = job.requests

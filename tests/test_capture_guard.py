@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import make_checkpoint, perturbed_copy
-from eagle3_reference import make_eagle3_head
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from checkpoints import make_checkpoint, perturbed_copy
+from eagle3_reference import make_eagle3_head
 from specdec import LLM
 from specdec.cuda_graphs import SAMPLING_MODES
 from specdec.drafters.draft_model import ModelDrafter

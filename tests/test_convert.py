@@ -112,7 +112,7 @@ def read_llama2c_checkpoint(path):
     """Header dict and raw llama2.c arrays (torch float32), layout from the format notes."""
     raw = path.read_bytes()
     names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
-    h = dict(zip(names, struct.unpack_from("<7i", raw)))
+    h = dict(zip(names, struct.unpack_from("<7i", raw), strict=True))
     d, f, L, V, S = h["dim"], h["hidden_dim"], h["n_layers"], abs(h["vocab_size"]), h["seq_len"]
     hd = d // h["n_heads"]
     shapes = [
@@ -404,7 +404,7 @@ def test_tokenizer_vocab_size_mismatch(tmp_path):
 def test_tokenizer_wrong_layout(tmp_path):
     pieces, scores = read_llama2c_tokenizer(TOKENIZER)
     pieces[3], pieces[4] = pieces[4], pieces[3]  # byte pieces out of order
-    body = b"".join(struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores))
+    body = b"".join(struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores, strict=True))
     bad = tmp_path / "tok_swapped.bin"
     bad.write_bytes(TOKENIZER.read_bytes()[:4] + body)
     with pytest.raises(ValueError, match=r"token 3 is b'<0x01>', expected b'<0x00>'"):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from checkpoints import make_checkpoint, perturbed_copy
 from eagle3_reference import make_eagle3_head
 from engine_helpers import ScheduledK
-
 from specdec import LLM, SamplingParams
 from specdec.cuda_graphs import DecodeRunner, sampling_mode
 from specdec.drafters.draft_model import ModelDrafter

@@ -31,6 +31,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from engine_helpers import ScheduledK
 from exact_law import (
     distribution_checkpoints,
@@ -39,8 +40,6 @@ from exact_law import (
     window_checkpoints,
 )
 from sampler_rules import ALPHA, POWER_ALPHA, residual_from_p
-from stats import binomial_two_sided_p, chi2_sf, chi_square_test
-
 from specdec import LLM, SamplingParams
 from specdec.drafters.ngram import ngram_propose
 from specdec.kernels import reference
@@ -50,6 +49,7 @@ from specdec.kernels.philox import (
 )
 from specdec.kv_cache import KVCache
 from specdec.models import load_model
+from stats import binomial_two_sided_p, chi2_sf, chi_square_test
 
 V = 8  # vocabulary size
 N_TOKENS = 3  # generated tokens whose joint law is tested: V ** 3 = 512 outcomes
@@ -347,9 +347,9 @@ def _mixed_requests():
 def _alone_and_together(llm: LLM):
     """Each mixed request generated alone, then all nine in one generate call."""
     prompts, params = _mixed_requests()
-    alone = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    alone = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
     together = llm.generate(prompts, params)
-    for out, sp in zip(alone + together, params + params):
+    for out, sp in zip(alone + together, params + params, strict=True):
         assert len(out.token_ids) == sp.max_tokens
     return alone, together
 
@@ -363,7 +363,7 @@ def test_seeded_request_is_batch_invariant(ckpts, draft, max_num_seqs, num_block
     # and recomputed mid-generation
     llm = make_llm(ckpts, draft, k=3, max_num_seqs=max_num_seqs, num_blocks=num_blocks)
     alone, together = _alone_and_together(llm)
-    for i, (a, t) in enumerate(zip(alone, together)):
+    for i, (a, t) in enumerate(zip(alone, together, strict=True)):
         assert t.token_ids == a.token_ids, f"request {i} changed inside the batch"
     preempted = llm.engine.scheduler.num_preemptions
     assert bool(preempted) == (num_blocks is not None), preempted
@@ -389,7 +389,7 @@ def test_batch_invariance_check_catches_slot_keyed_draws(ckpts):
     llm = make_llm(ckpts, "model", k=3, max_num_seqs=16)
     llm.engine.ops = dataclasses.replace(llm.engine.ops, rejection_sample=_slot_keyed)
     alone, together = _alone_and_together(llm)
-    changed = [i for i, (a, t) in enumerate(zip(alone, together)) if a.token_ids != t.token_ids]
+    changed = [i for i, (a, t) in enumerate(zip(alone, together, strict=True)) if a.token_ids != t.token_ids]
     assert len(changed) >= 3, changed
 
 

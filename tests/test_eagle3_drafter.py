@@ -17,6 +17,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from checkpoints import make_checkpoint
 from eagle3_reference import (
     hf_hidden_states,
@@ -24,7 +25,6 @@ from eagle3_reference import (
     make_eagle3_head,
     reference_chain_logits,
 )
-
 from specdec import LLM
 from specdec.batch import SamplingTensors, build_forward_batch
 from specdec.drafters.eagle3 import DynamicTree, Eagle3Drafter
@@ -133,7 +133,7 @@ def test_draft_logits_equal_full_recompute(request, tmp_path, variant, backend):
     drafts = prop.tokens.tolist()
     assert prop.counts == [3] and len(rec.logits) == 3
     refs = reference_chain_logits(tensors, cfg, embed, feats, seq.tokens, drafts[:2])
-    for got, ref in zip(rec.logits, refs):
+    for got, ref in zip(rec.logits, refs, strict=True):
         check(got[0], ref)
     assert drafts == [int(r.argmax()) for r in refs]  # greedy drafts: argmax over the target ids
     torch.testing.assert_close(prop.q.logits, torch.stack(rec.logits)[:, 0])
@@ -150,7 +150,7 @@ def test_draft_logits_equal_full_recompute(request, tmp_path, variant, backend):
     rec.logits.clear()
     prop = drafter.propose([seq], [2], SamplingTensors.of([seq], "cpu"), "cpu")
     refs = reference_chain_logits(tensors, cfg, embed, feats, seq.tokens, prop.tokens.tolist()[:1])
-    for got, ref in zip(rec.logits, refs):
+    for got, ref in zip(rec.logits, refs, strict=True):
         check(got[0], ref)
 
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from checkpoints import make_checkpoint
 from eagle3_reference import make_eagle3_head
 from engine_helpers import greedy_ref, random_prompts
@@ -29,7 +30,6 @@ from sampler_rules import (
     law_test,
     residual_from_p,
 )
-
 from specdec import LLM, SamplingParams
 from specdec.kernels import reference
 from specdec.kv_cache import KVCache, cdiv
@@ -66,7 +66,7 @@ def _greedy(dirs, head, tree, prompts=PROMPTS, max_tokens=MAX_TOKENS, **kw):
     _poison(llm)
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
     outs = llm.generate(prompts, params)
-    for prompt, m, out in zip(prompts, max_tokens, outs):
+    for prompt, m, out in zip(prompts, max_tokens, outs, strict=True):
         assert out.token_ids == greedy_ref(dirs.target, prompt, m), (prompt[:6], out.token_ids)
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
     return llm
@@ -85,7 +85,7 @@ def test_greedy_under_preemption(dirs):
     prompts = [PROMPTS[3]] + PROMPTS[:3]
     max_tokens = [16] * len(prompts)
     slots = 9 + 1  # the dynamic tree's cache slots (max(N - 1, K (D - 1))) + the root
-    one = max(cdiv(len(p) + m + slots, bs) for p, m in zip(prompts, max_tokens))
+    one = max(cdiv(len(p) + m + slots, bs) for p, m in zip(prompts, max_tokens, strict=True))
     per = (KVCache.bytes_per_block(4, bs, 2, 8, torch.float32)  # the target
            + KVCache.bytes_per_block(1, bs, 1, 16, torch.float32))  # the head's one layer
     llm = LLM(str(dirs.target), draft=str(dirs.head), draft_tree=tree, device="cpu", dtype=torch.float32,
@@ -94,7 +94,7 @@ def test_greedy_under_preemption(dirs):
     _poison(llm)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
                                   for m in max_tokens])
-    for prompt, m, out in zip(prompts, max_tokens, outs):
+    for prompt, m, out in zip(prompts, max_tokens, outs, strict=True):
         assert out.token_ids == greedy_ref(dirs.target, prompt, m)
     assert llm.engine.scheduler.num_preemptions > 0, "the budget should force preemption"
 
@@ -113,7 +113,7 @@ def test_dynamic_trees_differ_per_sequence_and_respect_the_budget(dirs):
     llm.generate(PROMPTS[:4], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     shapes = set()
     for limits, counts, parents in seen:
-        for lim, n, ps in zip(limits, counts, parents):
+        for lim, n, ps in zip(limits, counts, parents, strict=True):
             assert n == len(ps) <= 9 and all(-1 <= p < i for i, p in enumerate(ps))
             depth = [0] * n
             for i, p in enumerate(ps):
@@ -263,7 +263,7 @@ def test_triton_backend_greedy(dirs, kind):
     llm = LLM(str(dirs.target), draft=str(dirs.small), num_draft_tokens=2, draft_tree=DRAFTS[kind], device="cpu",
               dtype=torch.float32, backend="triton", block_size=4)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])
-    for prompt, m, out in zip(prompts, max_tokens, outs):
+    for prompt, m, out in zip(prompts, max_tokens, outs, strict=True):
         assert out.token_ids == greedy_ref(dirs.target, prompt, m)
     assert llm.metrics()["num_draft_tokens"] > 0
 

@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
-from eagle3_heads import write_head
 from safetensors.torch import load_file, save_file
 
+from eagle3_heads import write_head
 from specdec.cli import main
 from specdec.models.config import ModelConfig
 from specdec.models.convert import convert_eagle3
@@ -569,13 +569,13 @@ QWEN3_8B_SPECULATORS = {  # speculators layout of a Qwen3-8B head (qwen3 layer w
 }
 
 
-def _meta_head(H, I, heads, kv, hd, V, Vd, Ht, prefix="midlayer.", qk_norms=False):
+def _meta_head(H, inter, heads, kv, hd, V, Vd, Ht, prefix="midlayer.", qk_norms=False):
     m = prefix
     shapes = {"fc.weight": (H, 3 * Ht), m + "input_layernorm.weight": (H,), m + "hidden_norm.weight": (H,),
               m + "self_attn.q_proj.weight": (heads * hd, 2 * H), m + "self_attn.k_proj.weight": (kv * hd, 2 * H),
               m + "self_attn.v_proj.weight": (kv * hd, 2 * H), m + "self_attn.o_proj.weight": (H, heads * hd),
-              m + "post_attention_layernorm.weight": (H,), m + "mlp.gate_proj.weight": (I, H),
-              m + "mlp.up_proj.weight": (I, H), m + "mlp.down_proj.weight": (H, I), "norm.weight": (H,),
+              m + "post_attention_layernorm.weight": (H,), m + "mlp.gate_proj.weight": (inter, H),
+              m + "mlp.up_proj.weight": (inter, H), m + "mlp.down_proj.weight": (H, inter), "norm.weight": (H,),
               "lm_head.weight": (Vd, H)}
     if qk_norms:
         shapes |= {m + "self_attn.q_norm.weight": (hd,), m + "self_attn.k_norm.weight": (hd,)}

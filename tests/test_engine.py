@@ -84,13 +84,13 @@ def check_metrics(out, k):
         assert m.mean_accepted_length == pytest.approx(m.num_generated / m.num_steps)
     acc, prop = m.accepted_per_position, m.proposed_per_position
     assert len(acc) == len(prop) <= k and sum(prop) == m.num_draft_tokens
-    assert all(a <= p for a, p in zip(acc, prop))
-    assert all(x >= y for x, y in zip(acc, acc[1:]))  # a chain: position i needs i - 1
-    assert all(x >= y for x, y in zip(prop, prop[1:]))
+    assert all(a <= p for a, p in zip(acc, prop, strict=True))
+    assert all(x >= y for x, y in zip(acc, acc[1:], strict=False))  # a chain: position i needs i - 1
+    assert all(x >= y for x, y in zip(prop, prop[1:], strict=False))
 
 
 def check_against_greedy(path, prompts, outs, max_tokens, eos=(2,)):
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         ref = greedy_ref(path, prompt, max_tokens, eos)
         assert out.prompt_token_ids == prompt
         assert out.token_ids == ref
@@ -176,7 +176,7 @@ def test_greedy_equals_transformers_generate(dirs, family, drafter):
     path = dirs[family]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     outs = make_llm(path, draft_arg(dirs, family, drafter), block_size=4).generate(PROMPTS, GREEDY)
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(PROMPTS, outs, strict=True):
         with torch.no_grad():
             ids = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_TOKENS,
                               eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
@@ -188,7 +188,7 @@ def test_target_as_its_own_draft_accepts_everything(dirs, family):
     path = dirs[family]
     llm = make_llm(path, str(path), block_size=8)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(PROMPTS, outs, strict=True):
         assert out.token_ids == greedy_ref(path, prompt, MAX_TOKENS)
         m = out.metrics
         assert m.num_accepted_tokens == m.num_draft_tokens > 0
@@ -264,7 +264,7 @@ def test_continuous_batching(dirs, drafter):
     running = record_running(llm)
     check_caches_every_step(llm)
     outs = llm.generate(prompts, params)
-    for prompt, p, out in zip(prompts, params, outs):
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
         assert out.token_ids == greedy_ref(path, prompt, p.max_tokens, (2,))
     assert max(running) == 2 and running.count(2) >= 3
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
@@ -293,7 +293,7 @@ def test_preemption_under_a_tiny_cache(dirs, drafter):
     preempted = _count_preemptions(llm)
     checked = check_caches_every_step(llm)  # re-admitted sequences recompute their caches
     outs = llm.generate(prompts, params)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == greedy_ref(path, prompt, MAX_TOKENS)
         assert out.finish_reason == "length"
         check_metrics(out, k)
@@ -353,10 +353,10 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter):
     pseqs = plain._make_sequences(PROMPTS, params)
     for s in pseqs:
         plain.engine.add(s)
-    while any(p.target_len < s.target_len for p, s in zip(pseqs, seqs)):
+    while any(p.target_len < s.target_len for p, s in zip(pseqs, seqs, strict=True)):
         assert plain.engine.has_work()
         plain.engine.step()
-    for p, s in zip(pseqs, seqs):
+    for p, s in zip(pseqs, seqs, strict=True):
         assert not p.finished
         assert p.tokens[:len(s.tokens)] == s.tokens  # greedy identity
     for i, n, k_spec, v_spec in snapshots:
@@ -421,7 +421,7 @@ def test_max_tokens(dirs, drafter, max_tokens):
     llm = make_llm(path, draft_arg(dirs, "mistral", drafter), block_size=4)
     p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     outs = llm.generate(PROMPTS, p)
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(PROMPTS, outs, strict=True):
         assert out.token_ids == greedy_ref(path, prompt, max_tokens)
         assert len(out.token_ids) == max_tokens and out.finish_reason == "length"
         check_metrics(out, 0 if drafter is None else K)
@@ -464,7 +464,7 @@ def test_stops_at_the_context_length(dirs, drafter):
     prompts = random_prompts([20, 23, 12], seed=6)
     llm = make_llm(path, draft_arg(dirs, "short-context", drafter), block_size=4)
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         n = min(MAX_TOKENS, 24 - len(prompt))
         assert out.token_ids == greedy_ref(path, prompt, MAX_TOKENS, context=24)
         assert len(out.token_ids) == n and out.finish_reason == "length"

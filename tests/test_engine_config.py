@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 
 import specdec.drafters.factory as factory
+from checkpoints import make_checkpoint
 from specdec import LLM
 from specdec.config import EngineConfig
 from specdec.drafters.base import Drafter

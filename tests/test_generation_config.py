@@ -51,14 +51,14 @@ def test_unset_values_take_the_models_and_given_ones_win(base, tmp_path, gen, fi
     req = llm.submit(prompts[0], SamplingParams(max_tokens=N, seed=1))
     assert getattr(req.params, field) == model_value
     outs = llm.generate(prompts, SamplingParams(max_tokens=N, seed=1, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == greedy_ref(base, prompt, N)
     # given (even the library default): it wins, and sampling departs from greedy
     given = SamplingParams(max_tokens=N, seed=1, ignore_eos=True, **{field: 1.0 if field == "temperature" else 0})
     req = llm.submit(prompts[0], given)
     assert getattr(req.params, field) == getattr(given, field)
     outs = llm.generate(prompts, given)
-    assert any(o.token_ids != greedy_ref(base, p, N) for p, o in zip(prompts, outs))
+    assert any(o.token_ids != greedy_ref(base, p, N) for p, o in zip(prompts, outs, strict=True))
     # the other values of the file fill in around the given one
     if field == "top_k":
         assert (req.params.temperature, req.params.top_p) == (0.6, 0.9)

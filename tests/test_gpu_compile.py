@@ -119,8 +119,8 @@ def test_the_spill_check_sees_a_spilling_variant(compiled):
 def test_headline_tree_reads_each_kv_head_at_most_twice_and_fills_the_gpu(compiled, arch):
     # B=8, 32 query / 8 KV heads, D=128, 4,096 prefix, 64-node tree: every query tile of a
     # (sequence, KV head) streams that head's whole K/V once
-    (launch,) = [l for l in _case(compiled[arch], "attn 8B tree64 B=8")["launches"]
-                 if l["kernel"] == "_verify_attention_kernel"]
+    (launch,) = [x for x in _case(compiled[arch], "attn 8B tree64 B=8")["launches"]
+                 if x["kernel"] == "_verify_attention_kernel"]
     block_q = launch["constexprs"]["BLOCK_M"] // 4
     tiles = math.ceil(64 / block_q)
     assert tiles <= 2, f"K/V streamed {tiles}x per KV head (BLOCK_M={launch['constexprs']['BLOCK_M']})"
@@ -143,8 +143,8 @@ def test_each_sampler_spreads_a_batch_one_row_over_at_least_32_programs(compiled
 @pytest.mark.parametrize("arch", ARCHS)
 def test_decode_at_batch_one_fills_the_gpu_in_the_eager_path(compiled, arch):
     # the eager engine passes max_seq_len = the longest sequence (4,097 here)
-    (launch,) = [l for l in _case(compiled[arch], "attn 8B decode B=1")["launches"]
-                 if l["kernel"] == "_verify_attention_kernel"]
+    (launch,) = [x for x in _case(compiled[arch], "attn 8B decode B=1")["launches"]
+                 if x["kernel"] == "_verify_attention_kernel"]
     assert math.prod(launch["grid"]) >= 64, launch["grid"]
 
 
@@ -158,10 +158,10 @@ def test_batch_size_and_split_count_do_not_make_new_attention_variants(compiled)
     for a, b in pairs:
         first, second = _case(results, a), _case(results, b)
         assert second["new_variants"] == 0, f"{b} compiled again after {a}"
-        assert [l["variant"] for l in first["launches"]] == [l["variant"] for l in second["launches"]]
+        assert [x["variant"] for x in first["launches"]] == [x["variant"] for x in second["launches"]]
     # and no two compiled attention variants differ only in how Triton specialised an int
     variants = {}
-    for r, launch in _launches(results, "_verify_attention_kernel"):
+    for _, launch in _launches(results, "_verify_attention_kernel"):
         key = (json.dumps(launch["constexprs"], sort_keys=True), launch["signature"], launch["num_warps"])
         variants.setdefault(key, set()).add(launch["attrs"])
     again = {k: v for k, v in variants.items() if len(v) > 1}

@@ -165,7 +165,7 @@ def _forward(model, cache, bm, ops, seqs: dict[int, list[int]], starts: dict[int
     batch = build_forward_batch(bm, ids, [starts[i] for i in ids], lengths, lengths, tokens, "cpu")
     logits = model.forward_cached(batch, cache, ops)
     out, row = {}, 0
-    for i, n in zip(ids, lengths):
+    for i, n in zip(ids, lengths, strict=True):
         out[i] = logits[row:row + n]
         row += n
     return out
@@ -318,7 +318,7 @@ def test_llm_greedy_equals_no_cache_loop(ckpt, model, block_size):
     llm.cache.k.fill_(float("nan"))
     llm.cache.v.fill_(float("nan"))
     outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
         assert out.token_ids == _greedy_no_cache(model, prompt, n)
         assert out.finish_reason == "length"

@@ -109,7 +109,7 @@ def test_reference_move_kv_moves_every_layer_of_a_stacked_cache():
     want_k, want_v = k.clone(), v.clone()
     for layer in range(3):
         flat_k, flat_v = want_k[layer].view(-1, 2, 4), want_v[layer].view(-1, 2, 4)
-        for s, d in sorted(zip(src.tolist(), dst.tolist())):  # ascending: a down-shift is safe
+        for s, d in sorted(zip(src.tolist(), dst.tolist(), strict=True)):  # ascending: a down-shift is safe
             flat_k[d], flat_v[d] = flat_k[s].clone(), flat_v[s].clone()
     ref.move_kv(k, v, src, dst)
     torch.testing.assert_close(k, want_k, atol=0, rtol=0)

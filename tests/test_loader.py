@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
 from specdec import LLM
-from specdec.models import (SUPPORTED_ARCHITECTURES, CheckpointError, ConfigError, ModelConfig,
-                            load_model)
+from specdec.models import SUPPORTED_ARCHITECTURES, CheckpointError, ConfigError, ModelConfig, load_model
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_sharded_checkpoint_loads_identically(family_dirs, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert not (sharded / "model.safetensors").exists()
     a, b = load_model(single), load_model(sharded)
-    for (name_a, p_a), (name_b, p_b) in zip(a.named_parameters(), b.named_parameters()):
+    for (name_a, p_a), (name_b, p_b) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert name_a == name_b and torch.equal(p_a, p_b), name_a
     ids = _ids(2, 9)
     assert torch.equal(a(ids), b(ids))

@@ -5,14 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
-from stats import chi_square_pvalue
-
 from specdec.kernels.philox import (
     FIRST_FREE_STREAM,
     MAX_DRAWS,
     philox_uniform,
     sample_inverse_cdf,
 )
+from stats import chi_square_pvalue
 
 
 @triton.jit

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+
 from rejection_helpers import (
     DIST_CASES,
     P_LOGITS,
@@ -23,10 +24,9 @@ from rejection_helpers import (
     validation_cases,
     wrong_residual_from_p,
 )
-from stats import chi_square_pvalue
-
 from specdec.kernels._sampling_core import INT32_MIN, DraftDist
 from specdec.kernels.reference import draft_dist, draft_dist_probs, rejection_sample, sampling_probs
+from stats import chi_square_pvalue
 
 # ------------------------------------------------------------------------------------
 # exact cases
@@ -71,7 +71,7 @@ def test_one_hot_target(has_q):
         rows = target[int(cu[b]) + b : int(cu[b + 1]) + b + 1]
         drafts = args[1][int(cu[b]) : int(cu[b + 1])]
         a = int(n_acc[b])
-        expected_a = next((i for i, (x, t) in enumerate(zip(drafts, rows)) if x != t), len(drafts))
+        expected_a = next((i for i, (x, t) in enumerate(zip(drafts, rows, strict=False)) if x != t), len(drafts))
         assert a == expected_a
         assert int(out[b, a]) == int(rows[a])
 

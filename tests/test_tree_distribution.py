@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from exact_law import (
     distribution_checkpoints,
     exact_joint,
@@ -24,14 +25,13 @@ from exact_law import (
     window_checkpoints,
 )
 from sampler_rules import ALPHA, POWER_ALPHA, host_tree_sampler, law_test
-from stats import binomial_two_sided_p
-
 from specdec import LLM, SamplingParams
 from specdec.drafters.ngram import continuation_tree, ngram_continuations
 from specdec.kernels import reference
 from specdec.kernels.philox import philox_uniform, sample_inverse_cdf
 from specdec.models import load_model
 from specdec.tree import TreeShape
+from stats import binomial_two_sided_p
 
 # ---------------------------------------------------------------------- exactness
 
@@ -92,7 +92,7 @@ class TreeWalkRecorder:
                                    *args, **kwargs)
         cu, par, tok = cu_num_nodes.tolist(), parents.tolist(), draft_token_ids.tolist()
         offsets = args[-1].tolist()  # temperature, top_k, top_p, seeds, offsets follow max_depth
-        for b, (a, nodes) in enumerate(zip(n_acc.tolist(), path.tolist())):
+        for b, (a, nodes) in enumerate(zip(n_acc.tolist(), path.tolist(), strict=True)):
             s, e = cu[b], cu[b + 1]
             self.walks.append(SimpleNamespace(parents=par[s:e], tokens=tok[s:e], n_acc=a, path=nodes[:a],
                                               offset=offsets[b]))
@@ -133,7 +133,7 @@ def first_step_acceptance(ckpts, draft, tree, prompt, params) -> float:
     if draft == "ngram":
         conts = ngram_continuations(prompt, len(tree), limit=TreeShape.of(tree).num_nodes)
         toks, parents = continuation_tree(conts, tree)
-        return float(sum(p[t] for t, par in zip(toks, parents) if par == -1))
+        return float(sum(p[t] for t, par in zip(toks, parents, strict=True) if par == -1))
     q = next_token_probs(load_model(ckpts.dirs[draft]), x, params)[0]
     reject, r = 1.0, p
     for _ in range(tree[0]):
@@ -224,11 +224,11 @@ def test_host_tree_sampler_reproduces_the_reference(with_q):
         args = _random_tree_inputs(seed, with_q)
         want = reference.tree_rejection_sample(*args)
         got = host_tree_sampler("exact")(*args)
-        for w, g_ in zip(want, got):
+        for w, g_ in zip(want, got, strict=True):
             assert torch.equal(w, g_), (seed, want, got)
         for rule in differ:
             wrong = host_tree_sampler(rule)(*args)
-            differ[rule] += not all(torch.equal(w, x) for w, x in zip(want, wrong))
+            differ[rule] += not all(torch.equal(w, x) for w, x in zip(want, wrong, strict=True))
     assert all(n > 0 for n in differ.values()), differ
 
 

@@ -11,6 +11,11 @@ import random
 import pytest
 
 from engine_helpers import draft_arg, random_prompts
+from specdec import SamplingParams
+from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
+from specdec.kv_cache import cdiv
+from specdec.sequence import Sequence
+from specdec.tree import TreeShape, depths_of
 from tree_helpers import (
     check_greedy,
     check_tree_valid,
@@ -19,11 +24,6 @@ from tree_helpers import (
     tree_checkpoints,
     tree_params,
 )
-from specdec import SamplingParams
-from specdec.drafters.ngram import NgramDrafter, continuation_tree, ngram_continuations
-from specdec.kv_cache import cdiv
-from specdec.sequence import Sequence
-from specdec.tree import TreeShape, depths_of
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_ngram_trees_are_ragged_per_sequence(dirs):
     outs = llm.generate(prompts, params)
     check_greedy(path, prompts, params, outs)
     for st in steps:
-        for parents, toks, lim in zip(st.parents, st.tokens, st.limits):
+        for parents, toks, lim in zip(st.parents, st.tokens, st.limits, strict=True):
             check_tree_valid(parents, toks, shape, lim, distinct_siblings=True)
     first = steps[0]
     assert first.counts[1] == 0, "a prompt without repeats gets no tree"
@@ -135,10 +135,10 @@ def test_trees_near_max_tokens_are_cut(dirs, drafter):
         if st.parents is None:  # every limit 0: the drafter proposes nothing (a chain of 0)
             assert not any(st.limits) and not any(st.counts)
             continue
-        for parents, lim in zip(st.parents, st.limits):
+        for parents, lim in zip(st.parents, st.limits, strict=True):
             assert parents == list(shape.parents[:shape.nodes_up_to(lim)])
     assert sorted(set(steps[0].counts)) == [0, 2, 6, 10]
-    for out, p in zip(outs, params):
+    for out, p in zip(outs, params, strict=True):
         assert len(out.token_ids) == p.max_tokens
         if drafter == "self":  # all accepted: ceil(max_tokens / (D + 1)) steps
             assert out.metrics.num_steps == cdiv(p.max_tokens, shape.depth + 1)

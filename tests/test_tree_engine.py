@@ -24,6 +24,9 @@ import torch
 from torch.testing import assert_close
 
 from engine_helpers import cached_model, draft_arg, kv_at, poison_caches, record_running
+from specdec import LLM, SamplingParams
+from specdec.kv_cache import KVCache, cdiv
+from specdec.tree import TreeShape
 from tree_helpers import (
     PROMPTS,
     SHAPES,
@@ -33,9 +36,6 @@ from tree_helpers import (
     tree_checkpoints,
     tree_params,
 )
-from specdec import LLM, SamplingParams
-from specdec.kv_cache import KVCache, cdiv
-from specdec.tree import TreeShape
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,8 @@ def _budget(paths, block_size, num_blocks):
 PREEMPT_CASES = [("ngram", (3, 2, 1)), ("early-exit:2", (2, 2, 2)), ("draft-model", (2, 2, 2)), ("self", (3, 2, 1))]
 
 
-@pytest.mark.parametrize("drafter, shape", PREEMPT_CASES, ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in PREEMPT_CASES])
+@pytest.mark.parametrize("drafter, shape", PREEMPT_CASES,
+                         ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in PREEMPT_CASES])
 def test_greedy_tree_under_preemption(dirs, drafter, shape):
     path, bs = dirs["qwen2"], 4
     draft = draft_arg(dirs, "qwen2", drafter)
@@ -106,7 +107,7 @@ def test_greedy_tree_under_preemption(dirs, drafter, shape):
     # the 70-token prompt first: it holds most of the cache, the others take turns beside it
     prompts = [PROMPTS[3]] + PROMPTS[:3] + PROMPTS[4:]
     params = tree_params([16] * len(prompts), ignore_eos=True)
-    one = max(cdiv(len(p) + sp.max_tokens + n, bs) for p, sp in zip(prompts, params))
+    one = max(cdiv(len(p) + sp.max_tokens + n, bs) for p, sp in zip(prompts, params, strict=True))
     models = [path] + ([draft] if drafter in ("draft-model", "self") else [])
     llm = make_llm(path, draft, draft_tree=shape, block_size=bs, kv_cache_memory=_budget(models, bs, one + 2))
     assert llm.blocks.num_blocks == one + 2
@@ -129,14 +130,14 @@ def plain_decoding_kv(path, prompts, tokens, block_size):
     seqs = llm._make_sequences(prompts, p)
     for s in seqs:
         llm.engine.add(s)
-    while any(s.target_len < len(t) - 1 for s, t in zip(seqs, tokens)):
+    while any(s.target_len < len(t) - 1 for s, t in zip(seqs, tokens, strict=True)):
         llm.engine.step()
-        for s, t in zip(seqs, tokens):
+        for s, t in zip(seqs, tokens, strict=True):
             if len(s.tokens) <= len(t):
                 s.tokens[-1] = t[len(s.tokens) - 1]
-    for s, t in zip(seqs, tokens):
+    for s, t in zip(seqs, tokens, strict=True):
         assert s.tokens[:len(t)] == t and not s.finished
-    return [kv_at(llm.cache, llm.blocks, s.seq_id, len(t) - 1) for s, t in zip(seqs, tokens)]
+    return [kv_at(llm.cache, llm.blocks, s.seq_id, len(t) - 1) for s, t in zip(seqs, tokens, strict=True)]
 
 
 KEEP_PATH_CASES = [
@@ -254,4 +255,4 @@ def test_acceptance_by_position_has_one_entry_per_depth(dirs):
     assert all(0 <= r <= 1 for r in by_pos) and 0 < min(by_pos) < 1
     acc = [sum(o.metrics.accepted_per_position[i] for o in outs) for i in range(4)]
     prop = [sum(o.metrics.proposed_per_position[i] for o in outs) for i in range(4)]
-    assert by_pos == [a / p for a, p in zip(acc, prop)]
+    assert by_pos == [a / p for a, p in zip(acc, prop, strict=True)]

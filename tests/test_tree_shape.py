@@ -16,7 +16,6 @@ import torch
 from torch.testing import assert_close
 
 from engine_helpers import cached_model, random_prompts
-from tree_helpers import SHAPES, tree_checkpoints
 from specdec import LLM, SamplingParams
 from specdec.batch import build_tree_batch
 from specdec.kernels import get_backend
@@ -24,6 +23,7 @@ from specdec.kv_cache import BlockManager, KVCache, cdiv
 from specdec.runners.eager import prefill_tails
 from specdec.sequence import Sequence
 from specdec.tree import TreeShape, depths_of, tree_masks
+from tree_helpers import SHAPES, tree_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_tree_shape():
         for i in range(s.num_nodes):  # exactly branching[d] children per node of depth d < D
             kids = [j for j, p in enumerate(s.parents) if p == i]
             assert len(kids) == (branching[s.depths[i]] if s.depths[i] < s.depth else 0)
-            assert all(b - a == 1 for a, b in zip(kids, kids[1:]))  # siblings are contiguous
+            assert all(b - a == 1 for a, b in zip(kids, kids[1:], strict=False))  # siblings are contiguous
         assert tree_masks(list(s.parents)) == _brute_masks(list(s.parents))
     for too_big in [(64,), (1,) * 64, (2,) * 6, (8, 8)]:
         with pytest.raises(ValueError, match="at most 63 fit one verification pass"):
@@ -130,10 +130,10 @@ def _cached_tree_logits(model, seqs, trees, block_size=3):
     """prefill_tails + one tree forward through a NaN-filled paged cache; returns the
     logits [sum(1 + N_b), V]."""
     cfg = model.config
-    need = [len(s.tokens) + len(t[0]) for s, t in zip(seqs, trees)]
+    need = [len(s.tokens) + len(t[0]) for s, t in zip(seqs, trees, strict=True)]
     bm = BlockManager(sum(cdiv(n, block_size) for n in need) + 1, block_size)
     bm.allocate(99, 1)  # a first block nobody owns: no sequence starts at slot 0
-    for s, n in zip(seqs, need):
+    for s, n in zip(seqs, need, strict=True):
         bm.allocate(s.seq_id, n)
     cache = KVCache(cfg.num_layers, bm.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                     torch.float32, "cpu")
@@ -141,7 +141,7 @@ def _cached_tree_logits(model, seqs, trees, block_size=3):
     cache.v.fill_(float("nan"))
     ops = get_backend("torch")
     prefill_tails(model, cache, ops, bm, seqs, [0] * len(seqs), "cpu")
-    flat = [t for s, (_, toks) in zip(seqs, trees) for t in [s.tokens[-1]] + toks]
+    flat = [t for s, (_, toks) in zip(seqs, trees, strict=True) for t in [s.tokens[-1]] + toks]
     batch = build_tree_batch(bm, [s.seq_id for s in seqs], [len(s.tokens) - 1 for s in seqs],
                              [p for p, _ in trees], torch.tensor(flat), "cpu")
     return model.forward_cached(batch, cache, ops)
@@ -163,7 +163,7 @@ def test_tree_forward_matches_no_cache_paths(dirs):
     logits = _cached_tree_logits(model, seqs, trees)
     assert logits.shape == (sum(1 + len(p) for p, _ in trees), 97)
     row = 0
-    for seq, (parents, toks) in zip(seqs, trees):
+    for seq, (parents, toks) in zip(seqs, trees, strict=True):
         for node in [-1] + list(range(len(parents))):
             path, u = [], node
             while u >= 0:

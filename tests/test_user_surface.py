@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 from safetensors.torch import load_file, save_file
 
+from checkpoints import make_checkpoint
 from specdec import LLM, NonFiniteLogitsError, SamplingParams
 from specdec.detokenize import TextStream, output_text
 
@@ -21,7 +21,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory):
     from conftest import STORIES_DIR
-
     from specdec.models.convert import convert_llama2c
 
     ckpt, tok = STORIES_DIR / "stories260K.bin", STORIES_DIR / "tok512.bin"
@@ -152,7 +151,7 @@ def test_soak_2000_requests_complete_with_bounded_memory(tiny):
     llm = LLM(tiny, draft="ngram", num_draft_tokens=3, max_num_seqs=64, seed=0)
     gen = torch.Generator().manual_seed(0)
     done, rss = 0, []
-    for chunk in range(10):
+    for _ in range(10):
         prompts = [torch.randint(0, 97, (int(n),), generator=gen).tolist()
                    for n in torch.randint(1, 12, (200,), generator=gen)]
         outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))

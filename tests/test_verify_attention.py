@@ -1,9 +1,10 @@
 """verify_attention (Triton) against the PyTorch reference.
 
 On CPU the kernels run through Triton's interpreter, so every case keeps its grid tiny
-(a few programs); with CUDA the same cases run on the GPU (bench/gpu_check.py). Cache slots that no sequence owns are filled with NaN: a kernel that
-reads a position it should not (past seq_len, another sequence's block, an unused block
-table entry) turns its output into NaN and the comparison fails.
+(a few programs); with CUDA the same cases run on the GPU (bench/gpu_check.py). Cache slots
+that no sequence owns are filled with NaN: a kernel that reads a position it should not
+(past seq_len, another sequence's block, an unused block table entry) turns its output
+into NaN and the comparison fails.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def make_case(prefixes, trees, *, h=4, h_kv=2, d=64, page=16, dtype=torch.float3
     g = torch.Generator().manual_seed(seed)
     parents = [chain(t) if isinstance(t, int) else t for t in trees]
     ns = [len(p) for p in parents]
-    lens = [p + n for p, n in zip(prefixes, ns)]
+    lens = [p + n for p, n in zip(prefixes, ns, strict=True)]
     nblk = [math.ceil(length / page) for length in lens]
     max_blocks = max(nblk + [1])
     num_blocks = sum(nblk) + 3  # spare blocks nobody owns

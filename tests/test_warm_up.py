@@ -16,8 +16,8 @@ import json
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 
+from checkpoints import make_checkpoint
 from specdec import LLM, warmup
 from specdec.cuda_graphs import SAMPLING_MODES
 

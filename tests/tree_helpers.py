@@ -63,7 +63,7 @@ def tree_params(max_tokens=MAX_TOKENS, **kw):
 
 def check_greedy(path, prompts, params, outs):
     """Every output is plain greedy decoding of its prompt, with the right finish reason."""
-    for prompt, p, out in zip(prompts, params, outs):
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
         ref = greedy_ref(path, prompt, p.max_tokens, () if p.ignore_eos else (2,))
         assert out.token_ids == ref, (prompt[:8], out.token_ids, ref)
         stopped = len(ref) < p.max_tokens or (not p.ignore_eos and ref[-1] == 2)
@@ -80,8 +80,9 @@ def check_tree_metrics(out, shape: TreeShape):
     acc, prop = m.accepted_per_position, m.proposed_per_position
     assert len(acc) == len(prop) <= shape.depth  # one entry per depth, not per node
     assert sum(acc) == m.num_accepted_tokens  # one accepted token per depth on the path
-    assert all(a <= p for a, p in zip(acc, prop))
-    assert all(x >= y for x, y in zip(acc, acc[1:])) and all(x >= y for x, y in zip(prop, prop[1:]))
+    assert all(a <= p for a, p in zip(acc, prop, strict=True))
+    assert all(x >= y for x, y in zip(acc, acc[1:], strict=False))
+    assert all(x >= y for x, y in zip(prop, prop[1:], strict=False))
 
 
 def record_proposals(llm):
@@ -93,7 +94,7 @@ def record_proposals(llm):
         toks = prop.tokens.tolist()
         cu = [0] + list(itertools.accumulate(prop.counts))
         steps.append(SimpleNamespace(limits=list(limits), counts=list(prop.counts), parents=prop.parents,
-                                     tokens=[toks[a:b] for a, b in zip(cu, cu[1:])]))
+                                     tokens=[toks[a:b] for a, b in zip(cu, cu[1:], strict=False)]))
         return prop
 
     llm.drafter.propose = wrapped

@@ -92,6 +92,7 @@ def _since(now: dict, before: dict) -> dict:
     d["mean_accepted_length"] = d["num_generated_tokens"] / d["num_steps"] if d["num_steps"] else 0.0
     pairs = zip(now["accepted_per_position"], now["proposed_per_position"],
                 before["accepted_per_position"] + [0] * len(now["accepted_per_position"]),
-                before["proposed_per_position"] + [0] * len(now["proposed_per_position"]))
+                before["proposed_per_position"] + [0] * len(now["proposed_per_position"]),
+                strict=False)  # `before` is padded with zeros past its own length: read as far as `now`
     d["acceptance_rate_by_position"] = [(a - a0) / (p - p0) if p > p0 else 0.0 for a, p, a0, p0 in pairs]
     return d

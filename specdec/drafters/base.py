@@ -81,8 +81,15 @@ class Drafter:
         """
 
     # ------------------------------------------------------------------ fixed-shape step
-    static_step = True  # has a fixed-shape decode step (chains of a fixed k)
-    width = 1  # W: tokens per sequence the first draft forward of a decode step takes
+    @property
+    def static_step(self) -> bool:
+        """Has a fixed-shape decode step (chains of a fixed k)."""
+        return True
+
+    @property
+    def width(self) -> int:
+        """W: tokens per sequence the first draft forward of a decode step takes."""
+        return 1
 
     def static_draft(self, batch: StaticBatch, greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
         """``batch.k`` drafts of every row on the static inputs, device work only (it is
@@ -123,7 +130,7 @@ class Drafter:
         return [s.draft_len for s in seqs]
 
     def restore(self, seqs: list[Sequence], saved: list[int]) -> None:
-        for seq, draft_len in zip(seqs, saved):
+        for seq, draft_len in zip(seqs, saved, strict=True):
             seq.draft_len = draft_len
 
     def forget(self, seq: Sequence) -> None:

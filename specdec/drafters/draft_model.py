@@ -65,14 +65,14 @@ class ModelDrafter(Drafter):
                 empty.parents = [[] for _ in seqs]
             return empty
         if self.tree is not None:
-            return self._propose_tree(seqs, limits, sampling, device)
+            return self._propose_tree(seqs, limits, sampling, self.tree, device)
         ids = [s.seq_id for s in seqs]
         starts = [self._start(s) for s in seqs]
-        tails = [s.tokens[st:] for s, st in zip(seqs, starts)]
+        tails = [s.tokens[st:] for s, st in zip(seqs, starts, strict=True)]
         tokens = torch.tensor([t for tail in tails for t in tail], dtype=torch.int64, device=device)
         lengths = [len(t) for t in tails]
         first = build_forward_batch(self.blocks, ids, starts, lengths, [1] * len(seqs), tokens, device)
-        after = [st + n for st, n in zip(starts, lengths)]  # draft j sits at position after[b] + j
+        after = [st + n for st, n in zip(starts, lengths, strict=True)]  # draft j sits at position after[b] + j
 
         def next_batch(j: int, drafted: torch.Tensor) -> ForwardBatch:
             return build_forward_batch(self.blocks, ids, [a + j for a in after], [1] * len(seqs),
@@ -83,7 +83,8 @@ class ModelDrafter(Drafter):
         keep = torch.tensor([b * k + j for b, n in enumerate(limits) for j in range(n)],
                             dtype=torch.int64, device=device)
         self.drafted(seqs, k)
-        return DraftProposal(drafts.reshape(-1)[keep], all_q.index_select(keep), list(limits))
+        q = all_q.index_select(keep) if all_q is not None else None  # sampled drafts: never None
+        return DraftProposal(drafts.reshape(-1)[keep], q, list(limits))
 
     def draft_chain(self, batch: ForwardBatch, next_batch, k: int, sampling: SamplingTensors,
                     greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
@@ -94,15 +95,16 @@ class ModelDrafter(Drafter):
         Returns drafts [B, k] int64 and q (B * k rows, row b * k + j), None when ``greedy``
         (argmax drafts: greedy rows never read q in the rejection sampler).
         """
-        drafts, dists = [], []
+        drafts: list[torch.Tensor] = []
+        dists: list[DraftDist] = []
         for j in range(k):
             logits = self.model.forward_cached(batch, self.cache, self.ops, self.num_layers)  # [B, V]
             if greedy:
-                tokens, q = logits.argmax(-1), None
+                tokens = logits.argmax(-1)
             else:
                 tokens, q = self.sample(logits, sampling, j)
+                dists.append(q)
             drafts.append(tokens)
-            dists.append(q)
             if j + 1 < k:
                 batch = next_batch(j, tokens)
         return torch.stack(drafts, dim=1), None if greedy else DraftDist.interleave(dists)
@@ -151,14 +153,14 @@ class ModelDrafter(Drafter):
         return tokens[:, 0], q
 
     def _propose_tree(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
-                      device) -> DraftProposal:
+                      shape: TreeShape, device) -> DraftProposal:
         """Grow the static tree level by level: level d feeds [root, nodes of depth < d]
         with the tree mask and expands the nodes of depth d - 1.
 
         Children of a position are drawn from the draft distribution q there: top-b of
         the draft logits for greedy requests, otherwise sampled (see ``_children``).
         """
-        shape, B = self.tree, len(seqs)
+        B = len(seqs)
         depth = max(limits)
         prefill_tails(self.model, self.cache, self.ops, self.blocks, seqs,
                       [self._start(s) for s in seqs], device, self.num_layers)
@@ -167,7 +169,7 @@ class ModelDrafter(Drafter):
         root_tokens = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=device)
         n_all = shape.nodes_up_to(depth)
         nodes = torch.zeros(B, n_all, dtype=torch.int64, device=device)  # [B, N]
-        q_rows = None  # DraftDist fields as [B, 1 + N, ...]: q at the root and at each node
+        q_rows: DraftDist | None = None  # fields as [B, 1 + N, ...]: q at the root and at each node
         greedy = (sampling.temperature <= 0)[:, None]  # [B, 1]
         for d in range(1, depth + 1):
             fed = shape.nodes_up_to(d - 1)
@@ -177,7 +179,7 @@ class ModelDrafter(Drafter):
             frontier = [0] if d == 1 else [1 + i for i in range(fed) if shape.depths[i] == d - 1]
             f = len(frontier)
             lf = logits.view(B, 1 + fed, -1)[:, frontier]  # [B, F, V]
-            rep = lambda t: t.repeat_interleave(f)  # noqa: E731  per-row sampling params
+            rep = lambda t, f=f: t.repeat_interleave(f)  # noqa: E731  per-row sampling params
             b = shape.branching[d - 1]
             # the b children of frontier position i are draws i * b .. i * b + b - 1 of the
             # sequence's stream DRAFT_STREAM + d, i.i.d. from q there
@@ -189,7 +191,7 @@ class ModelDrafter(Drafter):
                 radix_rounds=sampling.radix_rounds)  # [B * F, b], B * F rows
             if q_rows is None:
                 q_rows = _empty_tree_dist(q, B, 1 + n_all)
-            for field, value in zip(q_rows, q):
+            for field, value in zip(q_rows, q, strict=True):
                 field[:, frontier] = value.view(B, f, *value.shape[1:])
             first = shape.nodes_up_to(d - 1)  # children of level d occupy [first, first + f * b)
             top_b = lf.topk(b, dim=-1).indices.reshape(B, -1)  # greedy rows: the b best tokens
@@ -205,6 +207,8 @@ class ModelDrafter(Drafter):
         for s in seqs:
             # the draft cache holds the prefix, the root, and (in node order) the nodes of depth < `depth`
             s.draft_len = len(s.tokens) + depth - 1
+        if q_rows is None:
+            raise ValueError(f"a draft tree needs depth >= 1, got limits {limits}")
         q_all = DraftDist(*(t.flatten(0, 1) for t in q_rows)).index_select(keep_q)
         return DraftProposal(nodes.reshape(-1)[keep_tok], q_all, counts,
                              parents=[list(shape.parents[:n]) for n in counts])

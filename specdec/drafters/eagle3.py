@@ -59,10 +59,11 @@ class _HeadState:
 
 def _rows(sampling: SamplingTensors, index: torch.Tensor) -> SamplingTensors:
     """The sampling tensors of a subset of the batch (host facts kept: still true)."""
-    return SamplingTensors(*(getattr(sampling, f).index_select(0, index)
-                             for f in ("temperature", "top_k", "top_p", "seeds", "offsets")),
-                           all_greedy=sampling.all_greedy, filtered=sampling.filtered,
-                           radix_rounds=sampling.radix_rounds)
+    s = sampling
+    return SamplingTensors(temperature=s.temperature.index_select(0, index), top_k=s.top_k.index_select(0, index),
+                           top_p=s.top_p.index_select(0, index), seeds=s.seeds.index_select(0, index),
+                           offsets=s.offsets.index_select(0, index), all_greedy=s.all_greedy,
+                           filtered=s.filtered, radix_rounds=s.radix_rounds)
 
 
 class Eagle3Drafter(Drafter):
@@ -102,7 +103,7 @@ class Eagle3Drafter(Drafter):
         next_tokens: host, next_tokens[b][i] the committed token after position
                      target_len + i (the pair's token x_{t+1})
         """
-        todo = [(s, r, t) for s, r, t in zip(seqs, rows, next_tokens) if r]
+        todo = [(s, r, t) for s, r, t in zip(seqs, rows, next_tokens, strict=True) if r]
         if not todo:
             return
         dev = hidden.device
@@ -114,6 +115,8 @@ class Eagle3Drafter(Drafter):
                                     lengths, [1] * len(todo), tokens, dev)
         logits, a = self.head.forward_cached(u, batch, self.cache, self.ops)  # [B, V], [sum m_b, H]
         last = batch.logits_rows
+        if last is None:  # build_forward_batch always sets it
+            raise RuntimeError("the head's forward batch has no logits rows")
         for b, (seq, _, _) in enumerate(todo):
             pos = seq.target_len + lengths[b]
             self._state[seq] = _HeadState(pos, a[last[b]], logits[b])
@@ -138,18 +141,23 @@ class Eagle3Drafter(Drafter):
     def prepare_static(self, max_batch: int) -> None:
         self._static = Eagle3StaticStep(self, max_batch)
 
+    def _static_step(self) -> Eagle3StaticStep:
+        if self._static is None:
+            raise RuntimeError("the EAGLE-3 fixed-shape step needs prepare_static() first")
+        return self._static
+
     def static_load(self, seqs: list[Sequence], bucket: int) -> None:
-        self._static.load([self._state[s] for s in seqs], bucket)
+        self._static_step().load([self._state[s] for s in seqs], bucket)
 
     def static_draft(self, batch, greedy: bool) -> tuple[torch.Tensor, DraftDist | None]:
-        return self._static.draft(batch, greedy)
+        return self._static_step().draft(batch, greedy)
 
     def static_observe(self, batch, verify: ForwardBatch, hidden: torch.Tensor, out: torch.Tensor,
                        n_accepted: torch.Tensor) -> None:
-        self._static.observe(batch, verify, hidden, out, n_accepted)
+        self._static_step().observe(batch, verify, hidden, out, n_accepted)
 
     def drafted(self, seqs: list[Sequence], k: int) -> None:
-        a, logits = self._static.results(len(seqs))
+        a, logits = self._static_step().results(len(seqs))
         for b, seq in enumerate(seqs):
             self._state[seq] = _HeadState(None, a[b], logits[b])
 
@@ -175,7 +183,7 @@ class Eagle3Drafter(Drafter):
     # ------------------------------------------------------------------ drafts out
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
                 device) -> DraftProposal:
-        limits = [n if self._ready(s) else 0 for s, n in zip(seqs, limits)]
+        limits = [n if self._ready(s) else 0 for s, n in zip(seqs, limits, strict=True)]
         active = [b for b, n in enumerate(limits) if n > 0]
         if not active:
             empty = super().propose(seqs, limits, sampling, device)
@@ -189,18 +197,18 @@ class Eagle3Drafter(Drafter):
         logits = torch.stack([s.logits for s in states])  # [A, V]
         act_seqs, act_limits = [seqs[b] for b in active], [limits[b] for b in active]
         if isinstance(self.tree, DynamicTree):
-            tokens, q, counts, parents = dynamic_tree(self, act_seqs, act_limits, a, logits, device)
+            tokens, q, counts, parents = dynamic_tree(self, self.tree, act_seqs, act_limits, a, logits, device)
         elif self.tree is not None:
-            tokens, q, counts, parents = static_tree(self, act_seqs, act_limits, a, logits, sub, device)
+            tokens, q, counts, parents = static_tree(self, self.tree, act_seqs, act_limits, a, logits, sub, device)
         else:
             tokens, q, counts = self._chain(act_seqs, act_limits, a, logits, sub, device)
             parents = None
         all_counts = [0] * len(seqs)
-        for b, n in zip(active, counts):
+        for b, n in zip(active, counts, strict=True):
             all_counts[b] = n
         if parents is not None:
-            all_parents = [[] for _ in seqs]
-            for b, p in zip(active, parents):
+            all_parents: list[list[int]] = [[] for _ in seqs]
+            for b, p in zip(active, parents, strict=True):
                 all_parents[b] = p
             parents = all_parents
         if q is not None and self.tree is not None and len(active) < len(seqs):

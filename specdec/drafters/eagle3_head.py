@@ -77,7 +77,7 @@ class Eagle3Head(nn.Module):
         if self.fc_norms is not None:
             chunks = g.split(self.cfg.target_hidden_size, dim=-1)
             g = torch.cat([ops.add_rms_norm(c.contiguous(), None, w, eps)[0]
-                           for c, w in zip(chunks, self.fc_norms)], dim=-1)
+                           for c, w in zip(chunks, self.fc_norms, strict=True)], dim=-1)
         return F.linear(g, self.fc_weight, self.fc_bias)
 
     def full_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:

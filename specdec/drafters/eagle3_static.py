@@ -64,14 +64,15 @@ class Eagle3StaticStep:
         """k drafts per row -> drafts [Bp, k] int64, q (Bp * k rows, row b * k + j) or None."""
         d, Bp = self.drafter, batch.batch
         a, logits = self.a_in[:Bp], self.logits_in[:Bp]
-        drafts, dists = [], []
+        drafts: list[torch.Tensor] = []
+        dists: list[DraftDist] = []
         for j in range(batch.k):
             if greedy:
-                tokens, q = logits.argmax(-1), None
+                tokens = logits.argmax(-1)
             else:
                 tokens, q = d.sample_chain(logits, batch.sampling, j)
+                dists.append(q)
             drafts.append(tokens)
-            dists.append(q)
             if j + 1 < batch.k:  # the pair (a, d_{j+1}) at position L - 1 + j
                 logits, a = d.head.forward_cached(a, batch.next_draft(j - 1, tokens), d.cache, d.ops)
         return torch.stack(drafts, dim=1), None if greedy else DraftDist.interleave(dists)

@@ -16,7 +16,7 @@ import torch
 
 from ..batch import ForwardBatch, SamplingTensors
 from ..kernels._sampling_core import DraftDist
-from ..tree import MAX_DRAFT_NODES, _to_int64, depths_of
+from ..tree import MAX_DRAFT_NODES, TreeShape, _to_int64, depths_of
 from .draft_model import DRAFT_STREAM, _empty_tree_dist
 
 if TYPE_CHECKING:
@@ -69,12 +69,12 @@ def node_batch(drafter: Eagle3Drafter, seqs, parents: list[list[int]], tokens: t
     depth(i), in head-cache position n_b + i, seeing the committed prefix and its
     ancestors-or-self (``masks`` [T] int64 when given, else built from ``parents``)."""
     positions, slots, mask_list, q_start, seq_lens = [], [], [], [0], []
-    for seq, ps in zip(seqs, parents):
+    for seq, ps in zip(seqs, parents, strict=True):
         n = seq.target_len
         positions += [n - 1 + d for d in depths_of(ps)]
         slots += drafter.blocks.slots(seq.seq_id, list(range(n, n + len(ps))))
         if masks is None:
-            bits = []
+            bits: list[int] = []
             for i, p in enumerate(ps):
                 bits.append((bits[p] if p >= 0 else 0) | (1 << i))
             mask_list += [_to_int64(m) for m in bits]
@@ -90,17 +90,17 @@ def node_batch(drafter: Eagle3Drafter, seqs, parents: list[list[int]], tokens: t
         q_start=torch.tensor(q_start, dtype=torch.int32, device=device), tree_mask=masks,
         logits_rows=logits_rows, max_query_len=max(len(p) for p in parents), max_seq_len=max(seq_lens))
 
-def static_tree(drafter: Eagle3Drafter, seqs, limits, a_root, root_logits, sub, device):
+def static_tree(drafter: Eagle3Drafter, shape: TreeShape, seqs, limits, a_root, root_logits, sub, device):
     """Level d samples the children of the depth d - 1 positions (the root for d = 1)
     i.i.d. from q there (stream DRAFT_STREAM + d, draws f * b .. f * b + b - 1 of
     frontier position f, as the model drafter); greedy requests take the top-b."""
-    shape, A = drafter.tree, len(seqs)
+    A = len(seqs)
     depth = max(limits)
     n_all = shape.nodes_up_to(depth)
     H = a_root.shape[1]
     nodes = torch.zeros(A, n_all, dtype=torch.int64, device=device)
     a_nodes = torch.zeros(A, n_all, H, dtype=a_root.dtype, device=device)
-    q_rows = None
+    q_rows: DraftDist | None = None
     greedy = (sub.temperature <= 0)[:, None]
     for d in range(1, depth + 1):
         fed = shape.nodes_up_to(d - 1)
@@ -123,7 +123,7 @@ def static_tree(drafter: Eagle3Drafter, seqs, limits, a_root, root_logits, sub, 
         children, q = drafter.draw(lf.flatten(0, 1), rep_sub, DRAFT_STREAM + d, b, first_draw)  # [A * F, b]
         if q_rows is None:
             q_rows = _empty_tree_dist(q, A, 1 + n_all)
-        for field, value in zip(q_rows, q):
+        for field, value in zip(q_rows, q, strict=True):
             field[:, frontier] = value.view(A, f, *value.shape[1:])
         first = shape.nodes_up_to(d - 1)
         top_b = lf.topk(b, dim=-1).indices.reshape(A, -1)
@@ -134,6 +134,8 @@ def static_tree(drafter: Eagle3Drafter, seqs, limits, a_root, root_logits, sub, 
                             dtype=torch.int64, device=device)
     keep_q = torch.tensor([b * (1 + n_all) + r for b, n in enumerate(counts) for r in range(1 + n)],
                           dtype=torch.int64, device=device)
+    if q_rows is None:
+        raise ValueError(f"a draft tree needs depth >= 1, got limits {limits}")
     q_all = DraftDist(*(t.flatten(0, 1) for t in q_rows)).index_select(keep_q)
     return nodes.reshape(-1)[keep_tok], q_all, counts, [list(shape.parents[:n]) for n in counts]
 
@@ -143,7 +145,7 @@ def pad_tree_q(q: DraftDist, counts: list[int], active: list[bool], device) -> D
     filler = _empty_tree_dist(q.narrow(0, 1), 1, 1)
     filler = DraftDist(*(t.flatten(0, 1) for t in filler))
     parts, row = [], 0
-    for n, on in zip(counts, active):
+    for n, on in zip(counts, active, strict=True):
         if on:
             parts.append(q.narrow(row, 1 + n))
             row += 1 + n
@@ -151,9 +153,9 @@ def pad_tree_q(q: DraftDist, counts: list[int], active: list[bool], device) -> D
             parts.append(filler)
     return DraftDist.cat(parts)
 
-def dynamic_tree(drafter: Eagle3Drafter, seqs, limits, a_root, root_logits, device):
+def dynamic_tree(drafter: Eagle3Drafter, tree: DynamicTree, seqs, limits, a_root, root_logits, device):
     """EAGLE-2 expansion (see the module docstring); candidates are point masses."""
-    K, A = drafter.tree.top_k, len(seqs)
+    K, A = tree.top_k, len(seqs)
     depth = max(limits)  # <= the tree's D (the engine's draft depth)
     H = a_root.shape[1]
     logq = torch.log_softmax(root_logits.float(), dim=-1)
@@ -198,9 +200,9 @@ def dynamic_tree(drafter: Eagle3Drafter, seqs, limits, a_root, root_logits, devi
     flat, counts, parents = [], [], []
     for b, limit in enumerate(limits):
         order = sorted((i for i in range(n_rec) if depth_of[i] <= limit), key=lambda i: (-score[b][i], i))
-        chosen = set()
+        chosen: set[int] = set()
         for i in order:  # parents precede children in (score, index) order; kept connected
-            if len(chosen) == drafter.tree.num_nodes:
+            if len(chosen) == tree.num_nodes:
                 break
             if parent[b][i] < 0 or parent[b][i] in chosen:
                 chosen.add(i)

@@ -65,6 +65,21 @@ class DrafterSpec:
     num_layers: int | None = None
     tree: TreeShape | DynamicTree | None = None
 
+    @property
+    def static_tree(self) -> TreeShape | None:
+        """The tree of a drafter that takes static trees only (``parse`` gives a dynamic
+        tree to EAGLE-3 heads alone)."""
+        if isinstance(self.tree, DynamicTree):
+            raise ValueError(f"the {self.name!r} drafter takes a static draft tree, got a dynamic one")
+        return self.tree
+
+    @property
+    def model_path(self) -> Path:
+        """The draft model directory (kind 'model')."""
+        if self.path is None:
+            raise ValueError(f"the {self.name!r} drafter has no model directory")
+        return self.path
+
     @classmethod
     def parse(cls, draft, draft_tree=None) -> DrafterSpec:
         """The spec of ``draft`` (None, 'ngram', 'early-exit:N', a model or EAGLE-3 head
@@ -78,6 +93,7 @@ class DrafterSpec:
         spec = cls._of_name(draft)
         if draft_tree is not None and spec.kind == "none":
             raise ValueError("draft_tree needs a drafter: pass draft='ngram', 'early-exit:N' or a model directory")
+        tree: TreeShape | DynamicTree | None
         if isinstance(draft_tree, str):
             tree = DynamicTree.parse(draft_tree)
             if spec.kind != "eagle3":
@@ -163,16 +179,14 @@ def draft_cache_config(spec: DrafterSpec, target_path,
     none; the early-exit drafter writes the target's own cache). An EAGLE-3 head is loaded
     here (its tensors checked, then the head against the target): a ``HeadCacheLayout``."""
     if spec.kind == "eagle3":
-        head_cfg, tensors = load_eagle3(spec.path)
-        check_against_target(head_cfg, target_config)
-        return HeadCacheLayout(head_cfg, tensors, target_config.max_position_embeddings)
+        return _eagle3_layout(spec, target_config)
     if spec.kind == "early-exit":
         n, layers = spec.num_layers, target_config.num_layers
-        if not 1 <= n <= layers - 1:
+        if n is None or not 1 <= n <= layers - 1:
             raise ValueError(f"early-exit:{n} needs 1 <= N <= {layers - 1} (the target has {layers} layers)")
     if spec.kind != "model":
         return None
-    config = ModelConfig.from_file(spec.path)
+    config = ModelConfig.from_file(spec.model_path)
     if config.vocab_size != target_config.vocab_size:
         raise ValueError(
             f"the draft model {spec.name} has a vocabulary of {config.vocab_size} tokens "
@@ -180,6 +194,13 @@ def draft_cache_config(spec: DrafterSpec, target_path,
             "target's vocabulary"
         )
     return config
+
+
+def _eagle3_layout(spec: DrafterSpec, target_config: ModelConfig) -> HeadCacheLayout:
+    """Load an EAGLE-3 head (its tensors checked, then the head against the target)."""
+    head_cfg, tensors = load_eagle3(spec.model_path)
+    check_against_target(head_cfg, target_config)
+    return HeadCacheLayout(head_cfg, tensors, target_config.max_position_embeddings)
 
 
 def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, draft_cache: KVCache | None,
@@ -197,30 +218,30 @@ def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, d
     if spec.kind == "none":
         return Drafter()
     if spec.kind == "ngram":
-        return NgramDrafter(tree=spec.tree)
+        return NgramDrafter(tree=spec.static_tree)
     if spec.kind == "early-exit":
         return ModelDrafter(target, cache, blocks, ops, num_layers=spec.num_layers, shares_target_cache=True,
-                            name=spec.name, tree=spec.tree)
+                            name=spec.name, tree=spec.static_tree)
     if spec.kind == "model":
         if draft_cache is None:
             raise ValueError(f"the draft model {spec.name} needs a KV cache of its own: size one from "
                              "draft_cache_config()")
-        model = load_model(spec.path, device, dtype)
-        return ModelDrafter(model, draft_cache, blocks, ops, name=spec.name, tree=spec.tree)
+        model = load_model(spec.model_path, device, dtype)
+        return ModelDrafter(model, draft_cache, blocks, ops, name=spec.name, tree=spec.static_tree)
     if spec.kind == "eagle3":
         return _build_eagle3(spec, target, draft_cache, blocks, ops, device, dtype, draft_config)
     raise ValueError(f"unknown drafter kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
 
 
 def _build_eagle3(spec: DrafterSpec, target: LlamaForCausalLM, draft_cache: KVCache | None, blocks: BlockManager,
-                  ops, device, dtype, layout: HeadCacheLayout | None) -> Eagle3Drafter:
+                  ops, device, dtype, layout: ModelConfig | HeadCacheLayout | None) -> Eagle3Drafter:
     """The EAGLE-3 drafter: the head (weights cast to ``dtype``; the target's embedding
     table unless the head has its own) over its one-layer cache."""
     if draft_cache is None:
         raise ValueError(f"the EAGLE-3 head {spec.name} needs a KV cache of its own: size one from "
                          "draft_cache_config()")
     if not isinstance(layout, HeadCacheLayout):
-        layout = draft_cache_config(spec, spec.path, target.config)
+        layout = _eagle3_layout(spec, target.config)
     head = Eagle3Head(layout.config, layout.tensors, target.model.embed_tokens.weight, device, dtype)
     return Eagle3Drafter(head, draft_cache, blocks, ops, layout.config.aux_layers(target.config.num_layers),
                          tree=spec.tree, name=spec.name)

@@ -7,7 +7,7 @@ import torch
 from ..batch import SamplingTensors
 from ..sequence import Sequence
 from ..tree import TreeShape
-from .base import DraftProposal, Drafter
+from .base import Drafter, DraftProposal
 
 
 def ngram_propose(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int = 1) -> list[int]:
@@ -60,7 +60,8 @@ def continuation_tree(conts: list[list[int]], branching: tuple[int, ...]) -> tup
     ([1, 4, 2, 3], [-1, -1, 0, 0])
     """
     children: dict[int, list[int]] = {-1: []}  # node -> child node ids (insertion ids)
-    token_of, depth_of = {}, {-1: 0}
+    token_of: dict[int, int] = {}  # node -> its token
+    depth_of = {-1: 0}
     for cont in conts:
         node = -1
         for tok in cont[:len(branching)]:
@@ -97,20 +98,20 @@ class NgramDrafter(Drafter):
     def propose(self, seqs: list[Sequence], limits: list[int], sampling: SamplingTensors,
                 device) -> DraftProposal:
         if self.tree is not None:
-            return self._propose_tree(seqs, limits, device)
+            return self._propose_tree(seqs, limits, self.tree, device)
         drafts = [ngram_propose(s.tokens, lim, self.max_ngram, self.min_ngram)
-                  for s, lim in zip(seqs, limits)]
+                  for s, lim in zip(seqs, limits, strict=True)]
         flat = [t for d in drafts for t in d]
         return DraftProposal(torch.tensor(flat, dtype=torch.int64, device=device), None,
                              [len(d) for d in drafts])
 
-    def _propose_tree(self, seqs: list[Sequence], limits: list[int], device) -> DraftProposal:
+    def _propose_tree(self, seqs: list[Sequence], limits: list[int], tree: TreeShape, device) -> DraftProposal:
         """Several distinct continuations, merged into a tree of the configured shape."""
         tokens, parents = [], []
-        for seq, lim in zip(seqs, limits):
-            branching = self.tree.branching[:lim]
+        for seq, lim in zip(seqs, limits, strict=True):
+            branching = tree.branching[:lim]
             conts = ngram_continuations(seq.tokens, len(branching), self.max_ngram, self.min_ngram,
-                                        limit=self.tree.num_nodes)
+                                        limit=tree.num_nodes)
             toks, ps = continuation_tree(conts, branching) if branching else ([], [])
             tokens += toks
             parents.append(ps)

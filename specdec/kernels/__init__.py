@@ -9,9 +9,9 @@ kernel modules are imported — ``get_backend`` does that when it imports them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 

@@ -28,6 +28,7 @@ Kernel design (``_verify_attention_kernel``):
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _load_kv_tile(ptr, row_off, d, pos_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, UPCAST: tl.constexpr):

@@ -33,8 +33,8 @@ def interpreting() -> bool:
 #   ``num_splits_heuristic``), each split streaming at least _MIN_SPLIT_TILES KV tiles.
 # * Register budget (``_tiles``): D = 256 and sm_80 use narrower KV tiles; float32 (ieee
 #   dots) uses 16x16 / 32x16 tiles and is refused on a GPU when a query's GQA group does
-#   not fit them (more than 32 query heads per KV head, 16 for head_dim > 128). tests/test_gpu_compile.py compiles the variants for sm_80
-#   and sm_90 and fails on any spill.
+#   not fit them (more than 32 query heads per KV head, 16 for head_dim > 128).
+#   tests/test_gpu_compile.py compiles the variants for sm_80 and sm_90 and fails on any spill.
 # * Split counts are runtime ints and the split flag a constexpr, so one model has a
 #   handful of compiled variants (``policy_tiles`` x tree/causal x split/not).
 
@@ -58,7 +58,7 @@ class Gpu:
     arch: int  # compute capability major * 10 + minor: 80 (A100), 90 (H100/H200)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_of(index: int) -> Gpu:
     props = torch.cuda.get_device_properties(index)
     return Gpu(props.multi_processor_count, props.major * 10 + props.minor)

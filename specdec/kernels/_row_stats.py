@@ -13,8 +13,17 @@ import triton
 import triton.language as tl
 
 from ._radix import radix_select, radix_start
-from ._sampling_core import (CAND, INT32_MIN, chunk_size, decode_key, key, kth_largest, radix_rounds_needed,
-                             row_inv_t, row_sequence)
+from ._sampling_core import (
+    CAND,
+    INT32_MIN,
+    chunk_size,
+    decode_key,
+    key,
+    kth_largest,
+    radix_rounds_needed,
+    row_inv_t,
+    row_sequence,
+)
 
 _INT32_MIN = tl.constexpr(INT32_MIN)
 _INT32_MAX = tl.constexpr(2147483647)

@@ -40,23 +40,23 @@ class DraftDist(NamedTuple):
     z: torch.Tensor  # [n] float32: sum over kept v of exp(x_v - m)
     thr: torch.Tensor  # [n] int32: v is kept iff key(x_v) >= thr (INT32_MIN: nothing filtered)
 
-    def narrow(self, start: int, length: int) -> "DraftDist":
+    def narrow(self, start: int, length: int) -> DraftDist:
         """Rows ``start .. start + length`` of every field (views)."""
         return DraftDist(*(t.narrow(0, start, length) for t in self))
 
-    def index_select(self, rows: torch.Tensor) -> "DraftDist":
+    def index_select(self, rows: torch.Tensor) -> DraftDist:
         """The rows ``rows`` ([r] int64) of every field, in that order."""
         return DraftDist(*(t.index_select(0, rows) for t in self))
 
     @staticmethod
-    def interleave(parts: "list[DraftDist]") -> "DraftDist":
+    def interleave(parts: list[DraftDist]) -> DraftDist:
         """k DraftDists of B rows each -> B * k rows, row b * k + j = row b of parts[j]."""
-        return DraftDist(*(torch.stack(fields, dim=1).flatten(0, 1) for fields in zip(*parts)))
+        return DraftDist(*(torch.stack(fields, dim=1).flatten(0, 1) for fields in zip(*parts, strict=True)))
 
     @staticmethod
-    def cat(parts: "list[DraftDist]") -> "DraftDist":
+    def cat(parts: list[DraftDist]) -> DraftDist:
         """Rows of several DraftDists stacked in order (logits must share V and dtype)."""
-        return DraftDist(*(torch.cat(fields, dim=0) for fields in zip(*parts)))
+        return DraftDist(*(torch.cat(fields, dim=0) for fields in zip(*parts, strict=True)))
 
 
 @triton.jit

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from ._sampling_core import cdf_block, key, row_inv_t
-from .philox import TREE_ACCEPT_STREAM, TREE_SAMPLE_STREAM
 from ._tree_row_kernels import _INT32_MAX, _INT32_MIN, _NO_CANDIDATE, _from_key
+from .philox import TREE_ACCEPT_STREAM, TREE_SAMPLE_STREAM
 
 _ACCEPT_STREAM = tl.constexpr(TREE_ACCEPT_STREAM << 24)  # stream field of the counter
 _SAMPLE_STREAM = tl.constexpr(TREE_SAMPLE_STREAM << 24)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._row_stats import row_statistics
 from ._sampling_core import (
     INT32_MIN,
     DraftDist,
@@ -28,10 +29,9 @@ from ._sampling_core import (
     pick_chunk,
     radix_rounds_needed,
 )
-from ._row_stats import row_statistics
+from ._sampling_validation import LOGIT_DTYPES, check_tensors, per_sequence
 from ._validation import require, require_tensor
 from .philox import MAX_DRAWS, MAX_STREAM
-from ._sampling_validation import LOGIT_DTYPES, check_tensors, per_sequence
 
 __all__ = ["draft_sample"]
 

@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validation import require, shape_of
-from ._validation import check_add_rms_norm_args, check_rotary_args, check_silu_mul_args
+from ._validation import check_add_rms_norm_args, check_rotary_args, check_silu_mul_args, require, shape_of
 
 __all__ = ["add_rms_norm", "rotary", "silu_mul"]
 

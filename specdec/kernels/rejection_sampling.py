@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._row_stats import RowStats, row_statistics
 from ._sampling_core import (
     DraftDist,
     cdf_block,
@@ -40,9 +41,8 @@ from ._sampling_core import (
     pick_chunk,
     radix_rounds_needed,
 )
-from ._row_stats import RowStats, row_statistics
-from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM
 from ._sampling_validation import check_draft_layout, check_rejection_args, raise_if_flagged
+from .philox import SAMPLER_ACCEPT_STREAM, SAMPLER_SAMPLE_STREAM
 
 __all__ = ["rejection_sample"]
 

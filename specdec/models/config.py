@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,7 +88,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -95,7 +96,7 @@ class ModelConfig:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> "ModelConfig":
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> ModelConfig:
         where = f" (in {source})"
         arch = _architecture(raw, where)
 
@@ -152,6 +153,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ rope
     def rope_local_inv_freq(self) -> torch.Tensor:
         """Gemma 3's sliding-window layers: default RoPE with base ``rope_local_theta``."""
+        if self.rope_local_theta is None:
+            raise ValueError("this model has no sliding-window RoPE base (rope_local_theta is None)")
         d = self.head_dim
         return (1.0 / (self.rope_local_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).float()
 
@@ -215,7 +218,7 @@ def _rope_fields(arch: str, raw: dict, where: str) -> tuple[float, str, dict, fl
     """(theta, rope type, the full-attention rope dict, sliding layers' theta or None) of ``raw``."""
     # transformers >= 5 keeps theta and scaling in `rope_parameters` (per layer type for
     # Gemma 3); older files use `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`).
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope: dict[str, Any] = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     local_theta = raw.get("rope_local_base_freq") if arch == "Gemma3ForCausalLM" else None
     if "full_attention" in rope or "sliding_attention" in rope:
         local = dict(rope.get("sliding_attention") or {})
@@ -224,8 +227,8 @@ def _rope_fields(arch: str, raw: dict, where: str) -> tuple[float, str, dict, fl
                               f"supported{where}; supported: default")
         local_theta = local.get("rope_theta", local_theta)
         rope = dict(rope.get("full_attention") or {})
-    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta: float = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type: str = rope.get("rope_type") or rope.get("type") or "default"
     return theta, rope_type, rope, local_theta
 
 
@@ -297,7 +300,7 @@ class GenerationDefaults:
     source: str = "<none>"
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "GenerationDefaults":
+    def from_dir(cls, path: str | Path) -> GenerationDefaults:
         """Read ``path/generation_config.json``; all-None defaults when there is none."""
         file = Path(path) / "generation_config.json"
         if not file.is_file():
@@ -305,7 +308,7 @@ class GenerationDefaults:
         return cls.from_dict(read_config_json(file, f"no {file}"), source=str(file))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> "GenerationDefaults":
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> GenerationDefaults:
         from ..sampling_params import SamplingParams
 
         eos = raw.get("eos_token_id")
@@ -313,7 +316,7 @@ class GenerationDefaults:
         if eos_ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                            for t in eos_ids):
             raise ConfigError(f"eos_token_id must be a token id or a list of them, got {eos!r} (in {source})")
-        values = {name: raw.get(name) for name in ("temperature", "top_k", "top_p")}
+        values: dict[str, Any] = {name: raw.get(name) for name in ("temperature", "top_k", "top_p")}
         if raw.get("do_sample") is False:
             values["temperature"] = 0.0
         try:

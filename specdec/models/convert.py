@@ -144,7 +144,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
             f"{path}: llama2.c export version {version} (magic 'ak42') is not supported; "
             f"only the legacy version-0 format is (export.py --version 0)"
         )
-    h = dict(zip(_HEADER_FIELDS, _HEADER.unpack(raw)))
+    h = dict(zip(_HEADER_FIELDS, _HEADER.unpack(raw), strict=True))
     shown = ", ".join(f"{k}={v}" for k, v in h.items())
     bad = [k for k in _HEADER_FIELDS if k != "vocab_size" and h[k] <= 0]
     if bad or h["vocab_size"] == 0:
@@ -253,7 +253,9 @@ def _read_tokenizer(path: Path, vocab_size: int, checkpoint: Path) -> tuple[list
     (max_len,) = struct.unpack_from("<i", data, 0)
     if not 0 < max_len <= 1 << 16:
         raise ValueError(f"{path}: max_token_length {max_len} is implausible; {hint}")
-    pieces, scores, off = [], [], 4
+    pieces: list[bytes] = []
+    scores: list[float] = []
+    off = 4
     while off < len(data):
         i = len(pieces)
         if off + 8 > len(data):

@@ -113,7 +113,9 @@ def _reject_unsupported(layer: dict, top: dict, where: str) -> None:
         no(f"sliding_window={layer['sliding_window']!r}", "the draft layer attends over the whole context")
     if layer.get("logit_scale", 1.0) != 1.0:
         no(f"logit_scale={layer['logit_scale']!r}", "the draft logits are lm_head's, unscaled")
-    eagle = top.get("eagle_config") if isinstance(top.get("eagle_config"), dict) else {}
+    eagle = top.get("eagle_config")
+    if not isinstance(eagle, dict):
+        eagle = {}
     for d in (top, layer, eagle):
         for key in ("mask_hidden", "parallel_drafting"):
             if key in d and d[key] not in (None, False):
@@ -167,7 +169,8 @@ def _check_eagle3(raw: dict, where: str) -> None:
 
 def _norm_before_fc(raw: dict, speculators: bool, where: str) -> bool:
     """``norm_before_fc``, top-level or (non-speculators dialects) in ``eagle_config``; both must agree."""
-    eagle = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
+    nested = raw.get("eagle_config")
+    eagle: dict = nested if isinstance(nested, dict) else {}
     norm_before_fc = _bool(raw, "norm_before_fc", None, where)
     nested_nbf = None if speculators else _bool(eagle, "norm_before_fc", None, where)
     if norm_before_fc is not None and nested_nbf is not None and norm_before_fc != nested_nbf:

@@ -42,8 +42,8 @@ def _expected_shapes(f: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
         req["input_norm.weight"] = (C * Ht,)
     if f["fc_norm"]:
         req.update({f"fc_norm.{i}.weight": (Ht,) for i in range(C)})
-    opt = {"embed_tokens.weight": (f["vocab_size"], H)}
-    maps = {"d2t": (f["draft_vocab_size"],), "t2d": (f["vocab_size"],)}
+    opt: dict[str, tuple] = {"embed_tokens.weight": (f["vocab_size"], H)}
+    maps: dict[str, tuple] = {"d2t": (f["draft_vocab_size"],), "t2d": (f["vocab_size"],)}
     (req if f["draft_vocab_size"] < f["vocab_size"] else opt).update(maps)
     return req, opt
 

@@ -23,7 +23,7 @@ do residual-add + RMSNorm, RoPE on q and k, and SiLU-times-up in one launch each
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Rotary(nn.Module):
     """RoPE on the two halves of each head (transformers' layout)."""
 
+    inv_freq: torch.Tensor  # [D / 2] float32 buffer
+
     def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
         inv_freq = cfg.rope_local_inv_freq() if local else cfg.rope_inv_freq()
@@ -106,12 +108,20 @@ def causal_mask(T: int, window: int | None, device) -> torch.Tensor | None:
     sliding window is set; None for plain causal (SDPA's is_causal)."""
     if window is None:
         return None
+    return window_mask(T, window, device)
+
+
+def window_mask(T: int, window: int, device) -> torch.Tensor:
+    """[T, T] bool, True where j <= i and i - j < window (``window`` >= T: plain causal)."""
     i = torch.arange(T, device=device)
     diff = i[:, None] - i[None, :]
     return (diff >= 0) & (diff < window)
 
 
 class Attention(nn.Module):
+    qkv_weight: torch.Tensor  # buffers made by fuse_projections
+    qkv_bias: torch.Tensor | None
+
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         # a sliding-window layer sees the last `sliding_window` positions (itself included)
@@ -135,7 +145,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (cfg.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -149,7 +159,7 @@ class Attention(nn.Module):
         mask = causal_mask(T, self.sliding_window, x.device)
         if self.softcap is not None:  # scores cap * tanh(s / cap), then the mask (Gemma 2)
             scores = torch.tanh(q @ k.transpose(-1, -2) * self.scale / self.softcap) * self.softcap
-            keep = mask if mask is not None else causal_mask(T, T, x.device)
+            keep = mask if mask is not None else window_mask(T, T, x.device)
             out = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
@@ -165,7 +175,7 @@ class Attention(nn.Module):
         T, H, H_kv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 H_kv) D]
         q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
-        norm = {} if self.q_norm is None else dict(
+        norm = {} if self.q_norm is None or self.k_norm is None else dict(
             q_norm_weight=self.q_norm.gain(), k_norm_weight=self.k_norm.gain(), norm_eps=self.q_norm.eps)
         q, k = ops.rotary(q.view(T, H, D), k.view(T, H_kv, D), batch.positions, inv_freq, **norm)
         v = v.view(T, H_kv, D)
@@ -179,7 +189,7 @@ class Attention(nn.Module):
 
     def _window_args(self) -> dict:
         """verify_attention's sliding_window / softcap keywords, passed only when set."""
-        args = {}
+        args: dict[str, float] = {}
         if self.sliding_window is not None:
             args["sliding_window"] = self.sliding_window
         if self.softcap is not None:
@@ -189,6 +199,9 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU (silu) or GeGLU (gelu-tanh, Gemma): down(act(gate(x)) * up(x))."""
+
+    gate_up_weight: torch.Tensor  # buffers made by fuse_projections
+    gate_up_bias: torch.Tensor | None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -226,7 +239,7 @@ def _fuse(module: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> None:
         fused = torch.cat([t.detach() for t in tensors])
         module.register_buffer(f"{name}_{part}", fused, persistent=False)
         start = 0
-        for lin, t in zip(linears, tensors):
+        for lin, t in zip(linears, tensors, strict=True):
             setattr(lin, part, nn.Parameter(fused[start:start + t.shape[0]], requires_grad=False))
             start += t.shape[0]
 
@@ -267,6 +280,10 @@ class Backbone(nn.Module):
         self.rotary_local = Rotary(cfg, local=True) if cfg.rope_local_theta is not None else None
         self.embed_scale = cfg.hidden_size**0.5 if cfg.embed_scale else None
 
+    def decoder_layers(self, n: int | None = None) -> list[DecoderLayer]:
+        """The first ``n`` decoder layers (default all), typed as what they are."""
+        return cast("list[DecoderLayer]", list(self.layers)[:n])
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; Gemma's times sqrt(hidden), the factor rounded to their dtype."""
         x = self.embed_tokens(ids)
@@ -280,6 +297,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
+        self.lm_head: nn.Linear
         if cfg.final_softcap:  # Gemma: logits cap * tanh(logits / cap)
             self.lm_head = SoftCappedLinear(cfg.hidden_size, cfg.vocab_size, cfg.final_softcap)
         else:
@@ -299,19 +317,19 @@ class LlamaForCausalLM(nn.Module):
         pos = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary.cos_sin(pos, x.dtype)
         local = self.model.rotary_local.cos_sin(pos, x.dtype) if self.model.rotary_local is not None else None
-        for layer in self.model.layers:
-            c, s = local if layer.self_attn.local_rope else (cos, sin)
+        for layer in self.model.decoder_layers():
+            c, s = local if layer.self_attn.local_rope and local is not None else (cos, sin)
             x = layer(x, lambda h, a=layer.self_attn, c=c, s=s: a(h, c, s))
         return self.lm_head(self.model.norm(x)).float()
 
     def attention_kinds(self) -> tuple[tuple[int | None, float | None], ...]:
         """The distinct (sliding_window, softcap) pairs of the layers' attention."""
-        kinds = {(layer.self_attn.sliding_window, layer.self_attn.softcap) for layer in self.model.layers}
+        kinds = {(layer.self_attn.sliding_window, layer.self_attn.softcap) for layer in self.model.decoder_layers()}
         return tuple(sorted(kinds, key=lambda k: (k[0] or 0, k[1] or 0.0)))
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up weights for the cached forward (``load_model`` does it)."""
-        for layer in self.model.layers:
+        for layer in self.model.decoder_layers():
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
         for module in self.modules():
@@ -341,17 +359,18 @@ class LlamaForCausalLM(nn.Module):
         Needs ``fuse_projections()`` first (``load_model`` calls it).
         """
         n = self.num_layers if num_layers is None else num_layers
-        captured = [] if capture else None
+        wanted = tuple(capture or ())
+        captured: list[torch.Tensor] | None = [] if wanted else None
         inv_freq = self.model.rotary.inv_freq
         local = self.model.rotary_local
         h, residual = self.model.embed(batch.tokens), None  # [T, hidden]
-        for i, layer in enumerate(self.model.layers[:n]):
+        for i, layer in enumerate(self.model.decoder_layers(n)):
             k_cache, v_cache = cache.layer(i)
             attn, post_attn = layer.self_attn, layer.post_attention_layernorm
             x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm.gain(), layer.input_layernorm.eps)
-            if captured is not None and i in capture:  # the stream entering layer i (h + residual)
-                captured += [residual] * capture.count(i)
-            freqs = local.inv_freq if attn.local_rope else inv_freq
+            if captured is not None and i in wanted:  # the stream entering layer i (h + residual)
+                captured += [residual] * wanted.count(i)
+            freqs = local.inv_freq if attn.local_rope and local is not None else inv_freq
             h = attn.forward_cached(x, freqs, batch, k_cache, v_cache, ops)
             if layer.sandwich:  # Gemma: norm the sublayer outputs before they join the residual
                 h, _ = ops.add_rms_norm(h, None, post_attn.gain(), post_attn.eps)
@@ -361,13 +380,14 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x, residual = ops.add_rms_norm(h, residual, post_attn.gain(), post_attn.eps)
                 h = layer.mlp.forward_cached(x, ops)
-        if captured is not None and n in capture:  # the stream after the last layer run
-            captured += [h + residual] * capture.count(n)
+        if captured is not None and n in wanted:  # the stream after the last layer run
+            captured += [h + residual if residual is not None else h] * wanted.count(n)
         if batch.logits_rows is not None:
-            h, residual = h[batch.logits_rows], residual[batch.logits_rows]  # [R, hidden]
+            h = h[batch.logits_rows]  # [R, hidden]
+            residual = residual[batch.logits_rows] if residual is not None else None
         x, _ = ops.add_rms_norm(h, residual, self.model.norm.gain(), self.model.norm.eps)
         if captured is None:
             return self.lm_head(x)
-        if len(captured) != len(capture):
-            raise ValueError(f"capture={tuple(capture)} names hidden-state indices outside [0, {n}]")
+        if len(captured) != len(wanted):
+            raise ValueError(f"capture={wanted} names hidden-state indices outside [0, {n}]")
         return self.lm_head(x), torch.cat(captured, dim=-1)

@@ -32,7 +32,9 @@ def _weight_files(root: Path) -> list[Path]:
     if single.is_file():
         return [single]
     others = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
-    hint = f" (found {', '.join(others)}: pickled weights are not loaded; convert them to safetensors)" if others else ""
+    hint = ""
+    if others:
+        hint = f" (found {', '.join(others)}: pickled weights are not loaded; convert them to safetensors)"
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {root}{hint}")
 
 

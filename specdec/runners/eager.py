@@ -40,7 +40,7 @@ def prefill_tails(model, cache, ops, blocks: BlockManager, seqs: list[Sequence],
     capture:   hidden_states indices to capture (``forward_cached``); then returns the
                tails' rows [T, C * H] in sequence order, or None when nothing was prefilled
     """
-    todo = [(s, c) for s, c in zip(seqs, cached) if c < len(s.tokens) - 1]
+    todo = [(s, c) for s, c in zip(seqs, cached, strict=True) if c < len(s.tokens) - 1]
     if not todo:
         return None
     tails = [s.tokens[c:-1] for s, c in todo]
@@ -113,9 +113,11 @@ class EagerRunner:
         ((out, n_accepted, None), the captured features or None)."""
         dev = self.device
         tails = [s.tokens[s.target_len:] for s in seqs]
-        lengths = [len(t) + n for t, n in zip(tails, draft.counts)]
-        flat, draft_pos, offset = [], [], 0
-        for tail, n, length in zip(tails, draft.counts, lengths):
+        lengths = [len(t) + n for t, n in zip(tails, draft.counts, strict=True)]
+        flat: list[int] = []
+        draft_pos: list[int] = []
+        offset = 0
+        for tail, n, length in zip(tails, draft.counts, lengths, strict=True):
             flat += tail + [0] * n
             draft_pos += range(offset + len(tail), offset + length)
             offset += length
@@ -129,8 +131,10 @@ class EagerRunner:
         if capture:
             logits, hidden = logits
             starts = _cumsum(lengths, "cpu").tolist()
-            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails)],
-                                [list(range(o + len(t), o + n)) for o, t, n in zip(starts, tails, lengths)])
+            # starts has B + 1 entries (its last, the total, is not a start): read B of them
+            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails, strict=False)],
+                                [list(range(o + len(t), o + n))
+                                 for o, t, n in zip(starts, tails, lengths, strict=False)])
         out, n_acc = self.ops.rejection_sample(
             logits, draft.tokens, draft.q, _cumsum(draft.counts, dev), max(draft.counts),
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
@@ -146,8 +150,9 @@ class EagerRunner:
         pre = prefill_tails(self.target, self.cache, self.ops, blocks, seqs, [s.target_len for s in seqs], dev,
                             capture=capture)
         roots = [len(s.tokens) - 1 for s in seqs]
-        flat, node_pos = [], []
-        for seq, n in zip(seqs, draft.counts):
+        flat: list[int] = []
+        node_pos: list[int] = []
+        for seq, n in zip(seqs, draft.counts, strict=True):
             node_pos += range(len(flat) + 1, len(flat) + 1 + n)
             flat += [seq.tokens[-1]] + [0] * n
         tokens = torch.tensor(flat, dtype=torch.int64, device=dev)
@@ -176,7 +181,7 @@ class EagerRunner:
     def keep_path(self, blocks, seqs, accepted: list[int], paths: list[list[int]]) -> None:
         """Move each accepted path's K/V from its node slots to consecutive positions."""
         src, dst = [], []
-        for seq, a, path in zip(seqs, accepted, paths):
+        for seq, a, path in zip(seqs, accepted, paths, strict=True):
             base = len(seq.tokens)  # node i sits at position base + i, path step k goes to base + k
             moved = [(base + node, base + k) for k, node in enumerate(path[:a]) if node != k]
             if moved:

@@ -26,7 +26,7 @@ class Captured:
         sequence's newly committed positions: its fixed rows, then its accepted drafts (the
         accepted path's nodes for trees), each with the token committed after it."""
         todo, index, nexts = [], [], []
-        for b, (seq, row) in enumerate(zip(seqs, rows)):
+        for b, (seq, row) in enumerate(zip(seqs, rows, strict=True)):
             a = row[0]
             if a < 0:
                 continue

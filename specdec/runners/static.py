@@ -16,6 +16,7 @@ a captured graph replays it for new inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,15 +33,16 @@ class StaticInputs:
     temperature, top_p [Bmax] float32
     """
 
-    tail: object
-    length: object
-    seeds: object
-    offsets: object
-    block_table: object
-    top_k: object
-    num_draft: object
-    temperature: object
-    top_p: object
+    # numpy arrays (the host staging) or torch tensors (the device inputs)
+    tail: Any
+    length: Any
+    seeds: Any
+    offsets: Any
+    block_table: Any
+    top_k: Any
+    num_draft: Any
+    temperature: Any
+    top_p: Any
 
     @staticmethod
     def shapes(width: int, max_batch: int, blocks_per_seq: int) -> list[tuple]:
@@ -116,5 +118,7 @@ class StaticBatch:
         L, k = self.length, self.k
         tokens = self.tail[:, -1:]
         if k > 0:
+            if drafts is None:
+                raise ValueError(f"verifying k={k} drafts needs the drafts tensor, got None")
             tokens = torch.cat([tokens, drafts], dim=1)  # [Bp, k + 1]
         return self._batch(tokens, L[:, None] + self.offs_verify, L + k, self.cu_verify, None, k + 1)

@@ -9,6 +9,7 @@ load benchmark).
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import threading
@@ -37,7 +38,7 @@ class _Server(uvicorn.Server):
 
 def _config(app, state: ServerState, **kw) -> uvicorn.Config:
     # uvicorn's own wait for connections is a backstop behind the app's drain timeout
-    grace = state.shutdown_timeout + 5 if state.shutdown_timeout < float("inf") else None
+    grace = math.ceil(state.shutdown_timeout) + 5 if state.shutdown_timeout < float("inf") else None  # whole seconds
     return uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=grace, **kw)
 
 
@@ -78,7 +79,7 @@ class ServerThread:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="specdec-server", daemon=True)
 
-    def start(self, timeout: float = 60.0) -> "ServerThread":
+    def start(self, timeout: float = 60.0) -> ServerThread:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -105,7 +106,7 @@ class ServerThread:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -61,7 +63,8 @@ class ServerState:
         logger.info("shutting down: no new requests; %d in flight get %.1f s to finish",
                     len(self.handles), self.shutdown_timeout)
         if math.isfinite(self.shutdown_timeout):
-            self.loop.call_later(self.shutdown_timeout, lambda: self.loop.create_task(self.engine.abort_all()))
+            loop = asyncio.get_running_loop()  # the server's loop (self.loop): request_drain calls us there
+            loop.call_later(self.shutdown_timeout, lambda: loop.create_task(self.engine.abort_all()))
 
     def request_drain(self) -> None:
         if self.loop is not None:
@@ -251,7 +254,8 @@ def create_app(llm, model_name: str = "specdec", *, api_key: str | None = None, 
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    # each handler takes its own exception type: starlette's Mapping type cannot say so
+    handlers: dict[Any, Callable[..., Any]] = {HTTPException: _http_error, Exception: _server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.server = state
     return app

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..kv_cache import CacheCapacityError
+from ..request import Request
 from .metrics import ServerMetrics
 from .protocol import APIError, GenerationRequest, invalid
 
@@ -44,8 +45,8 @@ class Event:
 @dataclass
 class Choice:
     index: int
-    request: object  # specdec.Request
-    handle: "Handle"
+    request: Request
+    handle: Handle
     arrival: float
     started: bool = False
 
@@ -101,14 +102,19 @@ class EngineLoop:
         self._closed = True
         self._executor.shutdown(wait=True)
 
+    def _wake_event(self) -> asyncio.Event:
+        if self._wake is None:
+            raise RuntimeError("EngineLoop.start() must run (in the event loop) before requests are admitted")
+        return self._wake
+
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _run(self) -> None:
         while not self._stopping:
             if not self._has_work:
-                await self._wake.wait()
-                self._wake.clear()
+                await self._wake_event().wait()
+                self._wake_event().clear()
                 continue
             try:
                 events, self._has_work = await self._call(self._step)
@@ -128,7 +134,7 @@ class EngineLoop:
         raises APIError (400 / 503) with nothing queued."""
         handle = await self._call(self._admit, req, prompts, arrival)
         self._has_work = True
-        self._wake.set()
+        self._wake_event().set()
         return handle
 
     async def encode(self, fn, *args):

@@ -78,7 +78,8 @@ def _ms(seconds: float) -> str:
 
 async def _one(http: httpx.AsyncClient, body: dict) -> Sample:
     start = time.perf_counter()
-    first = last = None
+    first: float | None = None  # when the first text arrived
+    last = start
     tokens = 0
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:

@@ -219,6 +219,7 @@ def parse_completion(body) -> GenerationRequest:
     prompt = body.get("prompt")
     bad = invalid("prompt", "'prompt' must be a non-empty string, a non-empty list of non-empty strings, a "
                   f"list of token ids or a list of such lists; got {_short(prompt)}", "invalid_value")
+    prompts: list[str | list[int]]
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from typing import cast
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -42,7 +43,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _complete(state, request: Request, req: GenerationRequest, handle: Handle, rid: str):
     n = len(handle.choices)
-    texts, finals = [""] * n, [None] * n
+    texts: list[str] = [""] * n
+    finals: list[Event | None] = [None] * n
 
     async def collect():
         left = n
@@ -64,18 +66,20 @@ async def _complete(state, request: Request, req: GenerationRequest, handle: Han
             state.engine.cancel_soon(handle)
     if not done.done() or done.cancelled():
         return Response(status_code=499)  # nobody reads it
-    failed = next((f for f in finals if f.finish_reason == "error"), None)
+    ended = cast(list[Event], finals)  # collect() returned: every choice has its final event
+    failed = next((f for f in ended if f.finish_reason == "error"), None)
     if failed is not None:
         raise APIError(500, f"generation failed: {failed.error}", type="server_error", code="generation_error")
     choices = []
-    for i, (text, final) in enumerate(zip(texts, finals)):
-        choice = {"index": i, "logprobs": None, "finish_reason": final.finish_reason, "specdec": _specdec(final)}
+    for i, (text, final) in enumerate(zip(texts, ended, strict=True)):
+        choice: dict[str, object] = {"index": i, "logprobs": None, "finish_reason": final.finish_reason,
+                                     "specdec": _specdec(final)}
         if req.kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         choices.append(choice)
-    completion = sum(f.completion_tokens for f in finals)
+    completion = sum(f.completion_tokens for f in ended)
     return JSONResponse({
         "id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
         "created": int(time.time()), "model": state.model_name, "choices": choices,
@@ -94,7 +98,7 @@ async def _stream(state, req: GenerationRequest, handle: Handle, rid: str):
             "created": int(time.time()), "model": state.model_name}
 
     def chunk(index: int, text: str, event: Event | None = None, role: bool = False) -> str:
-        choice = {"index": index}
+        choice: dict[str, object] = {"index": index}
         if chat:
             choice["delta"] = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
         else:

@@ -93,7 +93,7 @@ def rotary(
     """
     if check:
         check_rotary_args(q, k, positions, inv_freq, q_norm_weight, k_norm_weight, norm_eps)
-    if q_norm_weight is not None:
+    if q_norm_weight is not None and k_norm_weight is not None:  # both or neither (checked above)
         q, k = _head_rms_norm(q, q_norm_weight, norm_eps), _head_rms_norm(k, k_norm_weight, norm_eps)
     freqs = positions.float()[:, None] * inv_freq.float()  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]

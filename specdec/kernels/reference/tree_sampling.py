@@ -35,8 +35,7 @@ import torch
 
 from ...tree import MAX_TREE_NODES
 from .._sampling_core import DraftDist
-from .._sampling_validation import (check_tree_args, check_tree_layout, raise_if_flagged, tree_depths,
-                                    tree_table)
+from .._sampling_validation import check_tree_args, check_tree_layout, raise_if_flagged, tree_depths, tree_table
 from ..philox import TREE_ACCEPT_STREAM, TREE_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
 from .sampling import bad_rows, draft_dist_probs, sampling_probs
 
