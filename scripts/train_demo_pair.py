@@ -6,7 +6,7 @@ with the ``tokenizers`` library. Both models share it. The target trains on next
 cross-entropy; the draft then trains on a mix of cross-entropy and KL divergence to the
 trained target's distribution (distillation raises how often the target accepts it).
 
-    python scripts/train_demo_pair.py --out specdec/demo --target-minutes 16 --draft-minutes 10
+    python scripts/train_demo_pair.py --out specdec/demo --target-layers 12 --target-minutes 28 --draft-minutes 10
 
 writes ``OUT/target`` and ``OUT/draft`` (config.json, model.safetensors in bfloat16,
 tokenizer.json, tokenizer_config.json) and ``OUT/MODEL_CARD.md`` with the command, the
@@ -66,6 +66,31 @@ def make_model(vocab: int, dim: int, layers: int, heads: int, kv_heads: int, hid
     return LlamaForCausalLM(cfg)
 
 
+def grow(source: pathlib.Path, layers: int, eos: int):
+    """A ``layers``-deep copy of the llama at ``source`` that computes the same function:
+    source layer i sits at position i * f (f = layers / source layers) and each new layer
+    after it starts as a copy of it with ``o_proj`` and ``down_proj`` zeroed (both residual
+    branches add nothing), so training starts from the source's loss and the new layers
+    learn from there."""
+    from transformers import LlamaForCausalLM
+
+    small = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+    c = small.config
+    if layers % c.num_hidden_layers:
+        raise ValueError(f"--target-layers {layers} must be a multiple of {source}'s {c.num_hidden_layers} layers")
+    big = make_model(c.vocab_size, c.hidden_size, layers, c.num_attention_heads, c.num_key_value_heads,
+                     c.intermediate_size, c.max_position_embeddings, eos)
+    f = layers // c.num_hidden_layers
+    sd = {k: v for k, v in small.state_dict().items() if not k.startswith("model.layers.")}
+    for j in range(layers):
+        src = small.model.layers[j // f].state_dict()
+        for k, v in src.items():
+            fresh = j % f and k.endswith(("o_proj.weight", "down_proj.weight"))
+            sd[f"model.layers.{j}.{k}"] = torch.zeros_like(v) if fresh else v.clone()
+    big.load_state_dict(sd, strict=False)
+    return big
+
+
 def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
     while True:
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
@@ -74,7 +99,7 @@ def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
 
 
 def train(model, data, val, *, seconds: float, batch: int, seq: int, lr: float, label: str, seed: int,
-          teacher=None, distill: float = 0.0):
+          teacher=None, distill: float = 0.0, warmup: int = 100):
     """AdamW on next-token cross-entropy for ``seconds``; with a ``teacher``, the loss mixes
     in ``distill`` x KL(teacher || model) on the teacher's full distribution (the draft
     learns to agree with the target, which is what acceptance measures)."""
@@ -86,7 +111,7 @@ def train(model, data, val, *, seconds: float, batch: int, seq: int, lr: float, 
     while time.time() - start < seconds:
         frac = (time.time() - start) / seconds  # cosine schedule over the time budget
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         x, y = next(it)
         logits = model(input_ids=x).logits
         loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -102,7 +127,7 @@ def train(model, data, val, *, seconds: float, batch: int, seq: int, lr: float, 
         opt.step()
         step += 1
         loss = 0.98 * loss + 0.02 * loss_t.item() if step > 1 else loss_t.item()
-        if step % 100 == 0:
+        if step % 25 == 0:
             print(f"[{label}] step {step} loss {loss:.3f} ({time.time() - start:.0f}s)", flush=True)
     model.eval()
     with torch.no_grad():
@@ -129,13 +154,32 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-layers", type=int, default=4)
+    ap.add_argument("--target-hidden", type=int, default=128)
+    ap.add_argument("--target-heads", type=int, default=4)
+    ap.add_argument("--target-kv-heads", type=int, default=2)
+    ap.add_argument("--target-mlp", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
+    ap.add_argument("--grow-target", default=None, metavar="DIR",
+                    help="start the target from the (shallower) llama in DIR, grown to --target-layers "
+                         "(function-preserving; its tokenizer is reused) instead of from scratch")
+    ap.add_argument("--init-draft", default=None, metavar="DIR", help="start the draft from the model in DIR")
+    ap.add_argument("--target-lr", type=float, default=3e-3)
+    ap.add_argument("--draft-lr", type=float, default=4e-3)
+    ap.add_argument("--warmup", type=int, default=100)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = pathlib.Path(args.out)
 
     files = stdlib_files(args.data_mb)
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    tokenizer = train_tokenizer(texts, args.vocab)
+    if args.grow_target:  # the grown target keeps its embeddings, so its tokenizer too
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.grow_target)
+    else:
+        tokenizer = train_tokenizer(texts, args.vocab)
     eos = tokenizer.convert_tokens_to_ids(SPECIAL[0])
     ids = []
     for t in texts:
@@ -145,18 +189,28 @@ def main(argv=None):
     train_data, val_data = data[:split], data[split:]
     print(f"{len(files)} files, {data.numel()} tokens, vocab {len(tokenizer)}", flush=True)
 
-    target = make_model(len(tokenizer), 128, 4, 4, 2, 384, 1024, eos)
-    draft = make_model(len(tokenizer), 64, 2, 2, 1, 192, 1024, eos)
+    if args.grow_target:
+        target = grow(pathlib.Path(args.grow_target), args.target_layers, eos)
+    else:
+        target = make_model(len(tokenizer), args.target_hidden, args.target_layers, args.target_heads,
+                            args.target_kv_heads, args.target_mlp, 1024, eos)
+    if args.init_draft:
+        from transformers import LlamaForCausalLM
+
+        draft = LlamaForCausalLM.from_pretrained(args.init_draft, dtype=torch.float32)
+    else:
+        draft = make_model(len(tokenizer), 64, 2, 2, 1, 192, 1024, eos)
     n_target = sum(p.numel() for p in target.parameters())
     n_draft = sum(p.numel() for p in draft.parameters())
     print(f"target {n_target / 1e6:.2f}M params, draft {n_draft / 1e6:.2f}M params", flush=True)
     t_steps, t_loss, t_val = train(target, train_data, val_data, seconds=args.target_minutes * 60,
-                                   batch=args.batch, seq=args.seq, lr=3e-3, label="target", seed=args.seed)
+                                   batch=args.batch, seq=args.seq, lr=args.target_lr, label="target", seed=args.seed,
+                                   warmup=args.warmup)
     target.eval()
+    save(target, tokenizer, out / "target")  # ready for other work while the draft trains
     d_steps, d_loss, d_val = train(draft, train_data, val_data, seconds=args.draft_minutes * 60,
-                                   batch=args.batch, seq=args.seq, lr=4e-3, label="draft", seed=args.seed + 1,
-                                   teacher=target, distill=args.distill)
-    save(target, tokenizer, out / "target")
+                                   batch=args.batch, seq=args.seq, lr=args.draft_lr, label="draft", seed=args.seed + 1,
+                                   teacher=target, distill=args.distill, warmup=args.warmup)
     save(draft, tokenizer, out / "draft")
 
     stats = {
@@ -165,7 +219,11 @@ def main(argv=None):
         "draft": {"params": n_draft, "steps": d_steps, "train_loss": round(d_loss, 3), "val_loss": round(d_val, 3)},
         "command": "python scripts/train_demo_pair.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "batch": args.batch, "seq": args.seq, "target_minutes": args.target_minutes,
-        "draft_minutes": args.draft_minutes, "distill": args.distill,
+        "draft_minutes": args.draft_minutes, "distill": args.distill, "threads": args.threads,
+        "grow_target": args.grow_target, "init_draft": args.init_draft, "target_lr": args.target_lr,
+        "draft_lr": args.draft_lr, "warmup": args.warmup,
+        "target_shape": {"layers": args.target_layers, "hidden": args.target_hidden, "heads": args.target_heads,
+                         "kv_heads": args.target_kv_heads, "mlp": args.target_mlp},
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats, indent=2))

@@ -95,3 +95,12 @@ def binomial_two_sided_p(successes: int, trials: int, prob: float) -> float:
     sd = math.sqrt(trials * prob * (1 - prob))
     z = max(abs(successes - mean) - 0.5, 0.0) / sd
     return math.erfc(z / math.sqrt(2))
+
+
+def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson chi-square p-value of counts against expected counts (cells with 0 dropped)."""
+    observed, expected = observed.double(), expected.double()
+    keep = expected > 0
+    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))

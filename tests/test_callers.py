@@ -28,7 +28,7 @@ from specdec.detokenize import TextStream
 from specdec.drafters.ngram import NgramDrafter
 from specdec.sampling_params import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 from specdec.sequence import Sequence
-from test_distribution import ScheduledK
+from engine_helpers import ScheduledK
 
 SPACE = "\u2581"
 WORDS = (string.ascii_letters + string.digits + string.punctuation)[:92]  # ids 3 .. 94

@@ -14,7 +14,7 @@ import pytest
 import torch
 from checkpoints import make_checkpoint, perturbed_copy
 from eagle3_reference import make_eagle3_head
-from test_distribution import ScheduledK
+from engine_helpers import ScheduledK
 
 from specdec import LLM, SamplingParams
 from specdec.cuda_graphs import DecodeRunner, sampling_mode

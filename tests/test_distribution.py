@@ -28,43 +28,41 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
-from checkpoints import make_checkpoint, perturbed_copy
+from engine_helpers import ScheduledK
+from exact_law import (
+    distribution_checkpoints,
+    exact_joint,
+    next_token_probs,
+    window_checkpoints,
+)
+from sampler_rules import ALPHA, POWER_ALPHA, residual_from_p
 from stats import binomial_two_sided_p, chi2_sf, chi_square_test
 
 from specdec import LLM, SamplingParams
 from specdec.drafters.ngram import ngram_propose
 from specdec.kernels import reference
-from specdec.kernels.philox import SAMPLER_SAMPLE_STREAM, philox_uniform, sample_inverse_cdf
+from specdec.kernels.philox import (
+    philox_uniform,
+    sample_inverse_cdf,
+)
 from specdec.kv_cache import KVCache
 from specdec.models import load_model
 
 V = 8  # vocabulary size
 N_TOKENS = 3  # generated tokens whose joint law is tested: V ** 3 = 512 outcomes
 N_SAMPLES = 4096  # requests per distribution test
-ALPHA = 1e-3  # the engine passes when p > ALPHA
-POWER_ALPHA = 1e-6  # a wrong sampler must give p < POWER_ALPHA with the same draws
 # A prompt with repeats, so the n-gram drafter proposes tokens (acceptance ~0.2); 14
 # tokens with block_size 4 puts the drafts across KV block boundaries.
 PROMPT = [3, 1, 2, 0, 5, 2, 0, 4, 3, 1, 2, 0, 5, 2]
 BLOCK_SIZE = 4
-_ARCH = dict(vocab_size=V, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24,
-             max_position_embeddings=64, std=0.5)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distribution")
-    target = make_checkpoint(root / "target", num_layers=2, seed=1, **_ARCH)
-    # "model": an unrelated 1-layer model, overlap sum min(p, q) ~0.5 with the target
-    draft = make_checkpoint(root / "draft", num_layers=1, seed=2, **_ARCH)
-    # "near": the target plus noise; under top-k/top-p an unrelated draft rarely keeps
-    # the target's tokens (acceptance ~5%), this one does (~20%)
-    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
-    return SimpleNamespace(target=target, dirs={"model": draft, "near": near}, model=load_model(target))
+    return distribution_checkpoints(tmp_path_factory.mktemp("distribution"))
 
 
 def make_llm(ckpts, draft: str | None, k: int = 2, backend: str = "torch",
@@ -88,52 +86,6 @@ def make_llm(ckpts, draft: str | None, k: int = 2, backend: str = "torch",
 # ---------------------------------------------------------------------------------------
 # The exact law of the target and the sampled one
 # ---------------------------------------------------------------------------------------
-
-def _check_filter_margins(logits: torch.Tensor, params: SamplingParams, margin: float = 1e-3) -> None:
-    """The top-k / top-p cut of every row must sit far from a tie, so the few-ulp
-    difference between the engine's cached forward and the no-cache one cannot move it."""
-    x = logits.double() / params.temperature
-    srt = torch.sort(x, dim=-1, descending=True).values  # [M, V]
-    k = params.top_k if 0 < params.top_k < V else V
-    if k < V:
-        gap = (srt[:, k - 1] - srt[:, k]).min()
-        assert gap > margin, f"top_k={k} cuts within {float(gap):.2g} of a tie; pick another"
-        srt = srt[:, :k]
-    if params.top_p < 1:
-        p = torch.softmax(srt, dim=-1)
-        above = torch.cumsum(p, dim=-1) - p  # mass strictly above each kept token
-        gap = (above - params.top_p).abs().min()
-        assert gap > margin, f"top_p={params.top_p} cuts within {float(gap):.2g} of a token; pick another"
-
-
-def next_token_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """prefixes [M, L] int64 -> [M, V] float64, the law a request samples its next token from."""
-    logits = model(prefixes)[:, -1]  # [M, V]
-    _check_filter_margins(logits, params)
-    m = prefixes.shape[0]
-    return reference.sampling_probs(
-        logits, torch.full((m,), params.temperature), torch.full((m,), params.top_k, dtype=torch.int32),
-        torch.full((m,), params.top_p),
-    ).double()
-
-
-def exact_joint(model, prompt: list[int], params: SamplingParams, n: int = N_TOKENS):
-    """The target's joint law of the next ``n`` tokens after ``prompt``.
-
-    returns: joint [V ** n] float64, outcome (t_0, .., t_{n-1}) at index sum t_i V^(n-1-i);
-             kept [V ** 0 + .. + V ** (n-1)] int64, tokens left by top-k/top-p per prefix
-    """
-    prefixes = torch.tensor([prompt], dtype=torch.int64)  # [M, P + i], M = V ** i
-    joint = torch.ones(1, dtype=torch.float64)
-    kept = []
-    for _ in range(n):
-        m = prefixes.shape[0]
-        p = next_token_probs(model, prefixes, params)  # [M, V]
-        kept.append((p > 0).sum(-1))
-        joint = (joint[:, None] * p).reshape(-1)  # [M * V]
-        prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(m)[:, None]], 1)
-    return joint / joint.sum(), torch.cat(kept)
-
 
 def sample_outcomes(llm: LLM, params: SamplingParams, num: int = N_SAMPLES, n: int = N_TOKENS,
                     seed0: int = 0):
@@ -276,21 +228,6 @@ def _accept_all(target_logits, draft_token_ids, q, *args, **kwargs):
                                       *args, **kwargs)
 
 
-def _residual_from_p(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
-                     temperature, top_k, top_p, seeds, offsets, check_finite=True, **hints):
-    """Wrong: the right acceptance test, but after a rejection it samples p instead of the
-    residual max(p - q, 0) / sum: tokens the draft favours come out too often."""
-    out, n_acc = reference.rejection_sample(target_logits, draft_token_ids, draft_probs, cu_num_draft,
-                                            max_num_draft, temperature, top_k, top_p, seeds, offsets,
-                                            check_finite)
-    b = torch.arange(out.shape[0])
-    a = n_acc.long()
-    rejected = a < (cu_num_draft[1:] - cu_num_draft[:-1]).long()
-    row = cu_num_draft[:-1].long() + b + a  # target row of the emitted token
-    p = reference.sampling_probs(target_logits[row], temperature, top_k, top_p)  # [B, V]
-    u = philox_uniform(seeds, offsets, max_num_draft + 1, SAMPLER_SAMPLE_STREAM).gather(1, a[:, None])[:, 0]
-    out[b, a] = torch.where(rejected, sample_inverse_cdf(p, u), out[b, a])
-    return out, n_acc
 
 
 def _unfiltered(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_num_draft,
@@ -304,7 +241,7 @@ def _unfiltered(target_logits, draft_token_ids, draft_probs, cu_num_draft, max_n
 @pytest.mark.slow
 @pytest.mark.parametrize("case, wrong, num", [
     ("model-t1", _accept_all, N_SAMPLES),
-    ("model-t1", _residual_from_p, N_SAMPLES),
+    ("model-t1", residual_from_p, N_SAMPLES),
     # draws outside the filtered support: a quarter of the draws is plenty
     ("near-t0.7-topk-topp", _unfiltered, N_SAMPLES // 4),
 ], ids=["accept-all", "residual-from-p", "unfiltered"])
@@ -491,28 +428,6 @@ def test_triton_backend_draws_the_torch_backends_tokens(ckpts, device, draft):
 # from step to step (adaptive speculation) keep the law
 # ---------------------------------------------------------------------------------------
 
-class ScheduledK:
-    """Stands in for the adaptive controller: plays a fixed schedule of chain lengths."""
-
-    alpha = float("nan")  # measures nothing
-
-    def __init__(self, ks: list[int]):
-        self.ks, self.chosen = iter(ks), []
-
-    def choose(self, batch_size):
-        self.chosen.append(next(self.ks))
-        return self.chosen[-1]
-
-    def observe(self, proposed, accepted):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def has_costs(self, batch_size):
-        return True
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["model-t1", "early-exit-t1", "near-t0.7-topk-topp"])
 def test_fixed_shape_steps_with_varying_k_sample_target_distribution(ckpts, case):
@@ -551,12 +466,7 @@ def test_fixed_shape_steps_with_a_wrong_sampler_are_rejected(ckpts):
 
 @pytest.fixture(scope="module")
 def window_ckpts(tmp_path_factory):
-    """A 2-layer V = 8 Gemma 2 target whose first layer attends over a 4-position window
-    (the prompt has 14 tokens) with soft-capped scores and logits, and a noisy copy."""
-    root = tmp_path_factory.mktemp("window_distribution")
-    target = make_checkpoint(root / "target", "gemma2", num_layers=2, seed=1, sliding_window=4, **_ARCH)
-    near = perturbed_copy(target, root / "near", noise=0.25, seed=3)
-    return SimpleNamespace(target=target, dirs={"near": near}, model=load_model(target))
+    return window_checkpoints(tmp_path_factory.mktemp("window_distribution"))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from specdec.kernels import reference
 from specdec.kernels._sampling_core import INT32_MIN
 from specdec.kernels.draft_sampling import draft_sample
-from test_philox import chi_square_pvalue
+from stats import chi_square_pvalue
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 I32, I64 = torch.int32, torch.int64

@@ -20,9 +20,15 @@ import pytest
 import torch
 from checkpoints import make_checkpoint
 from eagle3_reference import make_eagle3_head
-from test_distribution import ALPHA, POWER_ALPHA, _residual_from_p, exact_joint
-from test_engine import _prompts, greedy_ref
-from test_tree_engine import host_tree_sampler, law_test
+from engine_helpers import greedy_ref, random_prompts
+from exact_law import exact_joint
+from sampler_rules import (
+    ALPHA,
+    POWER_ALPHA,
+    host_tree_sampler,
+    law_test,
+    residual_from_p,
+)
 
 from specdec import LLM, SamplingParams
 from specdec.kernels import reference
@@ -43,7 +49,7 @@ def dirs(tmp_path_factory):
     return SimpleNamespace(target=target, head=head, small=small)
 
 
-PROMPTS = _prompts([1, 4, 9, 70], vocab=16) + [[5, 6, 7, 8] * 3]
+PROMPTS = random_prompts([1, 4, 9, 70], vocab=16) + [[5, 6, 7, 8] * 3]
 MAX_TOKENS = [16, 12, 16, 9, 16]
 DRAFTS = {"chain": None, "static": (2, 2, 1), "dynamic": "dynamic:3,4,10"}
 
@@ -218,7 +224,7 @@ def _accept_all_tree(target_logits, draft_token_ids, parents, q, *args, **kwargs
 def _wrong(llm, rule):
     ops = llm.engine.ops
     if rule == "residual-from-p":  # after a rejection, p instead of max(p - q, 0)
-        llm.engine.ops = dataclasses.replace(ops, rejection_sample=_residual_from_p)
+        llm.engine.ops = dataclasses.replace(ops, rejection_sample=residual_from_p)
     elif rule == "unscattered-q":
         _unscattered(llm.drafter)
     elif rule == "accept-all":  # q with z = inf: u q(x) < p(x) wherever p(x) > 0

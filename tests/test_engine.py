@@ -19,12 +19,21 @@ import torch
 from torch.testing import assert_close
 
 from checkpoints import FAMILIES, make_checkpoint, perturbed_copy
+from engine_helpers import (
+    PROMPTS,
+    cached_model,
+    draft_arg,
+    greedy_ref,
+    kv_at,
+    poison_caches,
+    random_prompts,
+    record_running,
+)
 from specdec import LLM, CacheCapacityError, SamplingParams
 from specdec.batch import build_forward_batch
 from specdec.drafters.draft_model import ModelDrafter
 from specdec.kernels import get_backend
 from specdec.kv_cache import BlockManager, KVCache, cdiv
-from specdec.models import load_model
 
 K = 4  # num_draft_tokens everywhere unless a test says otherwise
 MAX_TOKENS = 16
@@ -53,64 +62,13 @@ def dirs(tmp_path_factory):
     return out
 
 
-_MODELS: dict = {}
-_GREEDY: dict = {}
-
-
-def _model(path):
-    if str(path) not in _MODELS:
-        _MODELS[str(path)] = load_model(path)
-    return _MODELS[str(path)]
-
-
-def greedy_ref(path, prompt, n, eos=(), context=None):
-    """Plain greedy decoding with full no-cache forwards: up to ``n`` tokens, stopping
-    after the first token in ``eos`` or when prompt + output fills ``context``."""
-    key = (str(path), tuple(prompt), n, tuple(eos), context)
-    if key not in _GREEDY:
-        model, toks = _model(path), list(prompt)
-        while len(toks) - len(prompt) < n and (context is None or len(toks) < context):
-            toks.append(int(model(torch.tensor([toks]))[0, -1].argmax()))
-            if toks[-1] in eos:
-                break
-        _GREEDY[key] = toks[len(prompt):]
-    return _GREEDY[key]
-
-
-def _draft_arg(dirs, family, drafter):
-    if drafter == "draft-model":
-        return str(dirs["draft-model"])
-    if drafter == "near-draft":
-        return str(dirs[f"near-{family}"])
-    if drafter == "self":
-        return str(dirs[family])
-    return drafter
-
-
-def _poison(llm):
-    """NaN in every cache slot: a read of an unwritten slot cannot go unnoticed."""
-    caches = [llm.cache]
-    if isinstance(llm.drafter, ModelDrafter) and not llm.drafter.shares_target_cache:
-        caches.append(llm.drafter.cache)
-    for cache in caches:
-        cache.k.fill_(float("nan"))
-        cache.v.fill_(float("nan"))
-
-
 def make_llm(path, draft=None, **kw):
     kw.setdefault("num_draft_tokens", K)
     llm = LLM(str(path), draft=draft, device="cpu", dtype=torch.float32, backend="torch", **kw)
-    _poison(llm)
+    poison_caches(llm)
     return llm
 
 
-def _prompts(lengths, seed=0, vocab=97):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-# ragged lengths crossing block boundaries, plus a repetitive prompt the n-gram drafter can use
-PROMPTS = _prompts([1, 4, 9, 17]) + [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]]
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
 
@@ -140,14 +98,6 @@ def check_against_greedy(path, prompts, outs, max_tokens, eos=(2,)):
         assert out.finish_reason == ("stop" if stopped else "length")
 
 
-def _kv_at(cache, blocks, seq_id, n):
-    """K, V of positions 0..n-1 of a sequence: [layers, n, H_kv, D] each."""
-    slots = torch.tensor(blocks.slots(seq_id, list(range(n))), dtype=torch.int64)
-    L, NB, BS, H, D = cache.k.shape
-    return (cache.k.reshape(L, NB * BS, H, D)[:, slots].clone(),
-            cache.v.reshape(L, NB * BS, H, D)[:, slots].clone())
-
-
 def _prefill_kv(model, tokens, block_size=4):
     """K/V that one plain prefill of ``tokens`` writes into a fresh cache."""
     cfg, n = model.config, len(tokens)
@@ -157,20 +107,20 @@ def _prefill_kv(model, tokens, block_size=4):
     bm.allocate(0, n)
     batch = build_forward_batch(bm, [0], [0], [n], [1], torch.tensor(tokens), "cpu")
     model.forward_cached(batch, cache, get_backend("torch"))
-    return _kv_at(cache, bm, 0, n)
+    return kv_at(cache, bm, 0, n)
 
 
 def check_caches(llm, seq):
     """The target cache holds plain-prefill K/V at every committed position of ``seq``,
     and a separate draft cache likewise up to ``seq.draft_len``."""
-    k, v = _kv_at(llm.cache, llm.blocks, seq.seq_id, seq.target_len)
+    k, v = kv_at(llm.cache, llm.blocks, seq.seq_id, seq.target_len)
     ref_k, ref_v = _prefill_kv(llm.target, seq.tokens[:seq.target_len], llm.blocks.block_size)
     assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
     assert_close(v, ref_v, atol=1e-5, rtol=1e-5)
     d = llm.drafter
     if isinstance(d, ModelDrafter) and not d.shares_target_cache and seq.draft_len:
         assert seq.draft_len <= len(seq.tokens)
-        k, v = _kv_at(d.cache, llm.blocks, seq.seq_id, seq.draft_len)
+        k, v = kv_at(d.cache, llm.blocks, seq.seq_id, seq.draft_len)
         ref_k, ref_v = _prefill_kv(d.model, seq.tokens[:seq.draft_len], llm.blocks.block_size)
         assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
         assert_close(v, ref_v, atol=1e-5, rtol=1e-5)
@@ -198,7 +148,7 @@ def check_caches_every_step(llm):
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_speculative_equals_plain_greedy(dirs, family, drafter):
-    llm = make_llm(dirs[family], _draft_arg(dirs, family, drafter), block_size=4)
+    llm = make_llm(dirs[family], draft_arg(dirs, family, drafter), block_size=4)
     outs = llm.generate(PROMPTS, GREEDY)
     check_against_greedy(dirs[family], PROMPTS, outs, MAX_TOKENS)
     k = 0 if drafter is None else K
@@ -225,7 +175,7 @@ def test_greedy_equals_transformers_generate(dirs, family, drafter):
 
     path = dirs[family]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    outs = make_llm(path, _draft_arg(dirs, family, drafter), block_size=4).generate(PROMPTS, GREEDY)
+    outs = make_llm(path, draft_arg(dirs, family, drafter), block_size=4).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         with torch.no_grad():
             ids = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_TOKENS,
@@ -261,10 +211,10 @@ def test_greedy_identity_on_the_triton_backend(dirs, device, family, drafter):
     """The Triton kernels (the interpreter on CPU, native on CUDA) in the whole engine;
     qwen3's head norms go through the fused rotary kernel."""
     path = dirs[family]
-    llm = LLM(str(path), draft=_draft_arg(dirs, family, drafter), num_draft_tokens=K, device=device,
+    llm = LLM(str(path), draft=draft_arg(dirs, family, drafter), num_draft_tokens=K, device=device,
               dtype=torch.float32, backend="triton", block_size=16)
     assert llm.backend == "triton"
-    _poison(llm)
+    poison_caches(llm)
     prompts = PROMPTS[1:]
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     check_against_greedy(path, prompts, outs, 6)
@@ -286,25 +236,11 @@ def test_other_draft_lengths(dirs, k):
 def test_block_size_one_and_odd(dirs, drafter):
     path = dirs["mistral"]
     for block_size in (1, 3):
-        outs = make_llm(path, _draft_arg(dirs, "mistral", drafter), block_size=block_size).generate(PROMPTS, GREEDY)
+        outs = make_llm(path, draft_arg(dirs, "mistral", drafter), block_size=block_size).generate(PROMPTS, GREEDY)
         check_against_greedy(path, PROMPTS, outs, MAX_TOKENS)
 
 
 # ---------------------------------------------------------------------- scheduling
-
-
-def _record_running(llm):
-    """Wrap the scheduler to record how many sequences run in each step."""
-    scheduler = llm.engine.scheduler
-    seen, schedule = [], scheduler.schedule
-
-    def wrapped():
-        seqs = schedule()
-        seen.append(len(seqs))
-        return seqs
-
-    scheduler.schedule = wrapped
-    return seen
 
 
 def _count_preemptions(llm):
@@ -322,10 +258,10 @@ def _count_preemptions(llm):
 @pytest.mark.parametrize("drafter", [None, "ngram", "early-exit:1", "draft-model", "near-draft"])
 def test_continuous_batching(dirs, drafter):
     path = dirs["llama"]
-    prompts = _prompts([3, 12, 1, 7, 5, 20], seed=4)
+    prompts = random_prompts([3, 12, 1, 7, 5, 20], seed=4)
     params = [SamplingParams(max_tokens=m, temperature=0) for m in (4, 12, 2, 9, 16, 6)]
-    llm = make_llm(path, _draft_arg(dirs, "llama", drafter), block_size=4, max_num_seqs=2)
-    running = _record_running(llm)
+    llm = make_llm(path, draft_arg(dirs, "llama", drafter), block_size=4, max_num_seqs=2)
+    running = record_running(llm)
     check_caches_every_step(llm)
     outs = llm.generate(prompts, params)
     for prompt, p, out in zip(prompts, params, outs):
@@ -339,7 +275,7 @@ def _budget(path, draft, block_size, num_blocks):
     the scratch block every cache keeps for padded rows."""
     per = 0
     for p in [path] + ([draft] if draft is not None and pathlib.Path(draft).is_dir() else []):
-        c = _model(p).config
+        c = cached_model(p).config
         per += KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, torch.float32)
     return (num_blocks + 1) * per
 
@@ -347,11 +283,11 @@ def _budget(path, draft, block_size, num_blocks):
 @pytest.mark.parametrize("drafter", [None, "ngram", "early-exit:2", "draft-model", "near-draft", "self"])
 def test_preemption_under_a_tiny_cache(dirs, drafter):
     path, bs = dirs["qwen2"], 4
-    prompts = _prompts([6, 9, 2, 13], seed=5)
+    prompts = random_prompts([6, 9, 2, 13], seed=5)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     k = 0 if drafter is None else K
     one = cdiv(max(map(len, prompts)) + MAX_TOKENS + k, bs)  # blocks the largest request needs
-    draft = _draft_arg(dirs, "qwen2", drafter)
+    draft = draft_arg(dirs, "qwen2", drafter)
     llm = make_llm(path, draft, block_size=bs, kv_cache_memory=_budget(path, draft, bs, one + 2))
     assert llm.blocks.num_blocks == one + 2
     preempted = _count_preemptions(llm)
@@ -392,7 +328,7 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter):
     likewise up to ``draft_len``."""
     path = dirs["llama"]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    spec = make_llm(path, _draft_arg(dirs, "llama", drafter), block_size=4)
+    spec = make_llm(path, draft_arg(dirs, "llama", drafter), block_size=4)
     seqs = spec._make_sequences(PROMPTS, params)
     for s in seqs:
         spec.engine.add(s)
@@ -402,7 +338,7 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter):
         for i, s in enumerate(seqs):
             assert not s.finished
             assert s.target_len == len(s.tokens) - 1  # everything but the pending token
-            snapshots.append((i, s.target_len, *_kv_at(spec.cache, spec.blocks, s.seq_id, s.target_len)))
+            snapshots.append((i, s.target_len, *kv_at(spec.cache, spec.blocks, s.seq_id, s.target_len)))
             if drafter in ("draft-model", "near-draft", "self"):
                 assert 0 < s.draft_len <= len(s.tokens)
             check_caches(spec, s)  # also the draft model's own cache, up to draft_len
@@ -424,7 +360,7 @@ def test_keep_path_cache_equals_plain_decoding(dirs, drafter):
         assert not p.finished
         assert p.tokens[:len(s.tokens)] == s.tokens  # greedy identity
     for i, n, k_spec, v_spec in snapshots:
-        k_plain, v_plain = _kv_at(plain.cache, plain.blocks, pseqs[i].seq_id, n)
+        k_plain, v_plain = kv_at(plain.cache, plain.blocks, pseqs[i].seq_id, n)
         assert_close(k_spec, k_plain, atol=1e-5, rtol=1e-5)
         assert_close(v_spec, v_plain, atol=1e-5, rtol=1e-5)
 
@@ -451,7 +387,7 @@ def eos_case(dirs, tmp_path_factory):
 def test_eos_stops(dirs, eos_case, drafter):
     path, eos, ref = eos_case
     cut = ref.index(eos) + 1
-    llm = make_llm(path, _draft_arg(dirs, "llama", drafter) if drafter != "self" else str(path), block_size=4)
+    llm = make_llm(path, draft_arg(dirs, "llama", drafter) if drafter != "self" else str(path), block_size=4)
     assert eos in llm.config.eos_token_ids
     out, other = llm.generate([PROMPTS[1], PROMPTS[3]], GREEDY)
     assert out.token_ids == ref[:cut] and out.finish_reason == "stop"
@@ -470,7 +406,7 @@ def test_stop_token_ids(dirs, eos_case, drafter):
     path = dirs["llama"]
     _, tok, ref = eos_case  # the same target weights, default EOS
     cut = ref.index(tok) + 1
-    llm = make_llm(path, _draft_arg(dirs, "llama", drafter), block_size=4)
+    llm = make_llm(path, draft_arg(dirs, "llama", drafter), block_size=4)
     for ignore_eos in (False, True):  # ignore_eos leaves stop_token_ids alone
         p = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, stop_token_ids=[96, tok], ignore_eos=ignore_eos)
         out = llm.generate(PROMPTS[1], p)[0]
@@ -482,7 +418,7 @@ def test_stop_token_ids(dirs, eos_case, drafter):
 @pytest.mark.parametrize("max_tokens", [1, 2, K, K + 1, K + 2])
 def test_max_tokens(dirs, drafter, max_tokens):
     path = dirs["mistral"]
-    llm = make_llm(path, _draft_arg(dirs, "mistral", drafter), block_size=4)
+    llm = make_llm(path, draft_arg(dirs, "mistral", drafter), block_size=4)
     p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     outs = llm.generate(PROMPTS, p)
     for prompt, out in zip(PROMPTS, outs):
@@ -525,8 +461,8 @@ def test_default_params(dirs):
 @pytest.mark.parametrize("drafter", [None, "early-exit:2", "draft-model", "self"])
 def test_stops_at_the_context_length(dirs, drafter):
     path = dirs["short-context"]  # max_position_embeddings = 24
-    prompts = _prompts([20, 23, 12], seed=6)
-    llm = make_llm(path, _draft_arg(dirs, "short-context", drafter), block_size=4)
+    prompts = random_prompts([20, 23, 12], seed=6)
+    llm = make_llm(path, draft_arg(dirs, "short-context", drafter), block_size=4)
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         n = min(MAX_TOKENS, 24 - len(prompt))
@@ -536,7 +472,7 @@ def test_stops_at_the_context_length(dirs, drafter):
             assert out.metrics.num_draft_tokens == out.metrics.num_accepted_tokens
             assert out.metrics.num_steps == cdiv(n, K + 1)
     # a prompt that fills the context exactly is fine with max_tokens=0
-    out = llm.generate(_prompts([24])[0], SamplingParams(max_tokens=0))[0]
+    out = llm.generate(random_prompts([24])[0], SamplingParams(max_tokens=0))[0]
     assert out.token_ids == [] and out.finish_reason == "length"
 
 

@@ -1,6 +1,6 @@
 """generation_config.json: EOS ids and the model's default sampling values.
 
-Oracle: plain greedy decoding with no-cache forwards (test_engine's ``greedy_ref``).
+Oracle: plain greedy decoding with no-cache forwards (tests/engine_helpers.py's ``greedy_ref``).
 A model default of greedy (``do_sample: false``) or of top_k 1 makes an unset request
 decode greedily; an explicit value must override it and then (seeded) sample something
 else.
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
+from engine_helpers import PROMPTS, greedy_ref
 from specdec import LLM, SamplingParams
 from specdec.models import ConfigError, GenerationDefaults
-from test_engine import PROMPTS, greedy_ref
 
 N = 12
 

@@ -13,6 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from checkpoints import make_checkpoint
+from engine_helpers import random_prompts
 from specdec import LLM, CacheCapacityError, SamplingParams
 from specdec.batch import build_forward_batch
 from specdec.kernels import get_backend
@@ -144,11 +145,6 @@ def model(ckpt):
     return load_model(ckpt)
 
 
-def _prompts(lengths, vocab=97, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def _nan_cache(model, num_blocks, block_size, dtype=torch.float32):
     cfg = model.config
     cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
@@ -184,7 +180,7 @@ def test_ragged_prefill_then_decode_matches_no_cache(model, block_size):
     ops = get_backend("torch")
     cache = _nan_cache(model, num_blocks=128, block_size=block_size)
     bm = BlockManager(128, block_size)
-    seqs = dict(enumerate(_prompts([1, 7, 8, 9, 17])))
+    seqs = dict(enumerate(random_prompts([1, 7, 8, 9, 17])))
     # 1. ragged prefill: every prompt in one forward
     got = _forward(model, cache, bm, ops, seqs, {i: 0 for i in seqs})
     for i, toks in seqs.items():
@@ -195,7 +191,7 @@ def test_ragged_prefill_then_decode_matches_no_cache(model, block_size):
     starts = {i: len(t) for i, t in seqs.items()}
     for i, more in extra.items():
         seqs[i] = seqs[i] + more
-    seqs[9] = _prompts([11], seed=1)[0]
+    seqs[9] = random_prompts([11], seed=1)[0]
     starts[9] = 0
     got = _forward(model, cache, bm, ops, seqs, starts)
     for i, toks in seqs.items():
@@ -215,7 +211,7 @@ def test_half_precision_cache(ckpt, dtype, tol):
     model = load_model(ckpt, dtype=dtype)
     cache = _nan_cache(model, num_blocks=32, block_size=4, dtype=dtype)
     bm = BlockManager(32, 4)
-    seqs = dict(enumerate(_prompts([3, 10, 6])))
+    seqs = dict(enumerate(random_prompts([3, 10, 6])))
     got = _forward(model, cache, bm, get_backend("torch"), seqs, {i: 0 for i in seqs})
     starts = {i: len(t) for i, t in seqs.items()}
     seqs = {i: t + [7, 8] for i, t in seqs.items()}
@@ -231,7 +227,7 @@ def test_half_precision_cache(ckpt, dtype, tol):
 def test_llm_half_precision_smoke(ckpt):
     llm = LLM(ckpt, draft="early-exit:1", device="cpu", dtype=torch.bfloat16, block_size=4)
     assert llm.cache.k.dtype == torch.bfloat16
-    outs = llm.generate(_prompts([2, 9]), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    outs = llm.generate(random_prompts([2, 9]), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [6, 6]
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
@@ -240,11 +236,11 @@ def test_reused_blocks_do_not_leak_stale_values(model):
     ops = get_backend("torch")
     cache = _nan_cache(model, num_blocks=6, block_size=4)
     bm = BlockManager(6, 4)
-    long = _prompts([21])[0]
+    long = random_prompts([21])[0]
     _forward(model, cache, bm, ops, {0: long}, {0: 0})
     bm.free(0)
     # seq 1 lands on seq 0's blocks; its last block's tail still holds seq 0's K/V
-    short = _prompts([6], seed=3)[0]
+    short = random_prompts([6], seed=3)[0]
     got = _forward(model, cache, bm, ops, {1: short}, {1: 0})
     assert set(bm.table(1)) <= {0, 1, 2, 3, 4, 5}
     assert_close(got[1], _full(model, short), **FP32)
@@ -256,7 +252,7 @@ def test_logits_rows_and_early_exit_layers(model):
     ops = get_backend("torch")
     cache = _nan_cache(model, num_blocks=16, block_size=4)
     bm = BlockManager(16, 4)
-    prompts = _prompts([5, 9])
+    prompts = random_prompts([5, 9])
     for i, p in enumerate(prompts):
         bm.allocate(i, len(p))
     tokens = torch.tensor(prompts[0] + prompts[1])
@@ -281,7 +277,7 @@ def test_tree_mask_sibling_branches(model):
     ops = get_backend("torch")
     cache = _nan_cache(model, num_blocks=8, block_size=4)
     bm = BlockManager(8, 4)
-    prefix = _prompts([6])[0]
+    prefix = random_prompts([6])[0]
     _forward(model, cache, bm, ops, {0: prefix}, {0: 0})
     # nodes: 0 = a (depth 0), 1 = b (child of a), 2 = c (child of a, sibling of b)
     a, b, c = 10, 20, 30
@@ -316,7 +312,7 @@ def _greedy_no_cache(model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("block_size", [4, 8])
 def test_llm_greedy_equals_no_cache_loop(ckpt, model, block_size):
-    prompts = _prompts([1, 3, 7, 8, 9, 17])
+    prompts = random_prompts([1, 3, 7, 8, 9, 17])
     n = 12
     llm = LLM(ckpt, draft=None, block_size=block_size, device="cpu", dtype=torch.float32)
     llm.cache.k.fill_(float("nan"))
@@ -333,7 +329,7 @@ def test_llm_greedy_equals_no_cache_loop(ckpt, model, block_size):
 def test_llm_blocks_returned_after_each_generate(ckpt):
     llm = LLM(ckpt, draft="ngram", block_size=4, device="cpu")
     for max_tokens in (3, 9):
-        llm.generate(_prompts([2, 5, 13]), SamplingParams(max_tokens=max_tokens, temperature=0))
+        llm.generate(random_prompts([2, 5, 13]), SamplingParams(max_tokens=max_tokens, temperature=0))
         assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
 

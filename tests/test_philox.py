@@ -5,21 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
+from stats import chi_square_pvalue
+
 from specdec.kernels.philox import (
     FIRST_FREE_STREAM,
     MAX_DRAWS,
     philox_uniform,
     sample_inverse_cdf,
 )
-
-
-def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson chi-square p-value of counts against expected counts (cells with 0 dropped)."""
-    observed, expected = observed.double(), expected.double()
-    keep = expected > 0
-    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
 
 
 @triton.jit

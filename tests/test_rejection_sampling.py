@@ -10,8 +10,8 @@ import torch
 from specdec.kernels import reference
 from specdec.kernels._sampling_core import DraftDist
 from specdec.kernels.rejection_sampling import rejection_sample
-from test_reference_sampler import (
-    _validation_cases,
+from rejection_helpers import (
+    validation_cases,
     check_invariants,
     dist_inputs,
     first_token_pvalue,
@@ -237,9 +237,9 @@ def test_bad_layout_unchecked_flags_the_sequence():
     assert_agree(out, n_acc, ref_out, ref_n)
 
 
-@pytest.mark.parametrize("case", range(len(_validation_cases())))
+@pytest.mark.parametrize("case", range(len(validation_cases())))
 def test_validation(case):
-    args, match = _validation_cases()[case]
+    args, match = validation_cases()[case]
     with pytest.raises(ValueError, match=match):
         rejection_sample(*args)
 

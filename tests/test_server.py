@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from specdec import LLM, SamplingParams
 from specdec.demo import SNIPPETS, demo_dirs
+from specdec.models import ModelConfig
 from specdec.server import ServerThread
 from specdec.server.load import drive
 
@@ -57,7 +58,9 @@ def llm():
 def small():
     """Plain decoding of the demo target, one sequence at a time, a KV cache of 11 blocks of 16 tokens."""
     target = demo_dirs().target
-    return LLM(target, device="cpu", backend="torch", max_num_seqs=1, kv_cache_memory=12 * (32 << 10))
+    cfg = ModelConfig.from_file(target)
+    block_bytes = 16 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32
+    return LLM(target, device="cpu", backend="torch", max_num_seqs=1, kv_cache_memory=12 * block_bytes)
 
 
 @pytest.fixture(scope="module")

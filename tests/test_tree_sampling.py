@@ -27,7 +27,7 @@ from specdec.kernels.philox import philox_uniform, sample_inverse_cdf
 from specdec.kernels.reference import sampling_probs
 from specdec.kernels.tree_sampling import tree_rejection_sample
 from stats import chi_square_test
-from test_reference_sampler import P_LOGITS, Q_ROWS, exact_outcomes, outcome_pvalue
+from rejection_helpers import P_LOGITS, Q_ROWS, exact_outcomes, outcome_pvalue
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 I32, I64 = torch.int32, torch.int64
