@@ -22,7 +22,7 @@ def test_embedded_models_ship_and_share_a_vocabulary():
 
 
 def test_demo_dirs_names_a_missing_head(tmp_path, monkeypatch):
-    import specdec.demo as demo
+    from specdec import demo
 
     monkeypatch.setattr(demo, "HEAD_DIR", tmp_path / "eagle3")
     with pytest.raises(FileNotFoundError, match="eagle3 is missing.*train_eagle3.py"):

@@ -111,8 +111,8 @@ def _load_contenders(dirs: DemoDirs, max_tokens: int, k: int, device, backend: s
     a share of free memory, would be allocated four times)."""
     from .. import LLM
 
-    common = dict(device=device, backend=backend, max_num_seqs=1, adaptive=False,
-                  kv_cache_memory=(max_tokens + 512) * (16 << 10))  # > 2x the bytes per token of any pair here (fp32)
+    common = {"device": device, "backend": backend, "max_num_seqs": 1, "adaptive": False,
+              "kv_cache_memory": (max_tokens + 512) * (16 << 10)}  # > 2x the bytes per token of any pair here (fp32)
     return {
         "plain": LLM(dirs.target, **common),
         "draft-model": LLM(dirs.target, draft=dirs.draft, num_draft_tokens=k, **common),
