@@ -118,7 +118,7 @@ def _pair(args, root: pathlib.Path, dtype) -> tuple[str, str | None, str, str]:
     if args.pair == "demo":
         from .demo import demo_dirs
 
-        target, draft = (str(d) for d in demo_dirs())
+        target, draft = (str(d) for d in demo_dirs()[:2])
         layers = [_config(d)["num_hidden_layers"] for d in (target, draft)]
         return target, draft, draft, f"demo pair ({layers[0]}-layer target, {layers[1]}-layer draft model)"
     d = args.draft_layers

@@ -50,14 +50,14 @@ def _client_request(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def llm():
-    target, draft = demo_dirs()
+    target, draft = demo_dirs()[:2]
     return LLM(target, draft=draft, num_draft_tokens=3, device="cpu", backend="torch", seed=0, adaptive=False)
 
 
 @pytest.fixture(scope="module")
 def small():
     """Plain decoding of the demo target, one sequence at a time, a KV cache of 11 blocks of 16 tokens."""
-    target, _ = demo_dirs()
+    target = demo_dirs().target
     cfg = ModelConfig.from_file(target)
     block_bytes = 16 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32
     return LLM(target, device="cpu", backend="torch", max_num_seqs=1, kv_cache_memory=12 * block_bytes)

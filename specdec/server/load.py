@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import ServerThread
 
     if args.target is None:
-        target, draft = demo_dirs()
+        target, draft = demo_dirs()[:2]
         draft = args.draft or draft
     else:
         target, draft = args.target, args.draft
