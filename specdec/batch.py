@@ -7,6 +7,7 @@ device.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,13 @@ class SamplingTensors:
             filtered=any(x.top_k > 0 or x.top_p < 1 for x in p),
             radix_rounds=radix_rounds_needed([x.top_k for x in p], [x.top_p for x in p]),
         )
+
+    def select(self, index: torch.Tensor) -> SamplingTensors:
+        """The rows ``index`` [A] int64 of the batch; the host facts, true of the whole
+        batch, stay true of any subset."""
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return dataclasses.replace(self, temperature=pick(self.temperature), top_k=pick(self.top_k),
+                                   top_p=pick(self.top_p), seeds=pick(self.seeds), offsets=pick(self.offsets))
 
 
 def build_forward_batch(

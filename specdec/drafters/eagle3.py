@@ -57,15 +57,6 @@ class _HeadState:
     logits: torch.Tensor  # [V] the draft logits of the token after the pending one
 
 
-def _rows(sampling: SamplingTensors, index: torch.Tensor) -> SamplingTensors:
-    """The sampling tensors of a subset of the batch (host facts kept: still true)."""
-    s = sampling
-    return SamplingTensors(temperature=s.temperature.index_select(0, index), top_k=s.top_k.index_select(0, index),
-                           top_p=s.top_p.index_select(0, index), seeds=s.seeds.index_select(0, index),
-                           offsets=s.offsets.index_select(0, index), all_greedy=s.all_greedy,
-                           filtered=s.filtered, radix_rounds=s.radix_rounds)
-
-
 class Eagle3Drafter(Drafter):
     """Drafts chains, static trees or dynamic trees with an ``Eagle3Head``.
 
@@ -191,7 +182,7 @@ class Eagle3Drafter(Drafter):
                 empty.parents = [[] for _ in seqs]
             return empty
         index = torch.tensor(active, dtype=torch.int64, device=device)
-        sub = _rows(sampling, index)
+        sub = sampling.select(index)
         states = [self._state[seqs[b]] for b in active]
         a = torch.stack([s.a for s in states])  # [A, H]
         logits = torch.stack([s.logits for s in states])  # [A, V]

@@ -12,6 +12,8 @@ consecutive positions (a chain's accepted drafts already sit there).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..batch import SamplingTensors, build_forward_batch, build_tree_batch
@@ -24,10 +26,7 @@ from .result import Captured, StepResult
 
 def _cumsum(counts: list[int], device) -> torch.Tensor:
     """[B + 1] int32 cumulative counts, built on the host."""
-    cu = [0]
-    for n in counts:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    return torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32, device=device)
 
 
 def prefill_tails(model, cache, ops, blocks: BlockManager, seqs: list[Sequence], cached: list[int], device,
@@ -130,11 +129,10 @@ class EagerRunner:
         captured = None
         if capture:
             logits, hidden = logits
-            starts = _cumsum(lengths, "cpu").tolist()
-            # starts has B + 1 entries (its last, the total, is not a start): read B of them
-            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails, strict=False)],
+            starts = list(itertools.accumulate(lengths, initial=0))[:-1]  # first row of each sequence
+            captured = Captured(hidden, [list(range(o, o + len(t))) for o, t in zip(starts, tails, strict=True)],
                                 [list(range(o + len(t), o + n))
-                                 for o, t, n in zip(starts, tails, lengths, strict=False)])
+                                 for o, t, n in zip(starts, tails, lengths, strict=True)])
         out, n_acc = self.ops.rejection_sample(
             logits, draft.tokens, draft.q, _cumsum(draft.counts, dev), max(draft.counts),
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds, sampling.offsets,
