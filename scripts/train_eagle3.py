@@ -320,6 +320,29 @@ def evaluate(target_dir: pathlib.Path, head_dir: pathlib.Path | None, draft_dir:
     return results
 
 
+def heldout_acceptance(target_dir: pathlib.Path, drafters: dict, val_data: torch.Tensor, num_prompts: int,
+                       prompt_len: int, max_tokens: int, k: int) -> dict:
+    """τ through the engine on prompts the head never trained on: ``num_prompts`` windows of
+    ``prompt_len`` tokens spread evenly over the held-out split, greedy, ``max_tokens`` each.
+    ``drafters``: name -> draft directory. Same prompts, same target for every drafter."""
+    from specdec import LLM, SamplingParams
+
+    starts = torch.linspace(0, len(val_data) - prompt_len - 1, num_prompts).long().tolist()
+    prompts = [val_data[s:s + prompt_len].tolist() for s in starts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    results = {}
+    for name, path in drafters.items():
+        llm = LLM(target_dir, draft=str(path), num_draft_tokens=k, adaptive=False, device="cpu", backend="torch")
+        llm.generate(prompts, params, progress=False)
+        m = llm.metrics()
+        results[name] = {"tokens": m["num_generated_tokens"],
+                         "mean_accepted_length": round(m["mean_accepted_length"], 3),
+                         "acceptance_rate": round(m["acceptance_rate"], 3)}
+        print(f"{name}: held-out, {num_prompts} prompts x {max_tokens} tokens through the engine: mean accepted "
+              f"length {m['mean_accepted_length']:.3f} (k={k}, greedy)", flush=True)
+    return results
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -455,6 +478,10 @@ def train(args) -> None:
     stats["eval"] = evaluate(target_dir, out, pathlib.Path(args.draft) if args.draft else None,
                              args.eval_tokens, args.eval_k)
     stats["eval_settings"] = {"k": args.eval_k, "max_tokens": args.eval_tokens, "greedy": True}
+    if args.heldout_prompts:
+        stats["eval_heldout"] = heldout_acceptance(
+            target_dir, {"eagle3": out, **({"draft_model": args.draft} if args.draft else {})}, val_data,
+            args.heldout_prompts, 32, args.eval_tokens, args.eval_k)
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=2))
 
@@ -468,6 +495,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval", default=None, metavar="HEAD_DIR", help="only measure acceptance of this head")
     ap.add_argument("--eval-k", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=64)
+    ap.add_argument("--heldout-prompts", type=int, default=32,
+                    help="also measure τ through the engine on this many held-out prompts (0: skip)")
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -490,8 +519,13 @@ def main(argv=None) -> None:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.eval is not None:
         torch.set_num_threads(args.threads)
-        evaluate(pathlib.Path(args.target), pathlib.Path(args.eval), pathlib.Path(args.draft) if args.draft else None,
+        target_dir = pathlib.Path(args.target)
+        evaluate(target_dir, pathlib.Path(args.eval), pathlib.Path(args.draft) if args.draft else None,
                  args.eval_tokens, args.eval_k)
+        if args.heldout_prompts:
+            _, val_data = load_data(target_dir, args.data_mb)
+            heldout_acceptance(target_dir, {"eagle3": args.eval, **({"draft_model": args.draft} if args.draft else {})},
+                               val_data, args.heldout_prompts, 32, args.eval_tokens, args.eval_k)
         return
     train(args)
 

@@ -16,7 +16,7 @@ import torch as _torch
 if "triton" not in _sys.modules and not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .api import LLM  # noqa: E402
+from .api import LLM, Load  # noqa: E402
 from .engine import NonFiniteLogitsError  # noqa: E402
 from .kv_cache import CacheCapacityError  # noqa: E402
 from .request import Request  # noqa: E402
@@ -25,6 +25,7 @@ from .sequence import RequestMetrics, RequestOutput  # noqa: E402
 
 __all__ = [
     "LLM",
+    "Load",
     "CacheCapacityError",
     "NonFiniteLogitsError",
     "Request",

@@ -7,7 +7,7 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -52,6 +52,14 @@ def generation_files(path: str | Path, config) -> tuple[GenerationDefaults, tupl
     file names ends generation."""
     defaults = GenerationDefaults.from_dir(path)
     return defaults, tuple(dict.fromkeys(config.eos_token_ids + (defaults.eos_token_ids or ())))
+
+
+class Load(NamedTuple):
+    """``LLM.load()``: a snapshot of what an instance holds."""
+
+    running: int  # requests admitted into the running batch
+    waiting: int  # requests queued for admission (new or preempted)
+    kv_cache_usage: float  # fraction of KV-cache blocks in use
 
 
 class LLM:
@@ -204,6 +212,11 @@ class LLM:
     def has_work(self) -> bool:
         """Whether any request is queued or running."""
         return self.engine.has_work()
+
+    def load(self) -> Load:
+        """What this instance holds now: requests running, requests waiting, KV-cache use."""
+        return Load(running=len(self.engine.running), waiting=len(self.engine.waiting),
+                    kv_cache_usage=1.0 - self.blocks.num_free_blocks / self.blocks.num_blocks)
 
     def _step_until_progress(self, request: Request) -> None:
         """Step the engine for an unfinished ``request`` (it is queued, so there is work)."""

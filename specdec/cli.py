@@ -151,7 +151,7 @@ def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     demo.add_argument("--drafter", default="best", choices=("best", "plain", "draft-model", "eagle3", "eagle3-tree"),
                       help="whose text is streamed (all are measured); best: the EAGLE-3 variant measured "
-                      "fastest on a 2-core CPU (NOTES-demo.md)")
+                      "fastest on a 2-core CPU (README: Quick start)")
     demo.set_defaults(func=_demo)
 
 

@@ -503,3 +503,21 @@ def test_random_interleaving_of_streams_handles_and_generate_calls(sp_dir, draft
     llm = make(sp_dir, draft, num_draft_tokens=3, block_size=4, max_num_seqs=3)
     solo = make(sp_dir, draft, num_draft_tokens=3, block_size=4)
     assert _interleave(llm, solo, order_seed) >= 5
+
+
+def test_load_reports_running_waiting_and_cache_use(tiny):
+    llm = make(tiny, max_num_seqs=2)
+    assert llm.load() == (0, 0, 0.0)
+    reqs = [llm.submit([5, 6, 7], GREEDY) for _ in range(3)]
+    assert llm.load() == (0, 3, 0.0)  # queued, nothing admitted before a step
+    llm.step()
+    load = llm.load()
+    assert (load.running, load.waiting) == (2, 1)
+    used = llm.blocks.num_blocks - llm.blocks.num_free_blocks
+    assert 0 < used and load.kv_cache_usage == used / llm.blocks.num_blocks
+    reqs[0].cancel()
+    llm.step()
+    assert llm.load().waiting == 0
+    while llm.has_work():
+        llm.step()
+    assert llm.load() == (0, 0, 0.0)

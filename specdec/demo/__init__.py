@@ -26,7 +26,7 @@ SNIPPETS = (
 )
 
 # The contenders of ``specdec demo``, in table order. The head's tree and the default were
-# chosen by measuring on a 2-core CPU (NOTES-demo.md): fixed here, never picked at run time
+# chosen by measuring on a 2-core CPU (README, Quick start): fixed here, never picked at run time
 # from one run's noisy timings. Measured there (median of 3): the head's chain at k = 4 1.90x
 # plain, the best tree tried (dynamic:2,5,10: top-2 expansion, 5 levels, 10 nodes) 1.55x;
 # on a CPU a tree's wider verify forward and eager drafting cost more than its longer

@@ -164,8 +164,8 @@ class EngineLoop:
     # ------------------------------------------------------------------ worker thread
     def _admit(self, req: GenerationRequest, prompts: list, arrival: float) -> Handle:
         llm = self.llm
-        if self.max_waiting is not None and len(llm.engine.waiting) >= self.max_waiting:
-            raise Overloaded(f"{len(llm.engine.waiting)} requests are already waiting (--max-waiting "
+        if self.max_waiting is not None and (waiting := llm.load().waiting) >= self.max_waiting:
+            raise Overloaded(f"{waiting} requests are already waiting (--max-waiting "
                              f"{self.max_waiting}): retry later")
         context = llm.config.max_position_embeddings
         tokenized = []
@@ -211,7 +211,7 @@ class EngineLoop:
         start = time.perf_counter()
         finished = llm.step()
         now = time.perf_counter()
-        batch = len(llm.engine.running) + len(finished)
+        batch = llm.load().running + len(finished)
         if batch:
             self.steps += 1
             self.metrics.steps.inc()

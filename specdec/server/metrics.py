@@ -50,10 +50,10 @@ class ServerMetrics:
 
     def refresh(self, llm) -> None:
         """Gauges from the engine's state; call from the thread that steps ``llm``."""
-        engine, blocks = llm.engine, llm.blocks
-        self.running.set(len(engine.running))
-        self.waiting.set(len(engine.waiting))
-        self.kv_usage.set(1.0 - blocks.num_free_blocks / blocks.num_blocks)
+        load = llm.load()
+        self.running.set(load.running)
+        self.waiting.set(load.waiting)
+        self.kv_usage.set(load.kv_cache_usage)
         m = llm.metrics()
         self.acceptance_rate.set(m["acceptance_rate"])
         self.mean_accepted_length.set(m["mean_accepted_length"])
