@@ -20,13 +20,17 @@ weight 0.8^s on the soft cross-entropy against the target's distribution for x_{
 Data and tokens are those of ``scripts/train_demo_pair.py`` (the Python standard
 library's sources, the demo target's own tokenizer, the same 98 % training split).
 
-    python scripts/train_eagle3.py --target specdec/demo/target --out specdec/demo/eagle3 --steps 900
+    python scripts/train_eagle3.py --out A --steps 4800 --lr 3e-3 --warmup 50 --ttt-steps 4 --threads 2
+    python scripts/train_eagle3.py --out B --resume A --seed 1 --steps 2000 --lr 1e-3 --warmup 10 --ttt-steps 4 \
+        --threads 2
     python scripts/train_eagle3.py --eval specdec/demo/eagle3 --target specdec/demo/target --draft specdec/demo/draft
 
 writes ``OUT/config.json`` (SpecForge layout, ``LlamaForCausalLMEagle3``),
-``OUT/model.safetensors`` (bfloat16) and ``OUT/training.json``. ``--eval`` measures the
-mean accepted length with a plain PyTorch greedy chain (k draft tokens per target
-forward, full recompute, no engine): the demo snippets x 64 tokens.
+``OUT/model.safetensors`` (bfloat16) and ``OUT/training.json``. ``--eval`` (and the end
+of training) measures the mean accepted length with a plain PyTorch greedy chain (k draft
+tokens per target forward, full recompute, no engine) on the demo snippets x 64 tokens,
+then through the engine on ``--heldout-prompts`` prompts from the held-out split, per
+target forward and per draft step, beside ``--draft`` when given.
 """
 
 from __future__ import annotations
@@ -337,9 +341,11 @@ def heldout_acceptance(target_dir: pathlib.Path, drafters: dict, val_data: torch
         m = llm.metrics()
         results[name] = {"tokens": m["num_generated_tokens"],
                          "mean_accepted_length": round(m["mean_accepted_length"], 3),
+                         "accepted_length_per_draft_step": round(m["accepted_length_per_draft_step"], 3),
                          "acceptance_rate": round(m["acceptance_rate"], 3)}
         print(f"{name}: held-out, {num_prompts} prompts x {max_tokens} tokens through the engine: mean accepted "
-              f"length {m['mean_accepted_length']:.3f} (k={k}, greedy)", flush=True)
+              f"length {m['mean_accepted_length']:.3f} per target forward, "
+              f"{m['accepted_length_per_draft_step']:.3f} per draft step (k={k}, greedy)", flush=True)
     return results
 
 

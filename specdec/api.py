@@ -329,11 +329,13 @@ def engine_metrics(engine: Engine, num_requests: int) -> dict:
     return {
         "num_requests": num_requests,
         "num_steps": t.num_steps,
+        "num_draft_steps": t.num_draft_steps,
         "num_generated_tokens": t.num_generated,
         "num_draft_tokens": t.num_draft_tokens,
         "num_accepted_tokens": t.num_accepted_tokens,
         "acceptance_rate": t.acceptance_rate,
         "mean_accepted_length": t.mean_accepted_length,
+        "accepted_length_per_draft_step": t.accepted_length_per_draft_step,
         "acceptance_rate_by_position": [a / p if p else 0.0 for a, p in
                                         zip(t.accepted_per_position, t.proposed_per_position, strict=False)],
         "accepted_per_position": list(t.accepted_per_position),

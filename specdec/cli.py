@@ -30,7 +30,7 @@ def _generate(args) -> int:
           f"{m['num_steps']} target forwards, {m['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
     print(f"acceptance rate {m['acceptance_rate']:.3f} ({m['num_accepted_tokens']}/{m['num_draft_tokens']} draft "
           f"tokens; by position: {by_pos}), mean accepted length {m['mean_accepted_length']:.2f} tokens per "
-          "target forward", file=sys.stderr)
+          f"target forward, {m['accepted_length_per_draft_step']:.2f} per draft step", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ class RequestMetrics:
     """Speculation counters of one request.
 
     num_steps:           target forwards that emitted tokens for this request
+    num_draft_steps:     those of them that verified at least one draft token
     num_draft_tokens:    draft tokens proposed to the target
     num_accepted_tokens: draft tokens the target accepted
     num_generated:       tokens emitted (accepted drafts + one sampled token per step)
@@ -27,6 +28,7 @@ class RequestMetrics:
     """
 
     num_steps: int = 0
+    num_draft_steps: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_generated: int = 0
@@ -43,11 +45,20 @@ class RequestMetrics:
         """Tokens emitted per target forward (1.0 for plain decoding)."""
         return self.num_generated / self.num_steps if self.num_steps else 0.0
 
+    @property
+    def accepted_length_per_draft_step(self) -> float:
+        """1 + accepted drafts per step that verified drafts: the figure vLLM and SGLang report
+        as the mean acceptance length (EAGLE's τ). Unlike ``mean_accepted_length`` it leaves
+        out steps that drafted nothing, such as a hidden-state drafter's prefill. 0 without
+        such steps."""
+        return 1 + self.num_accepted_tokens / self.num_draft_steps if self.num_draft_steps else 0.0
+
     def record_step(self, num_draft: int, num_accepted: int, num_emitted: int, depth: int | None = None) -> None:
         """One step: ``num_draft`` tokens proposed (tree nodes), ``depth`` positions deep
         (= num_draft for a chain), ``num_accepted`` accepted, ``num_emitted`` kept."""
         depth = num_draft if depth is None else depth
         self.num_steps += 1
+        self.num_draft_steps += num_draft > 0
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += num_accepted
         self.num_generated += num_emitted
@@ -61,6 +72,7 @@ class RequestMetrics:
 
     def merge(self, other: RequestMetrics) -> None:
         self.num_steps += other.num_steps
+        self.num_draft_steps += other.num_draft_steps
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
         self.num_generated += other.num_generated

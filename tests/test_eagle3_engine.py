@@ -78,6 +78,9 @@ def test_greedy_equals_plain_greedy(dirs, kind, head):
     llm = _greedy(dirs, getattr(dirs, head), DRAFTS[kind], block_size=3, max_num_seqs=3)
     m = llm.metrics()
     assert m["num_draft_tokens"] > 0 and m["num_accepted_tokens"] > 0, m  # drafts were accepted too
+    if kind == "chain":  # a step that drafted proposed position 0; a request's first step (its prefill) did not
+        assert m["num_draft_steps"] == m["proposed_per_position"][0] <= m["num_steps"] - len(PROMPTS)
+        assert m["accepted_length_per_draft_step"] == 1 + m["num_accepted_tokens"] / m["num_draft_steps"]
 
 
 def test_greedy_under_preemption(dirs):

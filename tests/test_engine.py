@@ -156,12 +156,14 @@ def test_greedy_speculative_equals_plain_greedy(dirs, family, drafter):
         check_metrics(out, k)
         if drafter is None:
             assert out.metrics.num_draft_tokens == 0 and out.metrics.num_steps == len(out.token_ids)
+            assert out.metrics.num_draft_steps == 0 and out.metrics.accepted_length_per_draft_step == 0.0
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
     totals = llm.metrics()
     assert totals["num_requests"] == len(PROMPTS)
     assert totals["num_generated_tokens"] == sum(len(o.token_ids) for o in outs)
     assert totals["num_steps"] == sum(o.metrics.num_steps for o in outs)
     assert totals["num_accepted_tokens"] == sum(o.metrics.num_accepted_tokens for o in outs)
+    assert totals["num_draft_steps"] == sum(o.metrics.num_draft_steps for o in outs)
     if drafter == "ngram":
         assert totals["num_accepted_tokens"] > 0, "the repetitive prompt should get n-gram hits"
 
@@ -197,6 +199,9 @@ def test_target_as_its_own_draft_accepts_everything(dirs, family):
         assert m.num_steps == cdiv(MAX_TOKENS, K + 1)
         # drafts stop at max_tokens: a step with one token left proposes none
         assert m.proposed_per_position[0] == m.num_steps - (MAX_TOKENS % (K + 1) == 1)
+        # a chain step that proposed anything proposed position 0; every draft was accepted
+        assert m.num_draft_steps == m.proposed_per_position[0]
+        assert m.accepted_length_per_draft_step == 1 + m.num_draft_tokens / m.num_draft_steps
     assert llm.metrics()["acceptance_rate_by_position"] == [1.0] * K
     exact = make_llm(path, str(path)).generate(
         PROMPTS[0], SamplingParams(max_tokens=3 * (K + 1), temperature=0, ignore_eos=True))[0]

@@ -487,6 +487,7 @@ def test_metrics_parse_and_count_what_was_sent(llm):
         assert sorted(by_position) == [(("position", str(i)),) for i in range(3)]  # k = 3
         assert all(0 <= v <= 1 for v in by_position.values())
         assert _metric(server, "specdec_mean_accepted_length")[()] >= 1
+        assert _metric(server, "specdec_accepted_length_per_draft_step")[()] >= 1  # the requests drafted
         assert families["specdec_step_batch_size"].type == "histogram"
 
 

@@ -26,11 +26,12 @@ SNIPPETS = (
 )
 
 # The contenders of ``specdec demo``, in table order. The head's tree and the default were
-# chosen by measuring on a 2-core CPU (README, Quick start): fixed here, never picked at run time
-# from one run's noisy timings. Measured there (median of 3): the head's chain at k = 4 1.90x
-# plain, the best tree tried (dynamic:2,5,10: top-2 expansion, 5 levels, 10 nodes) 1.55x;
-# on a CPU a tree's wider verify forward and eager drafting cost more than its longer
-# accepted runs (3.82 vs 3.32 tokens per target forward) bring back.
+# chosen by measuring on a 2-core CPU (README, Quick start): fixed here, never picked at run
+# time from one run's noisy timings. Measured there (idle, 3 runs): the head's chain at
+# k = 4 1.92-1.93x plain, the draft model 1.63-1.80x, the best tree tried (dynamic:2,5,10:
+# top-2 expansion, 5 levels, 10 nodes) 1.48-1.64x; on a CPU a tree's wider verify forward
+# and eager drafting cost more than its longer accepted runs (4.06 vs 3.37 tokens per
+# target forward) bring back.
 CONTENDERS = ("plain", "draft-model", "eagle3", "eagle3-tree")
 DEMO_TREE = "dynamic:2,5,10"
 BEST_DRAFTER = "eagle3"
@@ -129,23 +130,27 @@ def _print_table(figures: dict, shown: str, out) -> None:
     for f in figures.values():
         f["speedup"] = f["tokens_per_second"] / plain if plain else 0.0
     print("─" * 60, file=out)
-    print(f"{'contender':<14}{'mean accepted length':>22}{'acceptance rate':>17}{'tokens/s':>10}{'speedup':>9}",
-          file=out)
+    print(f"{'contender':<14}{'mean accepted length':>22}{'per draft step':>16}{'acceptance rate':>17}"
+          f"{'tokens/s':>10}{'speedup':>9}", file=out)
     for name, f in figures.items():
         rate = f"{f['acceptance_rate']:.3f}" if name != "plain" else "-"
+        per_step = f"{f['accepted_length_per_draft_step']:.2f}" if name != "plain" else "-"
         mark = "  <- shown" if name == shown else ""
-        print(f"{name:<14}{f['mean_accepted_length']:>22.2f}{rate:>17}{f['tokens_per_second']:>10.1f}"
+        print(f"{name:<14}{f['mean_accepted_length']:>22.2f}{per_step:>16}{rate:>17}{f['tokens_per_second']:>10.1f}"
               f"{f['speedup']:>8.2f}x{mark}", file=out)
-    print("\nmean accepted length: tokens per target forward; speedup: tokens/s over plain decoding's, "
-          "same target, same run", file=out)
+    print("\nmean accepted length: tokens per target forward, the prefill counted; per draft step: 1 + accepted "
+          "drafts per step that verified drafts (vLLM's mean acceptance length); speedup: tokens/s over plain "
+          "decoding's, same target, same run", file=out)
 
 
 def _since(now: dict, before: dict) -> dict:
     """Counters accumulated between two ``LLM.metrics()`` snapshots, with the rates redone."""
-    keys = ("num_steps", "num_generated_tokens", "num_draft_tokens", "num_accepted_tokens")
+    keys = ("num_steps", "num_draft_steps", "num_generated_tokens", "num_draft_tokens", "num_accepted_tokens")
     d = {k: now[k] - before[k] for k in keys}
     d["acceptance_rate"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else 0.0
     d["mean_accepted_length"] = d["num_generated_tokens"] / d["num_steps"] if d["num_steps"] else 0.0
+    d["accepted_length_per_draft_step"] = (1 + d["num_accepted_tokens"] / d["num_draft_steps"]
+                                           if d["num_draft_steps"] else 0.0)
     pairs = zip(now["accepted_per_position"], now["proposed_per_position"],
                 before["accepted_per_position"] + [0] * len(now["accepted_per_position"]),
                 before["proposed_per_position"] + [0] * len(now["proposed_per_position"]),

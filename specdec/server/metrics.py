@@ -45,6 +45,9 @@ class ServerMetrics:
                                      registry=r)
         self.mean_accepted_length = Gauge("specdec_mean_accepted_length",
                                           "Tokens emitted per target forward (finished requests)", registry=r)
+        self.per_draft_step = Gauge("specdec_accepted_length_per_draft_step",
+                                    "1 + accepted drafts per step that verified drafts (finished requests)",
+                                    registry=r)
         for reason in FINISH_REASONS:  # present from the start, at 0
             self.requests.labels(reason)
 
@@ -57,6 +60,7 @@ class ServerMetrics:
         m = llm.metrics()
         self.acceptance_rate.set(m["acceptance_rate"])
         self.mean_accepted_length.set(m["mean_accepted_length"])
+        self.per_draft_step.set(m["accepted_length_per_draft_step"])
         for i, rate in enumerate(m["acceptance_rate_by_position"]):
             self.acceptance.labels(str(i)).set(rate)
 
