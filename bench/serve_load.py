@@ -1,7 +1,7 @@
 """Load benchmark of `specdec serve`: concurrency 1, 8, 32, 64 over loopback, speculative
 and plain decoding through the same server code, as a markdown table.
 
-    python bench/serve_load.py                          # the embedded demo pair (CPU: ~2 min)
+    python bench/serve_load.py                          # the embedded demo target and head (CPU: ~2 min)
     python bench/serve_load.py --target DIR --draft DIR --max-tokens 128
 
 (``PYTHONPATH=.`` where specdec is not installed.) The logic and the definitions of the

@@ -68,14 +68,16 @@ def _demo(args) -> int:
 
 def _serve(args) -> int:
     from . import LLM
-    from .demo import demo_dirs
+    from .demo import best_draft, demo_dirs
     from .server import serve
 
     draft: str | Path | None
     if args.target is None:
         if args.draft is not None:
-            raise ValueError("--draft needs --target (without --target the embedded demo pair is served)")
-        target, draft = demo_dirs()[:2]
+            raise ValueError("--draft needs --target (without --target the embedded demo target is served with "
+                             "its EAGLE-3 head)")
+        dirs = demo_dirs()
+        target, draft = dirs.target, best_draft(dirs)
         name = args.served_model_name or "specdec-demo"
     else:
         target, draft = args.target, args.draft
@@ -162,7 +164,7 @@ def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--target", default=None, help="target model directory (default: the embedded demo target)")
     srv.add_argument("--draft", default=None, help="draft model directory, EAGLE-3 head directory, 'ngram', or "
                      "'early-exit:N' "
-                     "(default with the demo: the demo draft)")
+                     "(default with the demo: its EAGLE-3 head)")
     srv.add_argument("--no-draft", action="store_true", help="plain decoding (no drafter)")
     srv.add_argument("--num-draft-tokens", type=positive_int, default=4)
     srv.add_argument("--draft-tree", type=_branching, default=None, metavar="B1,B2,...|dynamic:K,D,N")
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)",
                          description="Serve a target (and drafter) over an OpenAI-compatible HTTP API. "
-                                     "Without --target: the embedded demo pair.")
+                                     "Without --target: the embedded demo target and its EAGLE-3 head.")
     _add_serve_arguments(srv)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an HF-style directory")

@@ -96,3 +96,23 @@ def test_cli_demo(capsys):
     assert main(["demo", "--max-tokens", "2", "--drafter", "eagle3-tree"]) == 0
     text = capsys.readouterr().out
     assert "showing eagle3-tree" in text and "mean accepted length" in text
+
+
+def test_serve_without_a_target_serves_the_demo_target_with_the_best_drafter(monkeypatch):
+    import specdec
+    import specdec.server
+
+    seen = {}
+
+    class Recorder:  # stands in for LLM: records what `specdec serve` builds
+        def __init__(self, target, draft=None, **kw):
+            seen.update(target=target, draft=draft)
+
+        def warm_up(self):
+            pass
+
+    monkeypatch.setattr(specdec, "LLM", Recorder)
+    monkeypatch.setattr(specdec.server, "serve", lambda *a, **kw: None)
+    assert main(["serve"]) == 0
+    dirs = demo_dirs()
+    assert BEST_DRAFTER == "eagle3" and seen == {"target": dirs.target, "draft": dirs.head}

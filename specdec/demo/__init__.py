@@ -57,6 +57,12 @@ def demo_dirs() -> DemoDirs:
     return DemoDirs(TARGET_DIR, DRAFT_DIR, HEAD_DIR)
 
 
+def best_draft(dirs: DemoDirs) -> Path:
+    """The draft directory of ``BEST_DRAFTER``: what ``specdec serve`` and the load benchmark
+    use with the embedded target."""
+    return {"draft-model": dirs.draft, "eagle3": dirs.head}[BEST_DRAFTER]
+
+
 def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backend: str = "auto",
              out=None, drafter: str = "best") -> dict:
     """Complete the snippets with every contender in one run (greedy, batch 1, same target):

@@ -143,9 +143,9 @@ def run_levels(url: str, mode: str, levels: list[int], requests_per_client: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default=None, help="target model directory (default: the embedded demo pair)")
+    parser.add_argument("--target", default=None, help="target model directory (default: the embedded demo target)")
     parser.add_argument("--draft", default=None, help="drafter for the speculative rows (default with the demo: "
-                        "the demo draft)")
+                        "its EAGLE-3 head)")
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -161,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .. import LLM
-    from ..demo import demo_dirs
+    from ..demo import best_draft, demo_dirs
     from . import ServerThread
 
     if args.target is None:
-        target, draft = demo_dirs()[:2]
-        draft = args.draft or draft
+        dirs = demo_dirs()
+        target, draft = dirs.target, args.draft or best_draft(dirs)
     else:
         target, draft = args.target, args.draft
     modes = args.modes.split(",")
