@@ -19,6 +19,7 @@ from .engine import Engine
 from .kernels import get_backend
 from .kv_cache import allocate_caches
 from .models import GenerationDefaults, load_model
+from .models.loader import load_tokenizer
 from .request import (
     Request,
     conversation_list,
@@ -32,18 +33,6 @@ from .request import (
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput, Sequence, Status
 from .speculation import AdaptiveSpeculation
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-def load_tokenizer(path: str | Path):
-    """transformers' AutoTokenizer for a model directory, or None when it has none."""
-    path = Path(path)
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def generation_files(path: str | Path, config) -> tuple[GenerationDefaults, tuple[int, ...]]:

@@ -5,8 +5,9 @@ Kinds (``DrafterSpec.kind``):
   none        ``draft=None``: plain decoding through the speculative engine
   ngram       ``"ngram"``: prompt lookup, drafts from the host
   early-exit  ``"early-exit:N"``: the target's first N layers, sharing its weights and cache
-  model       a model directory (config.json + weights) sharing the target's vocabulary,
-              with a KV cache of its own
+  model       a model directory (config.json + weights) sharing the target's tokenizer
+              (its vocabulary maybe padded to another size: models/vocab.py), with a KV
+              cache of its own
   eagle3      an EAGLE-3 head directory (``is_eagle3_dir``): one decoder layer drafting
               from the target's captured hidden states, with a one-layer KV cache of its
               own; chains, static trees or ``draft_tree="dynamic:K,D,N"``
@@ -35,6 +36,7 @@ from ..kv_cache import BlockManager, KVCache
 from ..models import ModelConfig, load_model
 from ..models.eagle3 import Eagle3Config, check_against_target, is_eagle3_dir, load_eagle3
 from ..models.llama import LlamaForCausalLM
+from ..models.vocab import check_draft_vocab, fit_vocab
 from ..tree import TreeShape
 from .base import Drafter
 from .draft_model import ModelDrafter
@@ -187,12 +189,7 @@ def draft_cache_config(spec: DrafterSpec, target_path,
     if spec.kind != "model":
         return None
     config = ModelConfig.from_file(spec.model_path)
-    if config.vocab_size != target_config.vocab_size:
-        raise ValueError(
-            f"the draft model {spec.name} has a vocabulary of {config.vocab_size} tokens "
-            f"but the target {target_path} has {target_config.vocab_size}: a draft must share the "
-            "target's vocabulary"
-        )
+    check_draft_vocab(spec.model_path, config.vocab_size, target_path, target_config.vocab_size, spec.name)
     return config
 
 
@@ -227,6 +224,7 @@ def build_drafter(spec: DrafterSpec, target: LlamaForCausalLM, cache: KVCache, d
             raise ValueError(f"the draft model {spec.name} needs a KV cache of its own: size one from "
                              "draft_cache_config()")
         model = load_model(spec.model_path, device, dtype)
+        fit_vocab(model, target.config.vocab_size)  # padded to another size: checked by draft_cache_config
         return ModelDrafter(model, draft_cache, blocks, ops, name=spec.name, tree=spec.static_tree)
     if spec.kind == "eagle3":
         return _build_eagle3(spec, target, draft_cache, blocks, ops, device, dtype, draft_config)

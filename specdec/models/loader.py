@@ -50,6 +50,19 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer(path: str | Path):
+    """transformers' AutoTokenizer for a model directory, or None when it has none."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """Load an HF-style llama / mistral / qwen2 / qwen3 / gemma2 / gemma3 (text) directory.
 
