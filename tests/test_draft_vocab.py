@@ -119,7 +119,7 @@ def _outcomes(llm: LLM):
 def test_samples_target_distribution(pair, which):
     joint, _ = exact_joint(pair.model, PROMPT, SamplingParams(temperature=1.0))
     assert joint.view(-1, V)[:, 6:].sum() > 0.05  # the target does emit the small draft's padding ids
-    llm = _llm(pair, getattr(pair, which))
+    llm = _llm(pair, getattr(pair, which), max_num_seqs=512)
     res = chi_square_test(_outcomes(llm), joint)
     assert res.impossible == 0 and res.p_value > ALPHA, res
     m = llm.metrics()
@@ -129,7 +129,7 @@ def test_samples_target_distribution(pair, which):
 @pytest.mark.slow
 def test_a_wrong_rule_is_rejected(pair):
     joint, _ = exact_joint(pair.model, PROMPT, SamplingParams(temperature=1.0))
-    llm = _llm(pair, pair.small)
+    llm = _llm(pair, pair.small, max_num_seqs=512)
     llm.engine.ops = dataclasses.replace(llm.engine.ops, rejection_sample=residual_from_p)
     res = chi_square_test(_outcomes(llm), joint)
     assert res.p_value < POWER_ALPHA, f"a wrong sampler passed the distribution test: {res}"
