@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
@@ -31,7 +32,7 @@ from .request import (
     stream_text,
 )
 from .sampling_params import SamplingParams
-from .sequence import RequestOutput, Sequence, Status
+from .sequence import RequestMetrics, RequestOutput, Sequence, Status
 from .speculation import AdaptiveSpeculation
 
 
@@ -302,6 +303,11 @@ class LLM:
         """Totals over every request this instance served."""
         return engine_metrics(self.engine, num_requests=self._next_id)
 
+    def totals(self) -> RequestMetrics:
+        """A snapshot of the speculation counters over every retired request (``metrics()``'s
+        counts); ``later.since(earlier)`` gives what one stretch of work added."""
+        return copy.deepcopy(self.engine.totals)
+
 
 def _warm_up_batch_sizes(batch_sizes: list[int] | None, max_num_seqs: int) -> list[int]:
     """``LLM.warm_up``'s batch sizes: every size up to ``max_num_seqs`` by default; ValueError unless positive ints."""
@@ -317,18 +323,7 @@ def engine_metrics(engine: Engine, num_requests: int) -> dict:
     t = engine.totals
     return {
         "num_requests": num_requests,
-        "num_steps": t.num_steps,
-        "num_draft_steps": t.num_draft_steps,
-        "num_generated_tokens": t.num_generated,
-        "num_draft_tokens": t.num_draft_tokens,
-        "num_accepted_tokens": t.num_accepted_tokens,
-        "acceptance_rate": t.acceptance_rate,
-        "mean_accepted_length": t.mean_accepted_length,
-        "accepted_length_per_draft_step": t.accepted_length_per_draft_step,
-        "acceptance_rate_by_position": [a / p if p else 0.0 for a, p in
-                                        zip(t.accepted_per_position, t.proposed_per_position, strict=False)],
-        "accepted_per_position": list(t.accepted_per_position),
-        "proposed_per_position": list(t.proposed_per_position),
+        **t.as_dict(),
         # generated tokens per second of engine time (steps), not the callers' time between them
         "tokens_per_second": t.num_generated / engine.busy_seconds if engine.busy_seconds else 0.0,
         "chain_length": engine.last_k,  # the latest step's k (adaptive speculation varies it)

@@ -53,6 +53,39 @@ class RequestMetrics:
         such steps."""
         return 1 + self.num_accepted_tokens / self.num_draft_steps if self.num_draft_steps else 0.0
 
+    @property
+    def acceptance_rate_by_position(self) -> list[float]:
+        """Accepted / proposed drafts at each position (tree depth); 0 where none was proposed."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_per_position, self.proposed_per_position,
+                                                     strict=True)]
+
+    def as_dict(self) -> dict:
+        """The counters and rates under ``LLM.metrics()``'s names."""
+        return {
+            "num_steps": self.num_steps,
+            "num_draft_steps": self.num_draft_steps,
+            "num_generated_tokens": self.num_generated,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "accepted_length_per_draft_step": self.accepted_length_per_draft_step,
+            "acceptance_rate_by_position": self.acceptance_rate_by_position,
+            "accepted_per_position": list(self.accepted_per_position),
+            "proposed_per_position": list(self.proposed_per_position),
+        }
+
+    def since(self, earlier: RequestMetrics) -> RequestMetrics:
+        """What was counted after ``earlier``, a snapshot of these same metrics."""
+        out = RequestMetrics(num_steps=self.num_steps - earlier.num_steps,
+                             num_draft_steps=self.num_draft_steps - earlier.num_draft_steps,
+                             num_draft_tokens=self.num_draft_tokens - earlier.num_draft_tokens,
+                             num_accepted_tokens=self.num_accepted_tokens - earlier.num_accepted_tokens,
+                             num_generated=self.num_generated - earlier.num_generated)
+        out._merge_positions(self, 1)
+        out._merge_positions(earlier, -1)
+        return out
+
     def record_step(self, num_draft: int, num_accepted: int, num_emitted: int, depth: int | None = None) -> None:
         """One step: ``num_draft`` tokens proposed (tree nodes), ``depth`` positions deep
         (= num_draft for a chain), ``num_accepted`` accepted, ``num_emitted`` kept."""
@@ -76,11 +109,14 @@ class RequestMetrics:
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
         self.num_generated += other.num_generated
+        self._merge_positions(other, 1)
+
+    def _merge_positions(self, other: RequestMetrics, sign: int) -> None:
         for mine, theirs in ((self.proposed_per_position, other.proposed_per_position),
                              (self.accepted_per_position, other.accepted_per_position)):
             mine += [0] * max(0, len(theirs) - len(mine))
             for i, n in enumerate(theirs):
-                mine[i] += n
+                mine[i] += sign * n
 
 
 @dataclass

@@ -162,3 +162,21 @@ def test_soak_2000_requests_complete_with_bounded_memory(tiny):
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
     print(f"soak: RSS after the first 200 requests {rss[0]:.0f} MiB, after 2000 {rss[-1]:.0f} MiB")
     assert rss[-1] - rss[1] < 64, f"RSS grew from {rss[1]:.0f} to {rss[-1]:.0f} MiB over 1,600 requests"
+
+
+def test_request_metrics_since_a_snapshot_counts_only_what_came_after():
+    from specdec.sequence import RequestMetrics
+
+    steps_before = [(2, 1, 2), (0, 0, 1)]  # (drafts, accepted, emitted)
+    steps_after = [(3, 3, 4), (2, 0, 1), (0, 0, 1)]  # deeper than any step before the snapshot
+    m, alone = RequestMetrics(), RequestMetrics()
+    for step in steps_before:
+        m.record_step(*step)
+    snapshot = RequestMetrics()
+    snapshot.merge(m)
+    for step in steps_after:
+        m.record_step(*step)
+        alone.record_step(*step)
+    assert m.since(snapshot) == alone
+    assert alone.as_dict()["acceptance_rate_by_position"] == [1 / 2, 1 / 2, 1 / 1]
+    assert alone.accepted_length_per_draft_step == 1 + 3 / 2 and alone.mean_accepted_length == 6 / 3

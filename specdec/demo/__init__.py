@@ -72,8 +72,8 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
     plain decoding measured in this run. Each contender is warmed up untimed; the contenders
     take turns snippet by snippet, so a change of machine load hits them alike.
 
-    Returns ``{"drafter": name, "contenders": {name: figures}}`` (figures: ``_since`` plus
-    ``seconds``, ``tokens_per_second`` and ``speedup``).
+    Returns ``{"drafter": name, "contenders": {name: figures}}`` (figures: the timed run's
+    ``RequestMetrics.as_dict()`` plus ``seconds``, ``tokens_per_second`` and ``speedup``).
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"the demo needs max_tokens >= 1 (it compares tokens/s), got {max_tokens!r}")
@@ -91,7 +91,7 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
     warm = SamplingParams(max_tokens=8, temperature=0)
     for llm in llms.values():  # warm-up, untimed and left out of the figures
         llm.generate(SNIPPETS[0], warm)
-    before = {name: llm.metrics() for name, llm in llms.items()}
+    before = {name: llm.totals() for name, llm in llms.items()}
     seconds = dict.fromkeys(llms, 0.0)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     order = [shown] + [name for name in llms if name != shown]
@@ -107,7 +107,7 @@ def run_demo(max_tokens: int = 64, num_draft_tokens: int = 4, device=None, backe
                 llms[name].generate(snippet, params)
             seconds[name] += time.perf_counter() - start
         print(file=out)
-    figures = {name: {**_since(llm.metrics(), before[name]), "seconds": seconds[name]}
+    figures = {name: {**llm.totals().since(before[name]).as_dict(), "seconds": seconds[name]}
                for name, llm in llms.items()}
     _print_table(figures, shown, out)
     return {"drafter": shown, "contenders": figures}
@@ -148,18 +148,3 @@ def _print_table(figures: dict, shown: str, out) -> None:
           "drafts per step that verified drafts (vLLM's mean acceptance length); speedup: tokens/s over plain "
           "decoding's, same target, same run", file=out)
 
-
-def _since(now: dict, before: dict) -> dict:
-    """Counters accumulated between two ``LLM.metrics()`` snapshots, with the rates redone."""
-    keys = ("num_steps", "num_draft_steps", "num_generated_tokens", "num_draft_tokens", "num_accepted_tokens")
-    d = {k: now[k] - before[k] for k in keys}
-    d["acceptance_rate"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else 0.0
-    d["mean_accepted_length"] = d["num_generated_tokens"] / d["num_steps"] if d["num_steps"] else 0.0
-    d["accepted_length_per_draft_step"] = (1 + d["num_accepted_tokens"] / d["num_draft_steps"]
-                                           if d["num_draft_steps"] else 0.0)
-    pairs = zip(now["accepted_per_position"], now["proposed_per_position"],
-                before["accepted_per_position"] + [0] * len(now["accepted_per_position"]),
-                before["proposed_per_position"] + [0] * len(now["proposed_per_position"]),
-                strict=False)  # `before` is padded with zeros past its own length: read as far as `now`
-    d["acceptance_rate_by_position"] = [(a - a0) / (p - p0) if p > p0 else 0.0 for a, p, a0, p0 in pairs]
-    return d
