@@ -324,13 +324,14 @@ def evaluate(target_dir: pathlib.Path, head_dir: pathlib.Path | None, draft_dir:
     return results
 
 
-def heldout_acceptance(target_dir: pathlib.Path, drafters: dict, val_data: torch.Tensor, num_prompts: int,
-                       prompt_len: int, max_tokens: int, k: int) -> dict:
+def heldout_acceptance(target_dir: pathlib.Path, head_dir, draft_dir, val_data: torch.Tensor, num_prompts: int,
+                       max_tokens: int, k: int, prompt_len: int = 32) -> dict:
     """τ through the engine on prompts the head never trained on: ``num_prompts`` windows of
-    ``prompt_len`` tokens spread evenly over the held-out split, greedy, ``max_tokens`` each.
-    ``drafters``: name -> draft directory. Same prompts, same target for every drafter."""
+    ``prompt_len`` tokens spread evenly over the held-out split, greedy, ``max_tokens`` each,
+    for the head and (when given) the draft model. Same prompts, same target for both."""
     from specdec import LLM, SamplingParams
 
+    drafters = {"eagle3": head_dir, **({"draft_model": draft_dir} if draft_dir else {})}
     starts = torch.linspace(0, len(val_data) - prompt_len - 1, num_prompts).long().tolist()
     prompts = [val_data[s:s + prompt_len].tolist() for s in starts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -485,9 +486,8 @@ def train(args) -> None:
                              args.eval_tokens, args.eval_k)
     stats["eval_settings"] = {"k": args.eval_k, "max_tokens": args.eval_tokens, "greedy": True}
     if args.heldout_prompts:
-        stats["eval_heldout"] = heldout_acceptance(
-            target_dir, {"eagle3": out, **({"draft_model": args.draft} if args.draft else {})}, val_data,
-            args.heldout_prompts, 32, args.eval_tokens, args.eval_k)
+        stats["eval_heldout"] = heldout_acceptance(target_dir, out, args.draft, val_data, args.heldout_prompts,
+                                                   args.eval_tokens, args.eval_k)
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=2))
 
@@ -530,8 +530,8 @@ def main(argv=None) -> None:
                  args.eval_tokens, args.eval_k)
         if args.heldout_prompts:
             _, val_data = load_data(target_dir, args.data_mb)
-            heldout_acceptance(target_dir, {"eagle3": args.eval, **({"draft_model": args.draft} if args.draft else {})},
-                               val_data, args.heldout_prompts, 32, args.eval_tokens, args.eval_k)
+            heldout_acceptance(target_dir, args.eval, args.draft, val_data, args.heldout_prompts, args.eval_tokens,
+                               args.eval_k)
         return
     train(args)
 
